@@ -1,0 +1,1238 @@
+#!/usr/bin/env python3
+"""autodeploy: turn "I pushed a new image" into "the new version is running".
+
+A registry (Docker Hub, ...) POSTs a push webhook to /deploy/<token>. The
+service checks it, answers 202 at once and queues a job; a worker pulls the
+image and replaces the app's container with one that keeps the old one's
+configuration but runs the new image, then reports to the registry's
+callback_url. Standard library only; talks to the Docker Engine through
+dockerapi.py.
+
+    python3 autodeploy.py serve  --config /etc/autodeploy/autodeploy.conf
+    python3 autodeploy.py deploy --config ... myname/myrepo[:tag]
+    python3 autodeploy.py check  --config ...
+"""
+
+import argparse
+import collections
+import configparser
+import copy
+import hmac
+import http.server
+import json
+import logging
+import os
+import re
+import shlex
+import signal
+import socket
+import socketserver
+import sys
+import threading
+import time
+import urllib.parse
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Callable, Deque, Dict, List, Optional, Set, Tuple
+
+import dockerapi
+from dockerapi import DockerClient, DockerError, NotFound
+
+__version__ = "0.1.0"
+__all__ = [
+    "__version__", "AutodeployError", "ConfigError", "PayloadError", "DeployFailed",
+    "AppConfig", "Config", "load_config", "Push", "parse_push", "Job", "JobQueue",
+    "Deployer", "build_create_body", "Service", "WebhookServer", "main",
+]
+
+log = logging.getLogger("autodeploy")
+
+DEFAULT_CONFIG = "/etc/autodeploy/autodeploy.conf"
+DEFAULT_LISTEN = "127.0.0.1:3456"
+DEFAULT_WORKERS = 3
+DEFAULT_MAX_BODY = 64 * 1024
+DEFAULT_CALLBACK_ALLOW = "https://registry.hub.docker.com"
+MIN_TOKEN_LENGTH = 32
+CALLBACK_TIMEOUT = 10.0
+KEPT_JOBS = 1000
+# Docker's reference grammar, simplified: what may stand in a tag.
+TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+REPOSITORY_RE = re.compile(r"^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+                           r"(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*$")
+IMAGE_RE = re.compile(r"^(?:[A-Za-z0-9.-]+(?::[0-9]+)?/)?" + REPOSITORY_RE.pattern[1:])
+CONTAINER_NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]*$")
+
+
+############################################################################
+# Errors
+############################################################################
+
+class AutodeployError(Exception):
+    """Root of this module's errors."""
+
+
+class ConfigError(AutodeployError):
+    """The configuration file is missing, unreadable or wrong."""
+
+
+class PayloadError(AutodeployError):
+    """A webhook the service will not act on; carries the HTTP status to answer."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class DeployFailed(AutodeployError):
+    """A deploy that did not happen; the old container is left (or put back) running."""
+
+
+############################################################################
+# Configuration
+############################################################################
+
+@dataclass
+class AppConfig:
+    """One [repository] section: what may deploy, and where to."""
+    repository: str
+    image: str
+    tags: Tuple[str, ...]
+    container: str
+    stop_timeout: Optional[int] = None
+    # Used only for the first deploy, when no container exists yet.
+    ports: List[Tuple[str, str, str]] = field(default_factory=list)
+    env: List[str] = field(default_factory=list)
+    volumes: List[str] = field(default_factory=list)
+    labels: Dict[str, str] = field(default_factory=dict)
+    restart: str = ""
+    network: str = ""
+    command: List[str] = field(default_factory=list)
+
+
+@dataclass
+class Config:
+    """The whole configuration file, checked."""
+    path: str
+    listen_host: str
+    listen_port: int
+    tokens: List[str]
+    workers: int
+    state_dir: str
+    callback_allow: List[Tuple[str, str, int]]
+    max_body: int
+    docker_host: Optional[str]
+    docker_config: Optional[str]
+    apps: Dict[str, AppConfig]
+
+    def app_for(self, repository: str) -> Optional[AppConfig]:
+        """The app configured for a pushed repository, if any."""
+        return self.apps.get(repository)
+
+
+MAIN_KEYS = {"listen", "token", "token_file", "workers", "state_dir", "callback_allow",
+             "max_body", "docker_host", "docker_config"}
+APP_KEYS = {"image", "tag", "container", "stop_timeout", "ports", "env", "volumes",
+            "labels", "restart", "network", "command"}
+
+
+def load_config(path: str) -> Config:
+    """Read and check the INI file at `path`; ConfigError names the file,
+    section or line, and what is wrong."""
+    parser = configparser.ConfigParser(interpolation=None, default_section="\0defaults")
+    parser.optionxform = str  # keys as written: env and label names are case-sensitive
+    try:
+        with open(path, encoding="utf-8") as fh:
+            parser.read_file(fh, source=path)
+    except OSError as exc:
+        raise ConfigError("%s: cannot read the configuration: %s" % (path, exc.strerror or exc)) from exc
+    except configparser.Error as exc:
+        raise ConfigError("%s: %s" % (path, " ".join(str(exc).split()))) from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError("%s: not UTF-8 text (%s)" % (path, exc.reason)) from exc
+    if not parser.has_section("autodeploy"):
+        raise ConfigError("%s: no [autodeploy] section" % path)
+    main = parser["autodeploy"]
+    where = "%s: [autodeploy]" % path
+    _reject_unknown_keys(main, MAIN_KEYS, where)
+    host, port = _parse_listen(main.get("listen", DEFAULT_LISTEN), where)
+    apps = {}
+    for name in parser.sections():
+        if name != "autodeploy":
+            apps[name] = _parse_app(name, parser[name], "%s: [%s]" % (path, name))
+    containers = collections.Counter(app.container for app in apps.values())
+    for container, count in containers.items():
+        if count > 1:
+            raise ConfigError("%s: %d sections deploy to the same container %r"
+                              % (path, count, container))
+    return Config(
+        path=path, listen_host=host, listen_port=port,
+        tokens=_read_tokens(main, where, os.path.dirname(os.path.abspath(path))),
+        workers=_int_option(main, "workers", DEFAULT_WORKERS, where, 1, 64),
+        state_dir=main.get("state_dir", "/var/lib/autodeploy"),
+        callback_allow=[_parse_origin(o, where) for o in _split_list(
+            main.get("callback_allow", DEFAULT_CALLBACK_ALLOW))],
+        max_body=_int_option(main, "max_body", DEFAULT_MAX_BODY, where, 1024, 16 * 1024 * 1024),
+        docker_host=main.get("docker_host") or None,
+        docker_config=main.get("docker_config") or None,
+        apps=apps)
+
+
+def _parse_app(repository: str, section: configparser.SectionProxy, where: str) -> AppConfig:
+    _reject_unknown_keys(section, APP_KEYS, where)
+    tags = tuple(_split_list(section.get("tag", "latest")))
+    for tag in tags:
+        if not TAG_RE.match(tag):
+            raise ConfigError("%s tag: %r is not a valid Docker tag" % (where, tag))
+    if not tags:
+        raise ConfigError("%s tag: empty; name at least one tag to follow" % where)
+    container = section.get("container") or repository.replace("/", "-")
+    if not CONTAINER_NAME_RE.match(container):
+        raise ConfigError("%s container: %r is not a valid container name" % (where, container))
+    image = section.get("image") or repository
+    if not IMAGE_RE.match(image):
+        raise ConfigError("%s image: %r is not an image name such as registry.example:5000/team/app "
+                          "(give the tag with 'tag =')" % (where, image))
+    stop = section.get("stop_timeout")
+    restart = section.get("restart", "")
+    if restart and not re.match(r"^(no|always|unless-stopped|on-failure(:\d+)?)$", restart):
+        raise ConfigError("%s restart: %r; use no, always, unless-stopped or on-failure[:N]"
+                          % (where, restart))
+    try:
+        command = shlex.split(section.get("command", ""))
+    except ValueError as exc:
+        raise ConfigError("%s command: %s" % (where, exc)) from exc
+    return AppConfig(
+        repository=repository, image=image, tags=tags, container=container,
+        stop_timeout=None if stop is None else _int_option(section, "stop_timeout", 10, where, -1, 3600),
+        ports=[_parse_port(p, where) for p in _split_list(section.get("ports", ""))],
+        env=[_parse_assignment(line, "env", where) for line in _lines(section.get("env", ""))],
+        volumes=[_parse_volume(v, where) for v in _split_list(section.get("volumes", ""))],
+        labels=dict(_parse_assignment(line, "labels", where).split("=", 1)
+                    for line in _lines(section.get("labels", ""))),
+        restart=restart, network=section.get("network", ""), command=command)
+
+
+def _reject_unknown_keys(section: configparser.SectionProxy, known: Set[str], where: str) -> None:
+    for key in section:
+        if key not in known:
+            raise ConfigError("%s: unknown setting %r (known: %s)" % (where, key, ", ".join(sorted(known))))
+
+
+def _read_tokens(main: configparser.SectionProxy, where: str, base: str) -> List[str]:
+    tokens = _split_list(main.get("token", ""))
+    token_file = main.get("token_file")
+    if token_file:
+        token_path = os.path.join(base, token_file)
+        try:
+            with open(token_path, encoding="utf-8") as fh:
+                tokens += _split_list(fh.read())
+        except OSError as exc:
+            raise ConfigError("%s token_file: cannot read %s: %s"
+                              % (where, token_path, exc.strerror or exc)) from exc
+    for token in tokens:
+        if len(token) < MIN_TOKEN_LENGTH or not re.match(r"^[A-Za-z0-9._~-]+$", token):
+            raise ConfigError("%s token: each token must be at least %d URL-safe characters "
+                              "(letters, digits, . _ ~ -); one is not" % (where, MIN_TOKEN_LENGTH))
+    return tokens
+
+
+def _int_option(section: configparser.SectionProxy, key: str, default: int, where: str,
+                low: int, high: int) -> int:
+    raw = section.get(key)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError("%s %s: %r is not a whole number" % (where, key, raw)) from None
+    if not low <= value <= high:
+        raise ConfigError("%s %s: %d is outside %d..%d" % (where, key, value, low, high))
+    return value
+
+
+def _parse_listen(value: str, where: str) -> Tuple[str, int]:
+    host, sep, port = value.strip().rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise ConfigError("%s listen: %r; expected HOST:PORT such as 127.0.0.1:3456" % (where, value))
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def _parse_origin(value: str, where: str) -> Tuple[str, str, int]:
+    """'https://host[:port]' (or a bare host, meaning https) -> (scheme, host, port)."""
+    parts = urllib.parse.urlsplit(value if "://" in value else "https://" + value)
+    try:
+        port = parts.port
+    except ValueError:
+        port = -1
+    if parts.scheme not in ("http", "https") or not parts.hostname or port == -1 \
+            or parts.path not in ("", "/") or parts.username or parts.query:
+        raise ConfigError("%s callback_allow: %r; expected https://HOST[:PORT]" % (where, value))
+    return parts.scheme, parts.hostname, port or (443 if parts.scheme == "https" else 80)
+
+
+def _parse_port(value: str, where: str) -> Tuple[str, str, str]:
+    """'[IP:]HOST:CONTAINER[/proto]' -> (host_ip, host_port, 'container/proto')."""
+    spec, _, proto = value.partition("/")
+    proto = proto or "tcp"
+    parts = spec.rsplit(":", 2)
+    if len(parts) == 2:
+        parts.insert(0, "")
+    if len(parts) != 3 or proto not in ("tcp", "udp", "sctp") \
+            or not parts[2].isdigit() or not (parts[1] == "" or parts[1].isdigit()):
+        raise ConfigError("%s ports: %r; expected [IP:]HOST_PORT:CONTAINER_PORT[/tcp|udp]" % (where, value))
+    return parts[0].strip("[]"), parts[1], "%s/%s" % (parts[2], proto)
+
+
+def _parse_volume(value: str, where: str) -> str:
+    parts = value.split(":")
+    if len(parts) not in (2, 3) or not parts[0] or not parts[1].startswith("/"):
+        raise ConfigError("%s volumes: %r; expected SOURCE:/PATH[:ro]" % (where, value))
+    return value
+
+
+def _parse_assignment(line: str, key: str, where: str) -> str:
+    if "=" not in line or not line.split("=", 1)[0].strip():
+        raise ConfigError("%s %s: %r; expected NAME=VALUE, one per line" % (where, key, line))
+    return line
+
+
+def _split_list(value: str) -> List[str]:
+    return [item for item in re.split(r"[\s,]+", value or "") if item]
+
+
+def _lines(value: str) -> List[str]:
+    return [line.strip() for line in (value or "").splitlines() if line.strip()]
+
+
+############################################################################
+# Webhook payloads
+############################################################################
+
+@dataclass
+class Push:
+    """What a registry told us was pushed."""
+    repository: str
+    tag: str
+    callback_url: Optional[str] = None
+    source: str = "dockerhub"
+
+
+def parse_push(body: bytes) -> Push:
+    """Read a Docker Hub push payload; PayloadError(400) when it is not one."""
+    try:
+        doc = json.loads(body.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise PayloadError(400, "the body is not UTF-8") from None
+    except ValueError as exc:
+        raise PayloadError(400, "the body is not JSON: %s" % exc) from None
+    except RecursionError:
+        raise PayloadError(400, "the body is nested too deeply") from None
+    if not isinstance(doc, dict):
+        raise PayloadError(400, "the body is not a JSON object")
+    repository = _dig(doc, "repository", "repo_name")
+    tag = _dig(doc, "push_data", "tag")
+    if not isinstance(repository, str) or not repository:
+        raise PayloadError(400, "no repository.repo_name in the payload")
+    if not isinstance(tag, str) or not tag:
+        raise PayloadError(400, "no push_data.tag in the payload")
+    if not REPOSITORY_RE.match(repository) or len(repository) > 255:
+        raise PayloadError(400, "repository.repo_name is not a valid repository name")
+    if not TAG_RE.match(tag):
+        raise PayloadError(400, "push_data.tag is not a valid tag")
+    callback = doc.get("callback_url")
+    if callback is not None and not isinstance(callback, str):
+        raise PayloadError(400, "callback_url is not a string")
+    return Push(repository=repository, tag=tag, callback_url=callback or None)
+
+
+def _dig(doc: Dict[str, Any], *keys: str) -> Any:
+    for key in keys:
+        if not isinstance(doc, dict):
+            return None
+        doc = doc.get(key)
+    return doc
+
+
+############################################################################
+# Jobs and the queue
+############################################################################
+
+FINAL_STATES = ("succeeded", "up_to_date", "failed", "error", "superseded")
+
+
+@dataclass
+class Job:
+    """One accepted webhook and what became of it."""
+    id: str
+    app: AppConfig
+    tag: str
+    callback_url: Optional[str] = None
+    source: str = "dockerhub"
+    received: float = 0.0
+    started: Optional[float] = None
+    finished: Optional[float] = None
+    state: str = "queued"
+    description: str = ""
+    superseded: List["Job"] = field(default_factory=list)
+    done: threading.Event = field(default_factory=threading.Event, repr=False)
+
+    @property
+    def reference(self) -> str:
+        return "%s:%s" % (self.app.image, self.tag)
+
+    def summary(self) -> Dict[str, Any]:
+        """The job as JSON-ready data (no secrets: callback URLs are not shown)."""
+        return {"id": self.id, "app": self.app.repository, "container": self.app.container,
+                "tag": self.tag, "state": self.state, "description": self.description,
+                "received": self.received, "started": self.started, "finished": self.finished}
+
+
+def new_job_id() -> str:
+    """A short unique id for log lines and answers."""
+    return uuid.uuid4().hex[:12]
+
+
+class JobQueue:
+    """Jobs in arrival order, at most one running per container.
+
+    A job waiting for a container is replaced by a newer one for the same
+    container (the newer push wins; the older job is kept on the newer one's
+    `superseded` list so its callback still hears the outcome). So the queue
+    never holds more than one waiting job per configured container.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._ready: Deque[str] = collections.deque()
+        self._waiting: Dict[str, Job] = {}
+        self._running: Set[str] = set()
+        self._closed = False
+
+    def put(self, job: Job) -> Optional[Job]:
+        """Queue `job`; returns the waiting job it replaced, if any."""
+        key = job.app.container
+        with self._cond:
+            replaced = self._waiting.get(key)
+            if replaced is not None:
+                job.superseded.extend(replaced.superseded + [replaced])
+                replaced.superseded = []
+            elif key not in self._running:
+                self._ready.append(key)
+            self._waiting[key] = job
+            self._cond.notify()
+        return replaced
+
+    def get(self, timeout: Optional[float] = None) -> Optional[Job]:
+        """The next job whose container is free; None once closed (or on timeout)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while not self._ready:
+                if self._closed:
+                    return None
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return None
+                self._cond.wait(remaining)
+            key = self._ready.popleft()
+            self._running.add(key)
+            return self._waiting.pop(key)
+
+    def task_done(self, job: Job) -> None:
+        """Free the job's container; a job that waited for it becomes ready."""
+        key = job.app.container
+        with self._cond:
+            self._running.discard(key)
+            if key in self._waiting:
+                self._ready.append(key)
+                self._cond.notify()
+
+    def close(self) -> None:
+        """Wake every waiting worker; get() returns None once nothing is ready."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def depth(self) -> int:
+        with self._cond:
+            return len(self._waiting)
+
+
+############################################################################
+# The new container's configuration
+############################################################################
+
+# Endpoint settings that describe what the user asked for; the rest
+# (addresses, ids, gateway, DNSNames) the Engine assigns afresh.
+ENDPOINT_KEYS = ("IPAMConfig", "Links", "Aliases", "DriverOpts", "GwPriority")
+
+
+def build_create_body(old: Dict[str, Any], old_image_config: Optional[Dict[str, Any]],
+                      new_reference: str, multi_network_create: bool,
+                      network_container: Optional[str] = None
+                      ) -> Tuple[Dict[str, Any], List[Tuple[str, Dict[str, Any]]]]:
+    """The POST /containers/create body that recreates `old` (a container
+    inspect document) on `new_reference`, and the (network, endpoint) pairs
+    to connect after creating it (Engines before API 1.44 take one network
+    at create time).
+
+    What the user set is kept; what the old image supplied (env, labels,
+    volumes, exposed ports, cmd/entrypoint, workdir, user, healthcheck,
+    stop signal) is dropped so the new image's own defaults apply.
+    `network_container` replaces the id in a 'container:<id>' network mode.
+    """
+    image = old_image_config or {}
+    config = copy.deepcopy(old.get("Config") or {})
+    host = copy.deepcopy(old.get("HostConfig") or {})
+    short_id = (old.get("Id") or "")[:12]
+    mode = host.get("NetworkMode") or "default"
+    if mode.startswith("container:") and network_container:
+        mode = host["NetworkMode"] = "container:" + network_container
+
+    config["Image"] = new_reference
+    if config.get("Hostname") == short_id or mode == "host" or mode.startswith("container:"):
+        config.pop("Hostname", None)  # the Engine's generated name, not the user's
+    config["Env"] = [e for e in config.get("Env") or [] if e not in (image.get("Env") or [])]
+    image_labels = image.get("Labels") or {}
+    config["Labels"] = {k: v for k, v in (config.get("Labels") or {}).items()
+                        if image_labels.get(k) != v}
+    config["Volumes"] = {k: v for k, v in (config.get("Volumes") or {}).items()
+                         if k not in (image.get("Volumes") or {})} or None
+    _drop_image_defaults(config, image)
+    exposed = {k: v for k, v in (config.get("ExposedPorts") or {}).items()
+               if k not in (image.get("ExposedPorts") or {})}
+    for port in (host.get("PortBindings") or {}):
+        exposed[port] = {}
+    config["ExposedPorts"] = exposed or None
+    mac = config.pop("MacAddress", "")
+    for key in ("OnBuild", "Shell", "ArgsEscaped"):
+        config.pop(key, None)
+
+    host["Links"] = [_relative_link(link) for link in host.get("Links") or []] or None
+    _reattach_volumes(host, old.get("Mounts") or [])
+
+    endpoints = _endpoints(old, mode, short_id)
+    primary = _primary_network(mode, endpoints)
+    if mac and primary:
+        if multi_network_create:
+            endpoints[primary]["MacAddress"] = mac
+        else:
+            config["MacAddress"] = mac
+    body = dict(config)
+    body["HostConfig"] = host
+    later: List[Tuple[str, Dict[str, Any]]] = []
+    if endpoints:
+        if multi_network_create:
+            body["NetworkingConfig"] = {"EndpointsConfig": endpoints}
+        else:
+            body["NetworkingConfig"] = {"EndpointsConfig": {primary: endpoints.pop(primary)}}
+            later = sorted(endpoints.items())
+    return body, later
+
+
+def _drop_image_defaults(config: Dict[str, Any], image: Dict[str, Any]) -> None:
+    """Clear settings equal to the old image's, so the new image's apply."""
+    if config.get("Entrypoint") == image.get("Entrypoint"):
+        config["Entrypoint"] = None
+        if config.get("Cmd") == image.get("Cmd"):
+            config["Cmd"] = None
+    for key in ("WorkingDir", "User", "StopSignal"):
+        if config.get(key) and config.get(key) == image.get(key):
+            config[key] = "" if key != "StopSignal" else None
+    if config.get("Healthcheck") and config.get("Healthcheck") == image.get("Healthcheck"):
+        config["Healthcheck"] = None
+    if config.get("StopSignal") is None:
+        config.pop("StopSignal", None)
+
+
+def _relative_link(link: str) -> str:
+    """'/db:/web/db' (as inspect shows it) -> 'db:db' (as create takes it)."""
+    target, _, alias = link.partition(":")
+    return "%s:%s" % (target.lstrip("/"), alias.rsplit("/", 1)[-1] or target.lstrip("/"))
+
+
+def _reattach_volumes(host: Dict[str, Any], mounts: List[Dict[str, Any]]) -> None:
+    """Mount the old container's volumes that no bind or mount names
+    (anonymous ones, and the image's VOLUMEs) by name, so their data stays."""
+    covered = {bind.split(":")[1] for bind in host.get("Binds") or [] if ":" in bind}
+    covered |= {m.get("Target") for m in host.get("Mounts") or []}
+    extra = []
+    for mount in mounts:
+        if mount.get("Type") == "volume" and mount.get("Name") \
+                and mount.get("Destination") not in covered:
+            extra.append("%s:%s%s" % (mount["Name"], mount["Destination"],
+                                      "" if mount.get("RW", True) else ":ro"))
+    if extra:
+        host["Binds"] = list(host.get("Binds") or []) + extra
+
+
+def _endpoints(old: Dict[str, Any], mode: str, short_id: str) -> Dict[str, Dict[str, Any]]:
+    """The user's part of each network endpoint of `old`."""
+    if mode in ("host", "none") or mode.startswith("container:"):
+        return {}
+    networks = (old.get("NetworkSettings") or {}).get("Networks") or {}
+    endpoints = {}
+    for name, settings in networks.items():
+        endpoint = {k: copy.deepcopy(settings[k]) for k in ENDPOINT_KEYS if settings.get(k)}
+        aliases = [a for a in endpoint.get("Aliases") or [] if a != short_id]
+        if aliases and name != "bridge":
+            endpoint["Aliases"] = aliases
+        else:
+            endpoint.pop("Aliases", None)
+        if name == "bridge":  # the default bridge takes no static address
+            endpoint.pop("IPAMConfig", None)
+        endpoints[name] = endpoint
+    return endpoints
+
+
+def _primary_network(mode: str, endpoints: Dict[str, Dict[str, Any]]) -> Optional[str]:
+    if not endpoints:
+        return None
+    wanted = "bridge" if mode == "default" else mode
+    return wanted if wanted in endpoints else sorted(endpoints)[0]
+
+
+def first_create_body(app: AppConfig, reference: str) -> Dict[str, Any]:
+    """The create body for an app's first container, from its config section."""
+    bindings: Dict[str, List[Dict[str, str]]] = {}
+    for host_ip, host_port, container_port in app.ports:
+        bindings.setdefault(container_port, []).append({"HostIp": host_ip, "HostPort": host_port})
+    restart_name, _, retries = app.restart.partition(":")
+    host: Dict[str, Any] = {
+        "PortBindings": bindings or None,
+        "Binds": app.volumes or None,
+        "RestartPolicy": {"Name": restart_name if restart_name != "no" else "",
+                          "MaximumRetryCount": int(retries or 0)},
+    }
+    if app.network:
+        host["NetworkMode"] = app.network
+    body: Dict[str, Any] = {
+        "Image": reference,
+        "Env": app.env or None,
+        "Labels": dict(app.labels),
+        "ExposedPorts": {port: {} for port in bindings} or None,
+        "HostConfig": host,
+    }
+    if app.command:
+        body["Cmd"] = app.command
+    if app.stop_timeout is not None:
+        body["StopTimeout"] = app.stop_timeout
+    return body
+
+
+############################################################################
+# Deploying
+############################################################################
+
+class JobLog(logging.LoggerAdapter):
+    """Prefixes every line with the job id and repository."""
+
+    def process(self, msg: str, kwargs: Any) -> Tuple[str, Any]:
+        return "job=%s repo=%s %s" % (self.extra["job"], self.extra["repo"], msg), kwargs
+
+
+class Deployer:
+    """Runs one job against the Engine: pull, then replace the container.
+
+    Nothing is touched until the new image is pulled and the new container's
+    configuration is built; anything failing before the old container is
+    stopped leaves it running under its name, and anything failing after
+    puts it back.
+    """
+
+    def __init__(self, engine: DockerClient, docker_config: Optional[str] = None,
+                 settle_seconds: float = 0.0, sleep: Callable[[float], None] = time.sleep):
+        self.engine = engine
+        self.docker_config = docker_config or dockerapi.docker_config_path()
+        self.settle_seconds = settle_seconds
+        self.sleep = sleep
+
+    def run(self, job: Job) -> None:
+        """Deploy `job`, setting its state and description; never raises."""
+        jlog = JobLog(log, {"job": job.id, "repo": job.app.repository})
+        try:
+            job.state, job.description = self.deploy(job, jlog)
+            jlog.info("%s: %s", job.state, job.description)
+        except DeployFailed as exc:
+            job.state, job.description = "failed", str(exc)
+            jlog.warning("failed: %s", exc)
+        except DockerError as exc:
+            job.state, job.description = "error", str(exc)
+            jlog.error("error: %s", exc)
+        except Exception as exc:  # a bug must not kill the worker thread
+            job.state, job.description = "error", "internal error: %s" % exc
+            jlog.exception("internal error")
+
+    def deploy(self, job: Job, jlog: logging.LoggerAdapter) -> Tuple[str, str]:
+        """Pull and replace; returns (state, description) or raises."""
+        app = job.app
+        reference = job.reference
+        jlog.info("pulling %s", reference)
+        try:
+            auth = dockerapi.load_registry_auth(app.image, self.docker_config)
+            self.engine.pull_image(app.image, job.tag, auth)
+        except DockerError as exc:
+            if exc.status is None:
+                raise
+            raise DeployFailed("pull failed: %s" % exc.message) from exc
+        new_image = self.engine.inspect_image(reference)
+        try:
+            old = self.engine.inspect_container(app.container)
+        except NotFound:
+            return self.create_first(app, reference, jlog)
+        if old.get("Image") == new_image.get("Id"):
+            return "up_to_date", "%s already runs %s (%s)" % (
+                app.container, reference, _short(new_image.get("Id")))
+        body, later_networks = self.new_container_config(old, reference)
+        self.replace(job, old, body, later_networks, jlog)
+        return "succeeded", "%s now runs %s (%s)" % (
+            app.container, reference, _short(new_image.get("Id")))
+
+    def new_container_config(self, old: Dict[str, Any], reference: str
+                             ) -> Tuple[Dict[str, Any], List[Tuple[str, Dict[str, Any]]]]:
+        """Build the new container's create body from the old one's inspect."""
+        try:
+            old_image_config = self.engine.inspect_image(old["Image"]).get("Config")
+        except NotFound:
+            old_image_config = None  # the old image is gone: keep everything
+        mode = (old.get("HostConfig") or {}).get("NetworkMode") or ""
+        network_container = None
+        if mode.startswith("container:"):
+            network_container = self.engine.inspect_container(mode.split(":", 1)[1])["Name"].lstrip("/")
+        return build_create_body(old, old_image_config, reference,
+                                 self.engine.api_at_least("1.44"), network_container)
+
+    def create_first(self, app: AppConfig, reference: str,
+                     jlog: logging.LoggerAdapter) -> Tuple[str, str]:
+        """No container yet: create and start one from the app's section."""
+        jlog.info("no container %s yet: creating it", app.container)
+        new_id = self.engine.create_container(first_create_body(app, reference), app.container)
+        try:
+            self.engine.start_container(new_id)
+            self.confirm_running(new_id)
+        except (DockerError, DeployFailed) as exc:
+            self.remove_quietly(new_id, jlog)
+            if isinstance(exc, DeployFailed):
+                raise
+            raise DeployFailed("the first container did not start: %s" % exc.message) from exc
+        return "succeeded", "created %s running %s" % (app.container, reference)
+
+    def replace(self, job: Job, old: Dict[str, Any], body: Dict[str, Any],
+                later_networks: List[Tuple[str, Dict[str, Any]]],
+                jlog: logging.LoggerAdapter) -> None:
+        """Rename the old container aside, create the new one under its
+        name, stop the old, start the new, remove the old."""
+        name = job.app.container
+        old_id = old["Id"]
+        aside = "%s-autodeploy-old-%s" % (name, job.id)
+        was_running = bool((old.get("State") or {}).get("Running"))
+        self.engine.rename_container(old_id, aside)
+        jlog.info("renamed old container %s to %s", _short(old_id), aside)
+        try:
+            new_id = self.engine.create_container(body, name)
+            for network, endpoint in later_networks:
+                self.engine.connect_network(network, new_id, endpoint)
+        except DockerError as exc:
+            if "new_id" in locals():
+                self.remove_quietly(new_id, jlog)
+            self.engine.rename_container(old_id, name)
+            raise DeployFailed("cannot create the new container: %s" % exc.message) from exc
+        jlog.info("created new container %s", _short(new_id))
+        try:
+            if was_running:
+                self.engine.stop_container(old_id, job.app.stop_timeout)
+                jlog.info("stopped old container %s", _short(old_id))
+            self.engine.start_container(new_id)
+            self.confirm_running(new_id)
+        except (DockerError, DeployFailed) as exc:
+            reason = exc.message if isinstance(exc, DockerError) else str(exc)
+            self.restore_old(old_id, new_id, name, was_running, jlog)
+            raise DeployFailed("rolled back: the new container did not start: %s" % reason) from exc
+        jlog.info("started new container %s", _short(new_id))
+        try:
+            self.engine.remove_container(old_id)
+        except DockerError as exc:
+            jlog.warning("could not remove old container %s: %s", aside, exc)
+
+    def confirm_running(self, container_id: str) -> None:
+        """Raise DeployFailed unless the container is still running after the settle time."""
+        if self.settle_seconds:
+            self.sleep(self.settle_seconds)
+        state = self.engine.inspect_container(container_id).get("State") or {}
+        if not state.get("Running") or state.get("Restarting"):
+            raise DeployFailed("it is %s (exit code %s)" % (state.get("Status"), state.get("ExitCode")))
+
+    def restore_old(self, old_id: str, new_id: str, name: str, was_running: bool,
+                    jlog: logging.LoggerAdapter) -> None:
+        """Put the old container back under its name, running as before."""
+        self.remove_quietly(new_id, jlog, force=True)
+        self.engine.rename_container(old_id, name)
+        if was_running:
+            self.engine.start_container(old_id)
+        jlog.warning("rolled back to old container %s", _short(old_id))
+
+    def remove_quietly(self, container_id: str, jlog: logging.LoggerAdapter, force: bool = True) -> None:
+        try:
+            self.engine.remove_container(container_id, force=force)
+        except DockerError as exc:
+            jlog.warning("could not remove container %s: %s", _short(container_id), exc)
+
+
+def _short(image_or_container_id: Optional[str]) -> str:
+    value = image_or_container_id or "?"
+    return value.split(":", 1)[-1][:12]
+
+
+############################################################################
+# Callbacks
+############################################################################
+
+CALLBACK_STATES = {"succeeded": "success", "up_to_date": "success",
+                   "failed": "failure", "error": "error"}
+
+
+def callback_allowed(url: str, allow: List[Tuple[str, str, int]]) -> bool:
+    """True when `url` is http(s) to an allowed origin, with no credentials in it."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        return False
+    if parts.username or parts.password or not parts.hostname:
+        return False
+    return (parts.scheme, parts.hostname, port) in allow
+
+
+def callback_body(job: Job, note: str = "") -> Dict[str, str]:
+    """The JSON Docker Hub's callback_url expects."""
+    description = job.description + (" " + note if note else "")
+    return {"state": CALLBACK_STATES.get(job.state, "error"),
+            "description": description[:255], "context": "autodeploy"}
+
+
+def _no_redirects_opener() -> Any:
+    import urllib.request  # loaded on first use: it costs start-up time
+
+    class NoRedirect(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+            return None  # a redirect answer is reported as an HTTPError
+
+    return urllib.request.build_opener(NoRedirect).open
+
+
+class CallbackSender:
+    """Posts outcomes to callback URLs from its own thread, so a slow or
+    dead callback host never holds up a deploy."""
+
+    def __init__(self, allow: List[Tuple[str, str, int]], urlopen: Optional[Callable[..., Any]] = None,
+                 timeout: float = CALLBACK_TIMEOUT, max_pending: int = 1000):
+        self.allow = allow
+        self.urlopen = urlopen
+        self.timeout = timeout
+        self._pending: Deque[Tuple[str, str, Dict[str, str]]] = collections.deque(maxlen=max_pending)
+        self._cond = threading.Condition()
+        self._thread: Optional[threading.Thread] = None
+        self._stopping = False
+
+    def send(self, job_id: str, url: Optional[str], body: Dict[str, str]) -> None:
+        """Queue one callback (dropped, with a log line, when not allowed)."""
+        if not url:
+            return
+        if not callback_allowed(url, self.allow):
+            log.warning("job=%s callback to %s not sent: not an allowed callback origin",
+                        job_id, _mask_url(url))
+            return
+        with self._cond:
+            self._pending.append((job_id, url, body))
+            self._cond.notify()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="autodeploy-callbacks", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Send what is queued (within `timeout`), then stop the thread."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if self._thread:
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._pending and not self._stopping:
+                    self._cond.wait()
+                if not self._pending:
+                    return
+                job_id, url, body = self._pending.popleft()
+            self.post(job_id, url, body)
+
+    def post(self, job_id: str, url: str, body: Dict[str, str]) -> bool:
+        """POST one callback now; logs and returns False on failure."""
+        import urllib.request
+        if self.urlopen is None:
+            self.urlopen = _no_redirects_opener()
+        request = urllib.request.Request(url, data=json.dumps(body).encode("utf-8"), method="POST",
+                                         headers={"Content-Type": "application/json",
+                                                  "User-Agent": "autodeploy/" + __version__})
+        try:
+            with self.urlopen(request, timeout=self.timeout) as response:
+                response.read(4096)
+                log.info("job=%s callback %s sent to %s: HTTP %s",
+                         job_id, body["state"], _mask_url(url), response.status)
+                return True
+        except Exception as exc:  # any failure is logged, never raised
+            log.warning("job=%s callback to %s failed: %s", job_id, _mask_url(url),
+                        getattr(exc, "reason", None) or exc)
+            return False
+
+
+def _mask_url(url: str) -> str:
+    """Scheme and host only: paths of webhook URLs carry secrets."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        return "%s://%s/..." % (parts.scheme, parts.hostname or "?")
+    except ValueError:
+        return "(unparseable URL)"
+
+
+############################################################################
+# The service: queue, workers, callbacks
+############################################################################
+
+class Service:
+    """Accepted jobs, the workers that run them, and the callbacks."""
+
+    def __init__(self, config: Config, deployer: Deployer, callbacks: CallbackSender,
+                 clock: Callable[[], float] = time.time):
+        self.config = config
+        self.deployer = deployer
+        self.callbacks = callbacks
+        self.clock = clock
+        self.queue = JobQueue()
+        self.jobs: "collections.OrderedDict[str, Job]" = collections.OrderedDict()
+        self._jobs_lock = threading.Lock()
+        self._workers: List[threading.Thread] = []
+
+    def submit(self, push: Push) -> Job:
+        """Queue a deploy for a push; PayloadError(422) when not configured."""
+        app = self.config.app_for(push.repository)
+        if app is None:
+            raise PayloadError(422, "repository %s is not configured for deploys" % push.repository)
+        if push.tag not in app.tags:
+            raise PayloadError(422, "tag %s of %s is not configured for deploys (follows: %s)"
+                               % (push.tag, push.repository, ", ".join(app.tags)))
+        job = Job(id=new_job_id(), app=app, tag=push.tag, callback_url=push.callback_url,
+                  source=push.source, received=self.clock())
+        self._remember(job)
+        replaced = self.queue.put(job)
+        log.info("job=%s repo=%s queued %s%s", job.id, app.repository, job.reference,
+                 " (replaces waiting job %s)" % replaced.id if replaced else "")
+        return job
+
+    def _remember(self, job: Job) -> None:
+        with self._jobs_lock:
+            self.jobs[job.id] = job
+            while len(self.jobs) > KEPT_JOBS:
+                self.jobs.popitem(last=False)
+
+    def start(self) -> None:
+        """Start the callback thread and the workers."""
+        self.callbacks.start()
+        for n in range(self.config.workers):
+            thread = threading.Thread(target=self._work, name="autodeploy-worker-%d" % (n + 1),
+                                      daemon=True)
+            thread.start()
+            self._workers.append(thread)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Let running jobs finish (within `timeout`), then stop the threads."""
+        self.queue.close()
+        deadline = time.monotonic() + timeout
+        for thread in self._workers:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        self.callbacks.stop()
+
+    def _work(self) -> None:
+        while True:
+            job = self.queue.get()
+            if job is None:
+                return
+            try:
+                self.run_job(job)
+            finally:
+                self.queue.task_done(job)
+
+    def run_job(self, job: Job) -> None:
+        """Run one job to a final state and report it."""
+        job.state, job.started = "running", self.clock()
+        self.deployer.run(job)
+        job.finished = self.clock()
+        self.report(job)
+
+    def report(self, job: Job) -> None:
+        """Send the outcome to the job's callback and to those of the jobs it replaced."""
+        self.callbacks.send(job.id, job.callback_url, callback_body(job))
+        for older in job.superseded:
+            older.state, older.finished = "superseded", job.finished
+            older.description = "superseded by job %s" % job.id
+            self.callbacks.send(older.id, older.callback_url,
+                                callback_body(job, "(superseded by job %s)" % job.id))
+            older.done.set()
+        job.done.set()
+
+
+############################################################################
+# HTTP
+############################################################################
+
+class WebhookServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
+    """The webhook listener: one thread per connection, state in `service`."""
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 128
+
+    def __init__(self, address: Tuple[str, int], service: Service):
+        self.service = service
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
+        super().__init__(address, WebhookHandler)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """One log line, not a traceback on stderr, for a connection that broke."""
+        exc = sys.exc_info()[1]
+        if isinstance(exc, (ConnectionError, TimeoutError, socket.timeout)):
+            log.info("%s connection dropped: %s", client_address[0], exc.__class__.__name__)
+        else:
+            log.error("%s request failed: %r", client_address[0], exc)
+
+
+class WebhookHandler(http.server.BaseHTTPRequestHandler):
+    """POST /deploy/<token> with a push payload; everything else is 404/405."""
+    server: WebhookServer
+    protocol_version = "HTTP/1.1"
+    server_version = "autodeploy/" + __version__
+    sys_version = ""
+    disable_nagle_algorithm = True
+    timeout = 30  # seconds a connection may sit idle or trickle
+
+    def do_POST(self) -> None:
+        self._body_read = False
+        if not self._deploy_path():
+            return self.answer(404, {"error": "not found"})
+        if not self._token_ok():
+            return self.answer(404, {"error": "not found"})
+        body = self._read_body()
+        if body is None:
+            return
+        try:
+            push = parse_push(body)
+            job = self.server.service.submit(push)
+        except PayloadError as exc:
+            log.info("webhook refused (%d): %s", exc.status, exc.message)
+            return self.answer(exc.status, {"error": exc.message})
+        self.answer(202, {"job": job.id, "state": "queued", "app": job.app.repository,
+                          "tag": job.tag})
+
+    def do_GET(self) -> None:
+        self._body_read = False
+        self._not_allowed()
+
+    do_HEAD = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_GET
+
+    def _not_allowed(self) -> None:
+        if self._deploy_path():
+            self.answer(405, {"error": "use POST"}, {"Allow": "POST"})
+        else:
+            self.answer(404, {"error": "not found"})
+
+    def _deploy_path(self) -> bool:
+        return self.path.split("?", 1)[0].startswith("/deploy/") or self.path == "/deploy"
+
+    def _token_ok(self) -> bool:
+        """Constant-time comparison against every configured token."""
+        given = self.path.split("?", 1)[0][len("/deploy/"):].rstrip("/").encode("utf-8", "replace")
+        ok = False
+        for token in self.server.service.config.tokens:
+            ok |= hmac.compare_digest(given, token.encode("utf-8"))
+        return ok
+
+    def _read_body(self) -> Optional[bytes]:
+        """The request body, or None after answering 411/413/400."""
+        if self.headers.get("Transfer-Encoding"):
+            self.answer(411, {"error": "send the body with a Content-Length, not chunked"}, close=True)
+            return None
+        raw = self.headers.get("Content-Length")
+        if raw is None:
+            self.answer(411, {"error": "Content-Length required"}, close=True)
+            return None
+        if not raw.strip().isdigit():
+            self.answer(400, {"error": "bad Content-Length"}, close=True)
+            return None
+        length = int(raw)
+        if length > self.server.service.config.max_body:
+            self.answer(413, {"error": "body over %d bytes" % self.server.service.config.max_body},
+                        close=True)
+            return None
+        body = self.rfile.read(length)
+        if len(body) != length:
+            self.close_connection = True
+            return None
+        self._body_read = True
+        return body
+
+    def answer(self, status: int, doc: Dict[str, Any], headers: Optional[Dict[str, str]] = None,
+               close: bool = False) -> None:
+        """Send a JSON answer."""
+        data = (json.dumps(doc) + "\n").encode("utf-8")
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        for key, value in (headers or {}).items():
+            self.send_header(key, value)
+        if not self._body_read and (self.headers.get("Transfer-Encoding")
+                                    or self.headers.get("Content-Length", "0").strip() != "0"):
+            close = True  # an unread body would be taken for the next request
+        if close:
+            self.send_header("Connection", "close")
+            self.close_connection = True
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
+
+    def log_request(self, code: Any = "-", size: Any = "-") -> None:
+        log.debug("%s %s %s %s", self.client_address[0], self.command, _mask_path(self.path), code)
+
+    def log_error(self, format: str, *args: Any) -> None:
+        log.info("%s bad request: %s", self.client_address[0], _mask_path(format % args))
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.info("%s %s", self.client_address[0], _mask_path(format % args))
+
+
+def _mask_path(text: str) -> str:
+    """Hide the token in '/deploy/<token>'."""
+    return re.sub(r"/deploy/[^\s?\"']+", "/deploy/***", str(text))
+
+
+############################################################################
+# Lifecycle and CLI
+############################################################################
+
+def make_engine(config: Config) -> DockerClient:
+    return DockerClient(config.docker_host)
+
+
+def build_service(config: Config, engine: DockerClient,
+                  urlopen: Optional[Callable[..., Any]] = None) -> Service:
+    """Wire the deployer, callbacks and queue for `config`."""
+    deployer = Deployer(engine, config.docker_config)
+    return Service(config, deployer, CallbackSender(config.callback_allow, urlopen))
+
+
+def serve(config: Config, stop_event: Optional[threading.Event] = None) -> int:
+    """Run the webhook server until SIGTERM/SIGINT (or `stop_event`)."""
+    if not config.tokens:
+        raise SystemExit("%s: no token configured: set token or token_file in [autodeploy]"
+                         % config.path)
+    stop_event = stop_event or threading.Event()
+    service = build_service(config, make_engine(config))
+    server = WebhookServer((config.listen_host, config.listen_port), service)
+    service.start()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop_event.set())
+    thread = threading.Thread(target=server.serve_forever, name="autodeploy-http", daemon=True)
+    thread.start()
+    host, port = server.server_address[:2]
+    log.info("autodeploy %s listening on http://%s:%d/deploy/<token> (%d apps, %d workers)",
+             __version__, host if ":" not in host else "[%s]" % host, port,
+             len(config.apps), config.workers)
+    while not stop_event.wait(3600):
+        pass
+    log.info("stopping: finishing running deploys")
+    server.shutdown()
+    server.server_close()
+    service.stop()
+    log.info("stopped")
+    return 0
+
+
+def deploy_once(config: Config, target: str) -> int:
+    """The `deploy` command: one job in the foreground, through the same code."""
+    repository, tag = target, ""
+    if ":" in target.rsplit("/", 1)[-1]:
+        repository, tag = target.rsplit(":", 1)
+    app = config.app_for(repository)
+    if app is None:
+        print("%s is not configured in %s" % (repository, config.path), file=sys.stderr)
+        return 2
+    job = Job(id=new_job_id(), app=app, tag=tag or app.tags[0], received=time.time(), source="cli")
+    Deployer(make_engine(config), config.docker_config).run(job)
+    print("%s: %s" % (job.state, job.description))
+    return 0 if job.state in ("succeeded", "up_to_date") else 1
+
+
+def check(config: Config) -> int:
+    """The `check` command: the config is valid and the Engine answers."""
+    print("config %s: OK, %d app(s), listening on %s:%d"
+          % (config.path, len(config.apps), config.listen_host, config.listen_port))
+    for app in config.apps.values():
+        print("  %s -> container %s, image %s, tags %s"
+              % (app.repository, app.container, app.image, " ".join(app.tags)))
+    if not config.tokens:
+        print("warning: no token configured; serve will refuse to start", file=sys.stderr)
+    engine = make_engine(config)
+    try:
+        version = engine.version()
+        api = engine.api_version
+    except DockerError as exc:
+        print("Docker Engine: %s" % exc, file=sys.stderr)
+        return 1
+    print("Docker Engine %s at %s, API %s (engine max %s, min %s)"
+          % (version.get("Version"), engine.where, api, version.get("ApiVersion"),
+             version.get("MinAPIVersion")))
+    return 0
+
+
+def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="autodeploy", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version="autodeploy " + __version__)
+    parser.add_argument("--config", "-c", default=os.environ.get("AUTODEPLOY_CONFIG", DEFAULT_CONFIG),
+                        help="configuration file (default: $AUTODEPLOY_CONFIG or %(default)s)")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.required = True
+    commands.add_parser("serve", help="receive webhooks and deploy")
+    deploy = commands.add_parser("deploy", help="deploy one repository now, in the foreground")
+    deploy.add_argument("target", metavar="REPO[:TAG]")
+    commands.add_parser("check", help="validate the config and reach the Docker Engine")
+    for sub in commands.choices.values():
+        sub.add_argument("--config", "-c", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """The command line: serve, deploy or check."""
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print("autodeploy: %s" % exc, file=sys.stderr)
+        return 2
+    if args.command == "serve":
+        return serve(config)
+    if args.command == "deploy":
+        return deploy_once(config, args.target)
+    return check(config)
+
+
+def cli() -> None:
+    """Entry point of the zipapp: exit with main()'s status."""
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,205 @@
+"""Unit tests: the configuration file and webhook payloads."""
+
+import json
+import os
+import tempfile
+import unittest
+
+import autodeploy
+from autodeploy import ConfigError, PayloadError, load_config, parse_push
+
+TOKEN = "t" * 40
+PAYLOADS = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "payloads")
+
+
+def write_config(text: str) -> str:
+    """Write `text` to a temporary config file and return its path."""
+    folder = tempfile.mkdtemp(prefix="autodeploy-config-")
+    path = os.path.join(folder, "autodeploy.conf")
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write(text)
+    return path
+
+
+class ConfigTest(unittest.TestCase):
+
+    def load(self, text: str) -> autodeploy.Config:
+        return load_config(write_config(text))
+
+    def assertConfigError(self, text: str, *fragments: str) -> None:
+        with self.assertRaises(ConfigError) as caught:
+            self.load(text)
+        message = str(caught.exception)
+        for fragment in fragments:
+            self.assertIn(fragment, message)
+        self.assertNotIn(TOKEN, message)
+
+    def test_defaults(self):
+        config = self.load("[autodeploy]\ntoken = %s\n\n[myname/myrepo]\n" % TOKEN)
+        self.assertEqual((config.listen_host, config.listen_port), ("127.0.0.1", 3456))
+        self.assertEqual(config.workers, 3)
+        self.assertEqual(config.max_body, 64 * 1024)
+        self.assertEqual(config.callback_allow, [("https", "registry.hub.docker.com", 443)])
+        app = config.app_for("myname/myrepo")
+        self.assertEqual(app.container, "myname-myrepo")
+        self.assertEqual(app.image, "myname/myrepo")
+        self.assertEqual(app.tags, ("latest",))
+        self.assertIsNone(config.app_for("other/repo"))
+
+    def test_full_app_section(self):
+        config = self.load("""
+# comments are allowed
+[autodeploy]
+listen = 0.0.0.0:8000
+token = %s
+workers = 5
+callback_allow = https://registry.hub.docker.com, http://127.0.0.1:9000
+
+[team/web]
+image = registry.example:5000/team/web
+tag = latest stable
+container = web
+stop_timeout = 4
+ports = 127.0.0.1:8080:80, 8443:443/tcp
+env =
+    MODE=prod
+    URL=http://x/?a=1,b=2
+volumes = /srv/web:/data:ro, web-cache:/cache
+labels =
+    tier=front
+restart = on-failure:3
+network = shop
+command = httpd -f -p "80"
+""" % TOKEN)
+        self.assertEqual(config.listen_port, 8000)
+        self.assertIn(("http", "127.0.0.1", 9000), config.callback_allow)
+        app = config.apps["team/web"]
+        self.assertEqual(app.image, "registry.example:5000/team/web")
+        self.assertEqual(app.tags, ("latest", "stable"))
+        self.assertEqual(app.ports, [("127.0.0.1", "8080", "80/tcp"), ("", "8443", "443/tcp")])
+        self.assertEqual(app.env, ["MODE=prod", "URL=http://x/?a=1,b=2"])
+        self.assertEqual(app.volumes, ["/srv/web:/data:ro", "web-cache:/cache"])
+        self.assertEqual(app.labels, {"tier": "front"})
+        self.assertEqual(app.command, ["httpd", "-f", "-p", "80"])
+        self.assertEqual(app.stop_timeout, 4)
+        body = autodeploy.first_create_body(app, "registry.example:5000/team/web:latest")
+        self.assertEqual(body["HostConfig"]["RestartPolicy"], {"Name": "on-failure", "MaximumRetryCount": 3})
+        self.assertEqual(body["HostConfig"]["PortBindings"]["80/tcp"], [{"HostIp": "127.0.0.1", "HostPort": "8080"}])
+        self.assertEqual(body["HostConfig"]["NetworkMode"], "shop")
+        self.assertEqual(body["ExposedPorts"], {"80/tcp": {}, "443/tcp": {}})
+
+    def test_token_file_relative_to_config(self):
+        path = write_config("[autodeploy]\ntoken_file = token\n")
+        with open(os.path.join(os.path.dirname(path), "token"), "w") as fh:
+            fh.write(TOKEN + "\n")
+        self.assertEqual(load_config(path).tokens, [TOKEN])
+
+    def test_errors_name_file_section_and_problem(self):
+        self.assertConfigError("[other]\n", "no [autodeploy] section")
+        self.assertConfigError("[autodeploy]\nlisten = nowhere\n", "[autodeploy] listen", "HOST:PORT")
+        self.assertConfigError("[autodeploy]\nworkers = many\n", "workers", "not a whole number")
+        self.assertConfigError("[autodeploy]\nworkers = 0\n", "workers", "outside")
+        self.assertConfigError("[autodeploy]\ntoken = short\n", "token", "at least 32")
+        self.assertConfigError("[autodeploy]\ntokn = %s\n" % TOKEN, "unknown setting 'tokn'")
+        self.assertConfigError("[autodeploy]\ntoken_file = /nonexistent/token\n", "token_file", "cannot read")
+        self.assertConfigError("[autodeploy]\ncallback_allow = ftp://x\n", "callback_allow")
+        self.assertConfigError("[autodeploy]\n[a/b]\nports = 80\n", "[a/b] ports", "'80'")
+        self.assertConfigError("[autodeploy]\n[a/b]\nrestart = sometimes\n", "[a/b] restart")
+        self.assertConfigError("[autodeploy]\n[a/b]\ntag = bad/tag\n", "[a/b] tag")
+        self.assertConfigError("[autodeploy]\n[a/b]\nimage = Bad Image\n", "[a/b] image")
+        self.assertConfigError("[autodeploy]\n[a/b]\nimage = a/b:latest\n", "[a/b] image")
+        self.assertConfigError("[autodeploy]\n[a/b]\nenv = NOVALUE\n", "[a/b] env", "NAME=VALUE")
+        self.assertConfigError("[autodeploy]\n[a/b]\nvolumes = relative\n", "[a/b] volumes")
+        self.assertConfigError("[autodeploy]\n[a/b]\ncommand = 'unclosed\n", "[a/b] command")
+        self.assertConfigError("[autodeploy]\n[a/b]\ncontainer = x\n[c/d]\ncontainer = x\n", "same container")
+
+    def test_syntax_errors_carry_the_line(self):
+        self.assertConfigError("[autodeploy]\nlisten = 1:2\n[autodeploy]\n", "line 3", "autodeploy")
+        self.assertConfigError("[autodeploy]\nthis is not ini\n", "line 2")
+
+    def test_missing_file(self):
+        with self.assertRaises(ConfigError) as caught:
+            load_config("/nonexistent/autodeploy.conf")
+        self.assertIn("/nonexistent/autodeploy.conf", str(caught.exception))
+
+
+def hub_payload(repo="myname/myrepo", tag="latest", callback="https://registry.hub.docker.com/u/x/hook/1/"):
+    return json.dumps({"callback_url": callback, "push_data": {"tag": tag, "pusher": "me"},
+                       "repository": {"repo_name": repo, "name": repo.split("/")[-1]}}).encode()
+
+
+class PayloadTest(unittest.TestCase):
+
+    def assertRefused(self, body: bytes, fragment: str) -> None:
+        with self.assertRaises(PayloadError) as caught:
+            parse_push(body)
+        self.assertEqual(caught.exception.status, 400)
+        self.assertIn(fragment, caught.exception.message)
+
+    def test_docker_hub_payload(self):
+        push = parse_push(hub_payload())
+        self.assertEqual((push.repository, push.tag), ("myname/myrepo", "latest"))
+        self.assertEqual(push.callback_url, "https://registry.hub.docker.com/u/x/hook/1/")
+
+    def test_callback_is_optional(self):
+        body = json.dumps({"push_data": {"tag": "v1"}, "repository": {"repo_name": "a/b"}}).encode()
+        self.assertIsNone(parse_push(body).callback_url)
+
+    def test_malformed_bodies(self):
+        self.assertRefused(b"", "not JSON")
+        self.assertRefused(b"{", "not JSON")
+        self.assertRefused(b"\xff\xfe", "not UTF-8")
+        self.assertRefused(b"[]", "not a JSON object")
+        self.assertRefused(b"42", "not a JSON object")
+        self.assertRefused(b"{}", "repository.repo_name")
+        self.assertRefused(b'{"repository": "a/b", "push_data": {"tag": "x"}}', "repository.repo_name")
+        self.assertRefused(b'{"repository": {"repo_name": "a/b"}}', "push_data.tag")
+        self.assertRefused(b'{"repository": {"repo_name": "a/b"}, "push_data": {"tag": 5}}', "push_data.tag")
+        self.assertRefused(hub_payload(repo="../../etc"), "not a valid repository")
+        self.assertRefused(hub_payload(repo="A/B"), "not a valid repository")
+        self.assertRefused(hub_payload(tag="a/b"), "not a valid tag")
+        self.assertRefused(hub_payload(tag="x" * 129), "not a valid tag")
+        self.assertRefused(hub_payload(callback=["x"]), "callback_url")
+        self.assertRefused(b"[" * 100000 + b"]" * 100000, "")
+
+    def test_real_docker_hub_payloads(self):
+        """The shared corpus of payloads registries really sent, when present."""
+        if not os.path.isdir(PAYLOADS):
+            self.skipTest("no ../shared/payloads here")
+        for name in sorted(os.listdir(PAYLOADS)):
+            if name.startswith("dockerhub-push") and name.endswith(".json"):
+                with self.subTest(name=name), open(os.path.join(PAYLOADS, name), "rb") as fh:
+                    raw = fh.read()
+                    push = parse_push(raw)
+                    doc = json.loads(raw)
+                    self.assertEqual(push.repository, doc["repository"]["repo_name"])
+                    self.assertEqual(push.tag, doc["push_data"]["tag"])
+
+
+class CallbackRulesTest(unittest.TestCase):
+
+    def test_only_allowed_origins(self):
+        allow = [("https", "registry.hub.docker.com", 443), ("http", "127.0.0.1", 9000)]
+        ok = autodeploy.callback_allowed
+        self.assertTrue(ok("https://registry.hub.docker.com/u/a/b/hook/123/", allow))
+        self.assertTrue(ok("https://registry.hub.docker.com:443/x", allow))
+        self.assertTrue(ok("http://127.0.0.1:9000/cb", allow))
+        self.assertFalse(ok("http://registry.hub.docker.com/x", allow))
+        self.assertFalse(ok("https://registry.hub.docker.com.evil.example/x", allow))
+        self.assertFalse(ok("https://user:pw@registry.hub.docker.com/x", allow))
+        self.assertFalse(ok("http://127.0.0.1:9001/cb", allow))
+        self.assertFalse(ok("http://169.254.169.254/latest/meta-data", allow))
+        self.assertFalse(ok("file:///etc/passwd", allow))
+        self.assertFalse(ok("http://[::1", allow))
+
+    def test_callback_body(self):
+        job = autodeploy.Job(id="j1", app=autodeploy.AppConfig("a/b", "a/b", ("latest",), "a-b"),
+                             tag="latest", state="failed", description="pull failed")
+        self.assertEqual(autodeploy.callback_body(job),
+                         {"state": "failure", "description": "pull failed", "context": "autodeploy"})
+        job.state = "up_to_date"
+        self.assertEqual(autodeploy.callback_body(job)["state"], "success")
+
+
+if __name__ == "__main__":
+    unittest.main()

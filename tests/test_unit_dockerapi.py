@@ -1,0 +1,260 @@
+"""Unit tests of dockerapi against an in-process fake Engine on a temporary
+Unix socket: what the real Engine cannot be made to do on demand (report
+another API version, hang up mid-stream, go quiet)."""
+
+import base64
+import http.server
+import json
+import os
+import shutil
+import socketserver
+import tempfile
+import threading
+import time
+import unittest
+
+import dockerapi
+from dockerapi import DockerClient, DockerError, NotFound, Conflict
+
+
+class FakeEngine(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    """Answers from `routes`: {(method, path-without-query): handler(request)}."""
+    daemon_threads = True
+
+    def __init__(self, path, version="1.41", min_version="1.12"):
+        self.routes = {}
+        self.requests = []
+        self.version_doc = {"Version": "fake", "ApiVersion": version, "MinAPIVersion": min_version}
+        super().__init__(path, FakeHandler)
+
+    def handle_error(self, request, client_address):
+        pass  # the client hanging up on a stalled stream is the point of some tests
+
+
+class FakeHandler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def handle_one(self):
+        path, _, query = self.path.partition("?")
+        self.server.requests.append((self.command, self.path, dict(self.headers)))
+        if path == "/version":
+            return self.send_json(200, self.server.version_doc)
+        handler = self.server.routes.get((self.command, path))
+        if handler is None:
+            return self.send_json(404, {"message": "no route %s %s" % (self.command, path)})
+        handler(self)
+
+    do_GET = do_POST = do_DELETE = handle_one
+
+    def send_json(self, status, doc):
+        data = json.dumps(doc).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def send_chunks(self, chunks, hang_up=False, pause=0.0):
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        for chunk in chunks:
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            self.wfile.flush()
+            time.sleep(pause)
+        if hang_up:
+            self.wfile.write(b"40\r\n{\"status\":")  # a chunk cut short
+            self.wfile.flush()
+            self.close_connection = True
+            return
+        self.wfile.write(b"0\r\n\r\n")
+
+    def log_message(self, *args):
+        pass
+
+
+class FakeEngineTest(unittest.TestCase):
+
+    def start_engine(self, **kwargs):
+        folder = tempfile.mkdtemp(prefix="fake-engine-")
+        self.addCleanup(shutil.rmtree, folder, True)
+        self.socket_path = os.path.join(folder, "docker.sock")
+        engine = FakeEngine(self.socket_path, **kwargs)
+        thread = threading.Thread(target=engine.serve_forever, daemon=True)
+        thread.start()
+        self.addCleanup(engine.server_close)
+        self.addCleanup(engine.shutdown)
+        return engine
+
+    def client(self, **kwargs):
+        return DockerClient("unix://" + self.socket_path, environ={}, **kwargs)
+
+
+class NegotiationTest(FakeEngineTest):
+
+    def test_docker_29_engine_that_refuses_old_clients(self):
+        engine = self.start_engine(version="1.52", min_version="1.44")
+        engine.routes[("GET", "/v1.47/containers/web/json")] = lambda h: h.send_json(200, {"Id": "abc"})
+        client = self.client()
+        self.assertEqual(client.inspect_container("web"), {"Id": "abc"})
+        self.assertEqual(client.api_version, dockerapi.CLIENT_API_VERSION)
+        self.assertTrue(client.api_at_least("1.44"))
+        paths = [path for _, path, _ in engine.requests]
+        self.assertEqual(paths, ["/version", "/v1.47/containers/web/json"])  # negotiated once
+
+    def test_docker_20_10_engine(self):
+        engine = self.start_engine(version="1.41", min_version="1.12")
+        engine.routes[("GET", "/v1.41/containers/web/json")] = lambda h: h.send_json(200, {"Id": "abc"})
+        client = self.client()
+        client.inspect_container("web")
+        self.assertEqual(client.api_version, "1.41")
+        self.assertFalse(client.api_at_least("1.44"))
+
+    def test_engine_newer_than_this_client_refuses_clearly(self):
+        self.start_engine(version="1.60", min_version="1.50")
+        with self.assertRaises(DockerError) as caught:
+            self.client().inspect_container("web")
+        self.assertIn("needs API 1.50 or newer", str(caught.exception))
+
+    def test_negotiate_pure(self):
+        negotiate = dockerapi.negotiate_api_version
+        self.assertEqual(negotiate({"ApiVersion": "1.52", "MinAPIVersion": "1.44"}), "1.47")
+        self.assertEqual(negotiate({"ApiVersion": "1.43", "MinAPIVersion": "1.12"}), "1.43")
+        self.assertEqual(negotiate({"ApiVersion": "1.55", "MinAPIVersion": "1.40"}), "1.47")
+        with self.assertRaises(DockerError):
+            negotiate({"ApiVersion": "1.30", "MinAPIVersion": "1.12"})
+        with self.assertRaises(DockerError):
+            negotiate({})
+
+
+class ErrorsTest(FakeEngineTest):
+
+    def test_http_errors_carry_status_and_engine_message(self):
+        engine = self.start_engine()
+        engine.routes[("POST", "/v1.41/containers/create")] = lambda h: h.send_json(
+            409, {"message": "Conflict. The container name \"/web\" is already in use"})
+        client = self.client()
+        with self.assertRaises(NotFound) as caught:
+            client.inspect_container("missing")
+        self.assertEqual(caught.exception.status, 404)
+        with self.assertRaises(Conflict) as caught:
+            client.create_container({"Image": "x"}, "web")
+        self.assertIn("already in use", caught.exception.message)
+        self.assertEqual(caught.exception.method, "POST")
+
+    def test_every_path_and_query_argument_is_percent_encoded(self):
+        engine = self.start_engine()
+        client = self.client()
+        with self.assertRaises(NotFound):
+            client.inspect_container("../../images/x y?z")
+        with self.assertRaises(NotFound):
+            client.rename_container("web", "a&b=c")
+        paths = [path for _, path, _ in engine.requests]
+        self.assertIn("/v1.41/containers/..%2F..%2Fimages%2Fx%20y%3Fz/json", paths)
+        self.assertIn("/v1.41/containers/web/rename?name=a%26b%3Dc", paths)
+
+    def test_missing_socket_is_explained(self):
+        client = DockerClient("unix:///nonexistent/docker.sock", environ={})
+        with self.assertRaises(DockerError) as caught:
+            client.version()
+        self.assertIsNone(caught.exception.status)
+        self.assertIn("cannot reach the Docker Engine at /nonexistent/docker.sock: no such socket",
+                      str(caught.exception))
+
+    def test_reasons_a_person_understands(self):
+        self.assertIn("permission denied", dockerapi._reason(PermissionError(13, "x")))
+        self.assertIn("refused", dockerapi._reason(ConnectionRefusedError()))
+        self.assertIn("closed the connection", dockerapi._reason(ConnectionResetError()))
+
+    def test_docker_host(self):
+        self.assertEqual(dockerapi.parse_docker_host(None), ("unix", "/var/run/docker.sock"))
+        self.assertEqual(dockerapi.parse_docker_host("unix:///run/d.sock"), ("unix", "/run/d.sock"))
+        self.assertEqual(dockerapi.parse_docker_host("tcp://127.0.0.1:2375"), ("tcp", "127.0.0.1:2375"))
+        with self.assertRaises(DockerError):
+            dockerapi.parse_docker_host("ssh://host")
+        client = DockerClient(environ={"DOCKER_HOST": "unix:///x.sock"})
+        self.assertEqual(client.where, "/x.sock")
+
+
+class PullTest(FakeEngineTest):
+
+    def test_progress_then_success(self):
+        engine = self.start_engine()
+        lines = [b'{"status":"Pulling from app","id":"v1"}\r\n',
+                 b'{"status":"Downloading"}\r\n{"status":"Digest: sha256:ab"}\r\n',
+                 b'{"status":"Status: Downloaded newer image for app:v1"}\r\n']
+        engine.routes[("POST", "/v1.41/images/create")] = lambda h: h.send_chunks(lines)
+        seen = []
+        self.client().pull_image("reg:5000/app", "v1", on_progress=seen.append)
+        self.assertEqual(len(seen), 4)
+        method, path, headers = engine.requests[-1]
+        self.assertEqual(path, "/v1.41/images/create?fromImage=reg%3A5000%2Fapp&tag=v1")
+        self.assertNotIn("X-Registry-Auth", headers)
+
+    def test_error_inside_a_200_stream_raises(self):
+        engine = self.start_engine()
+        lines = [b'{"status":"Pulling"}\r\n',
+                 b'{"errorDetail":{"message":"unauthorized: access denied"},"error":"unauthorized"}\r\n']
+        engine.routes[("POST", "/v1.41/images/create")] = lambda h: h.send_chunks(lines)
+        with self.assertRaises(DockerError) as caught:
+            self.client().pull_image("app", "v1")
+        self.assertIn("unauthorized: access denied", str(caught.exception))
+
+    def test_engine_hanging_up_mid_stream_raises(self):
+        engine = self.start_engine()
+        engine.routes[("POST", "/v1.41/images/create")] = lambda h: h.send_chunks(
+            [b'{"status":"Pulling"}\r\n'], hang_up=True)
+        with self.assertRaises(DockerError) as caught:
+            self.client().pull_image("app", "v1")
+        self.assertIn("broke off", str(caught.exception))
+
+    def test_idle_timeout_not_total_timeout(self):
+        engine = self.start_engine()
+        steady = [b'{"status":"Downloading"}\r\n'] * 6
+        engine.routes[("POST", "/v1.41/images/create")] = lambda h: h.send_chunks(steady, pause=0.1)
+        client = self.client(pull_idle_timeout=0.4)
+        client.pull_image("app", "v1")  # 0.6 s in all, never 0.4 s idle
+        engine.routes[("POST", "/v1.41/images/create")] = lambda h: h.send_chunks(
+            [b'{"status":"Downloading"}\r\n'], pause=1.5)
+        with self.assertRaises(DockerError) as caught:
+            client.pull_image("app", "v1")
+        self.assertIn("timed out", str(caught.exception))
+
+    def test_never_pulls_without_a_tag(self):
+        self.start_engine()
+        with self.assertRaises(DockerError):
+            self.client().pull_image("app", "")
+
+    def test_registry_credentials_from_docker_config(self):
+        engine = self.start_engine()
+        engine.routes[("POST", "/v1.41/images/create")] = lambda h: h.send_chunks([b'{"status":"ok"}\r\n'])
+        folder = tempfile.mkdtemp(prefix="docker-config-")
+        self.addCleanup(shutil.rmtree, folder, True)
+        config = os.path.join(folder, "config.json")
+        with open(config, "w") as fh:
+            json.dump({"auths": {
+                "https://index.docker.io/v1/": {"auth": base64.b64encode(b"hubuser:hubpass").decode()},
+                "127.0.0.1:5000": {"auth": base64.b64encode(b"me:se:cret").decode()},
+            }}, fh)
+        auth = dockerapi.load_registry_auth("127.0.0.1:5000/team/app", config)
+        self.assertEqual(auth, {"username": "me", "password": "se:cret", "serveraddress": "127.0.0.1:5000"})
+        self.assertEqual(dockerapi.load_registry_auth("myname/myrepo", config)["username"], "hubuser")
+        self.assertIsNone(dockerapi.load_registry_auth("ghcr.io/a/b", config))
+        self.client().pull_image("127.0.0.1:5000/team/app", "v1", auth=auth)
+        header = engine.requests[-1][2]["X-Registry-Auth"]
+        self.assertEqual(json.loads(base64.urlsafe_b64decode(header)), auth)
+        self.assertEqual(dockerapi.docker_config_path({"DOCKER_CONFIG": "/etc/dc"}), "/etc/dc/config.json")
+        self.assertEqual(dockerapi.docker_config_path({"HOME": "/home/u"}), "/home/u/.docker/config.json")
+
+    def test_image_reference_helpers(self):
+        self.assertEqual(dockerapi.split_image("host:5000/ns/app:v2"), ("host:5000/ns/app", "v2"))
+        self.assertEqual(dockerapi.split_image("host:5000/ns/app"), ("host:5000/ns/app", "latest"))
+        self.assertEqual(dockerapi.split_image("app@sha256:ab"), ("app", "sha256:ab"))
+        self.assertEqual(dockerapi.registry_of("myname/myrepo"), "docker.io")
+        self.assertEqual(dockerapi.registry_of("localhost/x"), "localhost")
+        self.assertEqual(dockerapi.registry_of("ghcr.io/a/b"), "ghcr.io")
+
+
+if __name__ == "__main__":
+    unittest.main()

@@ -1,0 +1,183 @@
+"""Unit tests: every HTTP answer of the webhook listener, and the job queue.
+
+The service is not started here, so accepted jobs stay queued and no Docker
+Engine is involved; deploying is covered end to end in test_e2e_deploy.
+"""
+
+import http.client
+import json
+import logging
+import socket
+import threading
+import unittest
+
+import autodeploy
+from autodeploy import AppConfig, Job, JobQueue
+
+TOKEN = "k" * 40
+
+
+def make_config(**overrides) -> autodeploy.Config:
+    apps = {"myname/myrepo": AppConfig("myname/myrepo", "myname/myrepo", ("latest", "v2"), "myname-myrepo"),
+            "team/api": AppConfig("team/api", "team/api", ("latest",), "api")}
+    values = dict(path="test.conf", listen_host="127.0.0.1", listen_port=0, tokens=[TOKEN],
+                  workers=1, state_dir="", callback_allow=[], max_body=1024,
+                  docker_host="unix:///nonexistent.sock", docker_config=None, apps=apps)
+    values.update(overrides)
+    return autodeploy.Config(**values)
+
+
+def hub_body(repo="myname/myrepo", tag="latest") -> bytes:
+    return json.dumps({"push_data": {"tag": tag}, "repository": {"repo_name": repo},
+                       "callback_url": "https://registry.hub.docker.com/u/a/b/hook/1/"}).encode()
+
+
+class HandlerTest(unittest.TestCase):
+
+    def setUp(self):
+        config = make_config()
+        engine = autodeploy.DockerClient(config.docker_host)
+        self.service = autodeploy.build_service(config, engine)
+        self.server = autodeploy.WebhookServer(("127.0.0.1", 0), self.service)
+        self.port = self.server.server_address[1]
+        thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
+        thread.start()
+        self.addCleanup(self.server.server_close)
+        self.addCleanup(self.server.shutdown)
+        self.logs = self.enterContext_logs()
+
+    def enterContext_logs(self):
+        records = []
+
+        class Keep(logging.Handler):
+            def emit(self, record):
+                records.append(self.format(record))
+        handler = Keep()
+        logger = logging.getLogger("autodeploy")
+        logger.addHandler(handler)
+        old_level = logger.level
+        logger.setLevel(logging.DEBUG)
+        self.addCleanup(logger.removeHandler, handler)
+        self.addCleanup(logger.setLevel, old_level)
+        return records
+
+    def request(self, method, path, body=None, headers=None):
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
+        self.addCleanup(conn.close)
+        conn.request(method, path, body=body, headers=headers or {})
+        response = conn.getresponse()
+        raw = response.read()
+        doc = json.loads(raw) if raw else None
+        return response.status, doc, response
+
+    def test_accepted_push_answers_202_with_the_job_id(self):
+        status, doc, _ = self.request("POST", "/deploy/" + TOKEN, hub_body())
+        self.assertEqual(status, 202)
+        self.assertEqual(doc["state"], "queued")
+        self.assertIn(doc["job"], self.service.jobs)
+        self.assertEqual(self.service.queue.depth(), 1)
+
+    def test_wrong_or_missing_token_is_404(self):
+        for path in ("/deploy/" + "x" * 40, "/deploy/", "/deploy", "/deploy/" + TOKEN[:-1],
+                     "/deploy/" + TOKEN + "x", "/", "/other/" + TOKEN):
+            with self.subTest(path=path):
+                status, _, _ = self.request("POST", path, hub_body())
+                self.assertEqual(status, 404)
+        self.assertEqual(self.service.queue.depth(), 0)
+
+    def test_malformed_bodies_are_400(self):
+        for body in (b"not json", b"[1]", b"{}", b'{"repository": {"repo_name": "myname/myrepo"}}',
+                     b"\xff", b'{"repository": {"repo_name": "myname/myrepo"}, "push_data": {"tag": "../x"}}'):
+            with self.subTest(body=body):
+                status, doc, _ = self.request("POST", "/deploy/" + TOKEN, body)
+                self.assertEqual(status, 400)
+                self.assertIn("error", doc)
+
+    def test_not_configured_repository_or_tag_is_422(self):
+        status, doc, _ = self.request("POST", "/deploy/" + TOKEN, hub_body(repo="someone/else"))
+        self.assertEqual(status, 422)
+        self.assertIn("not configured", doc["error"])
+        status, doc, _ = self.request("POST", "/deploy/" + TOKEN, hub_body(tag="nightly"))
+        self.assertEqual(status, 422)
+        self.assertEqual(self.service.queue.depth(), 0)
+
+    def test_other_methods_are_405(self):
+        for method in ("GET", "PUT", "DELETE", "PATCH"):
+            with self.subTest(method=method):
+                status, _, response = self.request(method, "/deploy/" + TOKEN)
+                self.assertEqual(status, 405)
+                self.assertEqual(response.getheader("Allow"), "POST")
+
+    def test_oversized_body_is_413(self):
+        status, _, _ = self.request("POST", "/deploy/" + TOKEN, b"{" + b" " * 2000 + b"}")
+        self.assertEqual(status, 413)
+
+    def test_missing_length_and_chunked_bodies_are_refused(self):
+        sock = socket.create_connection(("127.0.0.1", self.port), timeout=5)
+        self.addCleanup(sock.close)
+        sock.sendall(b"POST /deploy/" + TOKEN.encode() + b" HTTP/1.1\r\nHost: x\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n")
+        self.assertIn(b" 411 ", sock.recv(4096))
+        sock = socket.create_connection(("127.0.0.1", self.port), timeout=5)
+        self.addCleanup(sock.close)
+        sock.sendall(b"POST /deploy/" + TOKEN.encode() + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertIn(b" 411 ", sock.recv(4096))
+        status, _, _ = self.request("POST", "/deploy/" + TOKEN, b"{}", {"Content-Length": "abc"})
+        self.assertEqual(status, 400)
+
+    def test_keep_alive_after_a_refusal_does_not_misread_the_body(self):
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
+        self.addCleanup(conn.close)
+        conn.request("POST", "/deploy/wrong", body=hub_body())
+        self.assertEqual(conn.getresponse().read() and 404, 404)
+        conn.request("POST", "/deploy/" + TOKEN, body=hub_body())
+        self.assertEqual(conn.getresponse().status, 202)
+
+    def test_the_token_never_reaches_the_log(self):
+        self.request("POST", "/deploy/" + TOKEN, hub_body())
+        self.request("GET", "/deploy/" + TOKEN)
+        self.request("POST", "/deploy/" + TOKEN, b"junk")
+        sock = socket.create_connection(("127.0.0.1", self.port), timeout=5)
+        sock.sendall(b"BROKEN /deploy/" + TOKEN.encode() + b"\r\n\r\n")
+        sock.recv(4096)
+        sock.close()
+        self.assertTrue(self.logs)
+        for line in self.logs:
+            self.assertNotIn(TOKEN, line)
+
+
+def job(container: str, n: int) -> Job:
+    return Job(id="%s-%d" % (container, n), app=AppConfig(container, container, ("latest",), container),
+               tag="latest")
+
+
+class JobQueueTest(unittest.TestCase):
+
+    def test_one_job_per_container_at_a_time_and_newest_waiting_wins(self):
+        queue = JobQueue()
+        queue.put(job("a", 1))
+        queue.put(job("b", 1))
+        first = queue.get(timeout=1)
+        self.assertEqual(first.id, "a-1")
+        queue.put(job("a", 2))
+        replaced = queue.put(job("a", 3))  # replaces a-2, which is still waiting
+        self.assertEqual(replaced.id, "a-2")
+        self.assertEqual(queue.get(timeout=1).id, "b-1")
+        self.assertIsNone(queue.get(timeout=0.05))  # a is busy with a-1
+        queue.task_done(first)
+        third = queue.get(timeout=1)
+        self.assertEqual(third.id, "a-3")
+        self.assertEqual([j.id for j in third.superseded], ["a-2"])
+
+    def test_close_wakes_workers(self):
+        queue = JobQueue()
+        results = []
+        worker = threading.Thread(target=lambda: results.append(queue.get()))
+        worker.start()
+        queue.close()
+        worker.join(2)
+        self.assertEqual(results, [None])
+
+
+if __name__ == "__main__":
+    unittest.main()

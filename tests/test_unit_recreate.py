@@ -1,0 +1,142 @@
+"""Unit tests: the create body built from a real inspect document.
+
+tests/fixtures/inspect-container-1.41.json is `docker inspect` of a container
+started on Docker 20.10 with:
+  docker run -d --name fixture-web --label app.tier=web
+    --label com.docker.compose.project=shop -e APP_MODE=prod -e PATH=/usr/bin:/bin
+    -p 127.0.0.1:18100:8080 -p 127.0.0.1:18101:8081/udp -v /tmp/fixture-bind:/bind:ro
+    -v fixture-data:/data -v /anon --restart unless-stopped --network fixture-net
+    --network-alias web --network-alias shop-web --stop-timeout 3 --memory 64m
+    --cap-add NET_ADMIN --add-host db.local:10.9.9.9 --tmpfs /run/cache --init -w /www
+    127.0.0.1:5555/test/app:v1
+and inspect-image-1.41.json is that image (CMD httpd, EXPOSE-less, no ENV).
+"""
+
+import copy
+import json
+import os
+import unittest
+
+from autodeploy import build_create_body
+
+HERE = os.path.join(os.path.dirname(__file__), "fixtures")
+
+
+def fixture(name: str) -> dict:
+    with open(os.path.join(HERE, name), encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+class CreateBodyTest(unittest.TestCase):
+
+    def setUp(self):
+        self.old = fixture("inspect-container-1.41.json")
+        self.image = fixture("inspect-image-1.41.json")["Config"]
+
+    def build(self, old=None, image=None, multi=False):
+        return build_create_body(old or self.old, self.image if image is None else image,
+                                 "127.0.0.1:5555/test/app:v2", multi)
+
+    def test_keeps_what_the_user_set(self):
+        body, later = self.build()
+        host = body["HostConfig"]
+        self.assertEqual(body["Image"], "127.0.0.1:5555/test/app:v2")
+        self.assertEqual(body["Env"], ["APP_MODE=prod", "PATH=/usr/bin:/bin"])
+        self.assertEqual(body["Labels"], {"app.tier": "web", "com.docker.compose.project": "shop"})
+        self.assertEqual(body["WorkingDir"], "/www")
+        self.assertEqual(body["StopTimeout"], 3)
+        self.assertEqual(host["PortBindings"], self.old["HostConfig"]["PortBindings"])
+        self.assertEqual(set(body["ExposedPorts"]), {"8080/tcp", "8081/udp"})
+        self.assertEqual(host["RestartPolicy"], {"MaximumRetryCount": 0, "Name": "unless-stopped"})
+        self.assertEqual(host["Memory"], 64 * 1024 * 1024)
+        self.assertEqual(host["CapAdd"], ["NET_ADMIN"])
+        self.assertEqual(host["ExtraHosts"], ["db.local:10.9.9.9"])
+        self.assertEqual(host["Tmpfs"], {"/run/cache": ""})
+        self.assertTrue(host["Init"])
+        self.assertEqual(host["NetworkMode"], "fixture-net")
+        self.assertEqual(later, [])
+
+    def test_the_image_defaults_are_left_to_the_new_image(self):
+        body, _ = self.build()
+        self.assertIsNone(body["Cmd"])         # equal to the old image's CMD
+        self.assertIsNone(body["Entrypoint"])
+        self.assertNotIn("Hostname", body)    # the Engine-generated short id
+
+    def test_old_image_env_and_labels_are_dropped(self):
+        image = copy.deepcopy(self.image)
+        image["Env"] = ["PATH=/usr/bin:/bin", "OLD_ONLY=1"]
+        image["Labels"] = {"app.tier": "web", "maintainer": "x"}
+        old = copy.deepcopy(self.old)
+        old["Config"]["Env"].append("OLD_ONLY=1")
+        old["Config"]["Labels"]["maintainer"] = "x"
+        body, _ = self.build(old, image)
+        self.assertEqual(body["Env"], ["APP_MODE=prod"])
+        self.assertEqual(body["Labels"], {"com.docker.compose.project": "shop"})
+
+    def test_user_command_override_is_kept(self):
+        old = copy.deepcopy(self.old)
+        old["Config"]["Cmd"] = ["/bin/sh", "-c", "echo custom"]
+        body, _ = self.build(old)
+        self.assertEqual(body["Cmd"], ["/bin/sh", "-c", "echo custom"])
+
+    def test_volumes_binds_and_anonymous_volume_by_name(self):
+        body, _ = self.build()
+        binds = body["HostConfig"]["Binds"]
+        self.assertIn("/tmp/fixture-bind:/bind:ro", binds)
+        self.assertIn("fixture-data:/data", binds)
+        anon = [m for m in self.old["Mounts"] if m["Destination"] == "/anon"][0]
+        self.assertIn("%s:/anon" % anon["Name"], binds)
+        self.assertEqual(len(binds), 3)
+
+    def test_network_endpoint_keeps_aliases_not_addresses(self):
+        body, _ = self.build()
+        endpoints = body["NetworkingConfig"]["EndpointsConfig"]
+        self.assertEqual(list(endpoints), ["fixture-net"])
+        endpoint = endpoints["fixture-net"]
+        self.assertEqual(sorted(endpoint["Aliases"]), ["shop-web", "web"])
+        for assigned in ("IPAddress", "MacAddress", "NetworkID", "EndpointID", "Gateway"):
+            self.assertNotIn(assigned, endpoint)
+
+    def test_second_network_is_connected_after_create_before_api_1_44(self):
+        old = copy.deepcopy(self.old)
+        networks = old["NetworkSettings"]["Networks"]
+        networks["backend"] = dict(networks["fixture-net"], Aliases=["api", old["Id"][:12]])
+        body, later = self.build(old)
+        self.assertEqual(list(body["NetworkingConfig"]["EndpointsConfig"]), ["fixture-net"])
+        self.assertEqual(later, [("backend", {"Aliases": ["api"]})])
+        body, later = self.build(old, multi=True)
+        self.assertEqual(sorted(body["NetworkingConfig"]["EndpointsConfig"]), ["backend", "fixture-net"])
+        self.assertEqual(later, [])
+
+    def test_host_and_container_network_modes(self):
+        old = copy.deepcopy(self.old)
+        old["HostConfig"]["NetworkMode"] = "host"
+        old["Config"]["Hostname"] = "my-host"
+        body, later = self.build(old)
+        self.assertNotIn("NetworkingConfig", body)
+        self.assertNotIn("Hostname", body)
+        old["HostConfig"]["NetworkMode"] = "container:0123456789abcdef"
+        body, _ = build_create_body(old, self.image, "x:v2", False, network_container="db")
+        self.assertEqual(body["HostConfig"]["NetworkMode"], "container:db")
+
+    def test_user_hostname_and_links(self):
+        old = copy.deepcopy(self.old)
+        old["Config"]["Hostname"] = "web-1"
+        old["HostConfig"]["Links"] = ["/db:/fixture-web/database"]
+        body, _ = self.build(old)
+        self.assertEqual(body["Hostname"], "web-1")
+        self.assertEqual(body["HostConfig"]["Links"], ["db:database"])
+
+    def test_old_image_gone_keeps_everything(self):
+        old = copy.deepcopy(self.old)
+        body, _ = build_create_body(old, None, "x:v2", False)
+        self.assertEqual(body["Cmd"], old["Config"]["Cmd"])
+
+    def test_input_is_not_modified(self):
+        before = copy.deepcopy(self.old)
+        self.build()
+        self.assertEqual(self.old, before)
+
+
+if __name__ == "__main__":
+    unittest.main()
