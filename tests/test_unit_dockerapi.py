@@ -81,7 +81,7 @@ class FakeEngineTest(unittest.TestCase):
         self.addCleanup(shutil.rmtree, folder, True)
         self.socket_path = os.path.join(folder, "docker.sock")
         engine = FakeEngine(self.socket_path, **kwargs)
-        thread = threading.Thread(target=engine.serve_forever, daemon=True)
+        thread = threading.Thread(target=engine.serve_forever, args=(0.05,), daemon=True)
         thread.start()
         self.addCleanup(engine.server_close)
         self.addCleanup(engine.shutdown)

@@ -1,0 +1,674 @@
+"""Helpers for end-to-end tests against a real Docker Engine and registry.
+
+Everything here is lazy: importing this module starts no process and opens
+no socket, so unit tests can import it freely.  The first call that needs
+Docker goes through `engine_env()`, which finds (or installs and starts) an
+engine and caches the answer for the rest of the process.
+
+When no engine can be had, tests are skipped -- except under CI
+(CI=true), where a missing engine is a failure, so that a broken
+environment can never pass as "everything skipped".
+
+Only the standard library is used, and the code runs on Python 3.8+.
+"""
+
+import glob
+import http.client
+import io
+import json
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+import unittest
+import urllib.error
+import urllib.request
+from functools import lru_cache
+from typing import Dict, Iterable, List, Optional
+
+# Label put on every container a test creates, so cleanup can find exactly
+# those and nothing else: --label autodeploy.test=<run_id()>.
+TEST_LABEL = "autodeploy.test"
+
+# The engine that the host may already run.
+SYSTEM_SOCKET = "/var/run/docker.sock"
+
+# Where we keep our own engine when the host has none.  It lives outside
+# /tmp and outside the test process so later runs can reuse it.
+RUN_DIR = "/run/autodeploy-tests"
+OWN_SOCKET = RUN_DIR + "/docker.sock"
+OWN_PIDFILE = RUN_DIR + "/docker.pid"
+OWN_EXEC_ROOT = RUN_DIR + "/exec"
+OWN_LOG = RUN_DIR + "/dockerd.log"
+OWN_DATA_ROOT = "/var/lib/autodeploy-tests/docker"
+OWN_START_TIMEOUT = 60.0
+
+# Statically linked busybox (Debian's busybox-static): the only binary in
+# the test images, so it must not need a dynamic loader.
+BUSYBOX = "/bin/busybox"
+
+# Applets linked into the test images' /bin.
+BUSYBOX_APPLETS = (
+    "sh", "httpd", "cat", "echo", "sleep", "ls", "wget", "nc", "true",
+    "false", "test", "env", "id", "mkdir", "touch", "rm", "kill",
+    "ps", "grep", "printf", "head", "hostname", "date",
+)
+
+# Fixed mtime for files in test images: identical content gives an
+# identical layer, so images of the same version share it.
+_IMAGE_MTIME = 1_000_000_000
+
+# urllib honours http_proxy & co. by default; test traffic must stay on
+# this machine, so never use a proxy.
+_NO_PROXY_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+class _Unavailable(Exception):
+    """No usable Docker Engine (or tool) could be had; the text says why."""
+
+
+# ---------------------------------------------------------------------------
+# Small utilities
+# ---------------------------------------------------------------------------
+
+@lru_cache(maxsize=None)
+def run_id() -> str:
+    """A short random hex id for this test process, used to label things."""
+    return secrets.token_hex(4)
+
+
+def free_port() -> int:
+    """Return a TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float = 20.0,
+              expect_body: Optional[str] = None) -> str:
+    """Poll `url` every 0.1 s until it answers 2xx; return the body.
+
+    With `expect_body`, keep polling until the body equals it (useful while
+    a deployment switches versions).  On timeout raise AssertionError
+    naming the last error or the last body seen.
+    """
+    deadline = time.monotonic() + timeout
+    last = "no attempt made"
+    while True:
+        remaining = deadline - time.monotonic()
+        try:
+            with _NO_PROXY_OPENER.open(url, timeout=max(0.5, min(5.0, remaining))) as resp:
+                body = resp.read().decode("utf-8", "replace")
+            if expect_body is None or body == expect_body:
+                return body
+            last = "body %r, expected %r" % (body, expect_body)
+        except urllib.error.HTTPError as exc:
+            last = "HTTP %s: %r" % (exc.code, exc.read()[:200])
+        except (OSError, http.client.HTTPException) as exc:
+            last = "%s: %s" % (type(exc).__name__, exc)
+        if time.monotonic() >= deadline:
+            raise AssertionError("%s not ready after %.1fs: %s" % (url, timeout, last))
+        time.sleep(0.1)
+
+
+def _fail(reason: str):
+    """Skip the test -- or, under CI, fail it: CI must not pass by skipping."""
+    if os.environ.get("CI") == "true":
+        raise RuntimeError(reason)
+    raise unittest.SkipTest(reason)
+
+
+def _tail(path: str, lines: int = 20) -> str:
+    """Last lines of a log file, for error messages."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            return "".join(fh.readlines()[-lines:])
+    except OSError as exc:
+        return "(no log: %s)" % exc
+
+
+def _which(name: str) -> Optional[str]:
+    """shutil.which, also looking in the sbin folders a CI PATH may lack."""
+    extra = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+    return shutil.which(name, path=os.environ.get("PATH", "") + ":" + extra)
+
+
+def _is_root() -> bool:
+    return os.geteuid() == 0
+
+
+# ---------------------------------------------------------------------------
+# Finding a Docker Engine
+# ---------------------------------------------------------------------------
+
+def _ping(socket_path: str, timeout: float = 2.0) -> bool:
+    """True if a Docker Engine answers GET /_ping with 200 OK on this socket."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout)
+            sock.connect(socket_path)
+            # HTTP/1.0: the engine closes the connection after answering,
+            # so reading to EOF gives the whole reply.
+            sock.sendall(b"GET /_ping HTTP/1.0\r\nHost: docker\r\n\r\n")
+            reply = b""
+            while True:
+                chunk = sock.recv(4096)
+                if not chunk:
+                    break
+                reply += chunk
+    except OSError:
+        return False
+    head, _, body = reply.partition(b"\r\n\r\n")
+    status = head.split(b"\r\n", 1)[0].split()
+    return len(status) >= 2 and status[1] == b"200" and body.strip() == b"OK"
+
+
+def _running_engine() -> Optional[str]:
+    """DOCKER_HOST of an engine that is already up, or None."""
+    configured = os.environ.get("DOCKER_HOST", "")
+    # Only unix sockets are supported; anything else falls through.
+    if configured.startswith("unix://") and _ping(configured[len("unix://"):]):
+        return configured
+    if _ping(SYSTEM_SOCKET):
+        return "unix://" + SYSTEM_SOCKET
+    return None
+
+
+_engine_result = None  # ("ok", DOCKER_HOST) or ("error", reason), once known
+
+
+def engine_env() -> Dict[str, str]:
+    """Return a copy of os.environ with DOCKER_HOST naming a working engine.
+
+    Tries, in order: $DOCKER_HOST (unix:// only), /var/run/docker.sock, and
+    finally (as root) an engine of our own on /run/autodeploy-tests, after
+    installing whatever packages are missing.  The outcome -- success or
+    failure -- is cached for the process, so a missing engine costs the
+    wait only once.  Without an engine, raises unittest.SkipTest, or
+    RuntimeError when CI=true.
+    """
+    global _engine_result
+    if _engine_result is None:
+        try:
+            _engine_result = ("ok", _find_or_start_engine())
+        except _Unavailable as exc:
+            _engine_result = ("error", str(exc))
+    kind, value = _engine_result
+    if kind == "error":
+        _fail(value)
+    env = dict(os.environ)
+    env["DOCKER_HOST"] = value
+    env.pop("DOCKER_CONTEXT", None)  # would conflict with DOCKER_HOST
+    return env
+
+
+def _find_or_start_engine() -> str:
+    """Make sure the tools exist and an engine runs; return its DOCKER_HOST."""
+    host = _running_engine()
+    _ensure_tools(need_daemon=host is None)
+    if host is None:
+        host = _start_own_engine()
+    return host
+
+
+def _start_own_engine() -> str:
+    """Start (or reuse) our detached dockerd; return its DOCKER_HOST."""
+    if _ping(OWN_SOCKET):  # left running by an earlier test run
+        return "unix://" + OWN_SOCKET
+    if not _is_root():
+        raise _Unavailable("no Docker Engine reachable, and starting one needs root")
+    os.makedirs(RUN_DIR, exist_ok=True)
+    os.makedirs(OWN_DATA_ROOT, exist_ok=True)
+    pid = _read_pid(OWN_PIDFILE)
+    if pid is None or not _is_dockerd(pid):
+        # A dead daemon leaves its pidfile and socket behind; dockerd
+        # refuses to start over the pidfile, so clear both.
+        for stale in (OWN_PIDFILE, OWN_SOCKET):
+            if os.path.lexists(stale):
+                os.unlink(stale)
+        _spawn_own_dockerd()
+    # Either way (just started, or a live one still booting): wait for it.
+    deadline = time.monotonic() + OWN_START_TIMEOUT
+    while time.monotonic() < deadline:
+        if _ping(OWN_SOCKET):
+            return "unix://" + OWN_SOCKET
+        pid = _read_pid(OWN_PIDFILE)
+        if pid is not None and not _pid_alive(pid):
+            raise _Unavailable("our dockerd exited at start; %s says:\n%s"
+                               % (OWN_LOG, _tail(OWN_LOG)))
+        time.sleep(0.2)
+    raise _Unavailable("our dockerd did not answer /_ping within %ds; %s says:\n%s"
+                       % (OWN_START_TIMEOUT, OWN_LOG, _tail(OWN_LOG)))
+
+
+def _spawn_own_dockerd() -> None:
+    """Launch dockerd fully detached: new session, no pipes to us.
+
+    It goes through `sh -c '... &'` so dockerd is re-parented to init at
+    once: it outlives this process (later runs reuse it), never becomes our
+    zombie, and Python does not warn about a still-running child.
+    """
+    argv = [
+        _which("dockerd") or "/usr/sbin/dockerd",
+        "--pidfile", OWN_PIDFILE,
+        "--exec-root", OWN_EXEC_ROOT,
+        "--data-root", OWN_DATA_ROOT,
+        "-H", "unix://" + OWN_SOCKET,
+    ]
+    env = dict(os.environ)
+    env.pop("DOCKER_HOST", None)
+    # dockerd runs iptables, modprobe & co. from sbin.
+    env["PATH"] = env.get("PATH", "") + ":/usr/local/sbin:/usr/sbin:/sbin"
+    subprocess.run(
+        ["/bin/sh", "-c", 'log=$1; shift; "$@" </dev/null >>"$log" 2>&1 &',
+         "sh", OWN_LOG] + argv,
+        env=env, start_new_session=True, check=True,
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+
+
+def _read_pid(path: str) -> Optional[int]:
+    try:
+        with open(path) as fh:
+            return int(fh.read().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _pid_alive(pid: int) -> bool:
+    """True if the process exists and is not a zombie."""
+    try:
+        with open("/proc/%d/stat" % pid) as fh:
+            # The state letter follows the parenthesised command name.
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _is_dockerd(pid: int) -> bool:
+    """True if `pid` is a live dockerd (a recycled pid is not)."""
+    try:
+        with open("/proc/%d/comm" % pid) as fh:
+            return fh.read().strip() == "dockerd" and _pid_alive(pid)
+    except OSError:
+        return False
+
+
+# ---------------------------------------------------------------------------
+# Tools: docker CLI, dockerd, docker-registry, static busybox
+# ---------------------------------------------------------------------------
+
+def _docker_cli() -> Optional[str]:
+    """The docker CLI: Debian's /usr/bin/docker (matches the 20.10 engine)
+    is preferred over whatever else PATH offers."""
+    if os.path.exists("/usr/bin/docker"):
+        return "/usr/bin/docker"
+    return _which("docker")
+
+
+def _is_static_elf(path: str) -> bool:
+    """True if `path` is an ELF executable without a program interpreter,
+    i.e. runs in an image that has no /lib at all."""
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read(1 << 16)
+    except OSError:
+        return False
+    if data[:4] != b"\x7fELF" or data[4] != 2:  # 64-bit ELF only
+        return False
+    order = "little" if data[5] == 1 else "big"
+    phoff = int.from_bytes(data[0x20:0x28], order)
+    phentsize = int.from_bytes(data[0x36:0x38], order)
+    phnum = int.from_bytes(data[0x38:0x3A], order)
+    for i in range(phnum):
+        start = phoff + i * phentsize
+        if int.from_bytes(data[start:start + 4], order) == 3:  # PT_INTERP
+            return False
+    return True
+
+
+def _missing_packages(need_daemon: bool) -> List[str]:
+    """Debian packages to install so every tool the tests use is present."""
+    missing = []
+    if _docker_cli() is None or (need_daemon and _which("dockerd") is None):
+        missing.append("docker.io")
+    if _which("docker-registry") is None:
+        missing.append("docker-registry")
+    if not _is_static_elf(BUSYBOX):
+        missing.append("busybox-static")
+    return missing
+
+
+def _ensure_tools(need_daemon: bool) -> None:
+    """Install missing packages (as root) or raise _Unavailable."""
+    packages = _missing_packages(need_daemon)
+    if not packages:
+        return
+    if not _is_root():
+        raise _Unavailable("missing packages %s, and installing them needs root"
+                           % " ".join(packages))
+    _apt_install(packages)
+    still = _missing_packages(need_daemon)
+    if still:
+        raise _Unavailable("packages %s still missing after apt-get install"
+                           % " ".join(still))
+
+
+def _apt(*args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    return subprocess.run(["apt-get"] + list(args), env=env,
+                          stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, universal_newlines=True)
+
+
+def _apt_install(packages: List[str]) -> None:
+    """apt-get install; refresh the package lists only when needed, since
+    `apt-get update` is the slow part."""
+    print("tests.support: installing %s" % " ".join(packages), file=sys.stderr)
+    if not glob.glob("/var/lib/apt/lists/*_Packages*"):
+        _apt("update")
+    result = _apt("install", "-y", *packages)
+    if result.returncode != 0:
+        _apt("update")
+        result = _apt("install", "-y", *packages)
+    if result.returncode != 0:
+        raise _Unavailable("apt-get install %s failed:\n%s"
+                           % (" ".join(packages), result.stdout[-2000:]))
+
+
+# ---------------------------------------------------------------------------
+# Running the docker CLI
+# ---------------------------------------------------------------------------
+
+def docker(*args, input: Optional[bytes] = None, check: bool = True,
+           timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run the docker CLI against engine_env(); stdout/stderr come back as text.
+
+    `input` may be bytes (e.g. a tar for `docker import -`) or str.
+    With check=True a non-zero exit raises AssertionError showing stderr.
+    """
+    env = engine_env()
+    argv = [_docker_cli() or "docker"] + [str(a) for a in args]
+    if isinstance(input, str):
+        input = input.encode("utf-8")
+    raw = subprocess.run(argv, input=input, env=env, timeout=timeout,
+                         stdin=None if input is not None else subprocess.DEVNULL,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    result = subprocess.CompletedProcess(
+        raw.args, raw.returncode,
+        raw.stdout.decode("utf-8", "replace"),
+        raw.stderr.decode("utf-8", "replace"))
+    if check and result.returncode != 0:
+        command = " ".join(["docker"] + argv[1:])
+        raise AssertionError("%s failed (exit %d): %s"
+                             % (command[:300], result.returncode,
+                                result.stderr.strip() or result.stdout.strip()))
+    return result
+
+
+def wait_running(container: str, timeout: float = 20.0) -> None:
+    """Wait until the container's State.Running is true.
+
+    Probe a published port only after this: before the container runs,
+    a connection to it stalls for about a second.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        state = docker("inspect", "-f", "{{.State.Status}} {{.State.Running}}",
+                       container, check=False)
+        if state.stdout.strip().endswith("true"):
+            return
+        if state.stdout.startswith("exited") or state.stdout.startswith("dead"):
+            logs = docker("logs", "--tail", "20", container, check=False)
+            raise AssertionError("container %s stopped: %s%s"
+                                 % (container, logs.stdout, logs.stderr))
+        if time.monotonic() >= deadline:
+            raise AssertionError("container %s not running after %.1fs: %s"
+                                 % (container, timeout,
+                                    state.stdout.strip() or state.stderr.strip()))
+        time.sleep(0.05)
+
+
+# ---------------------------------------------------------------------------
+# A throwaway registry
+# ---------------------------------------------------------------------------
+
+class Registry:
+    """A `docker-registry` on 127.0.0.1:<free port> with storage in a temp dir.
+
+    The engine treats 127.0.0.0/8 registries as insecure (plain HTTP) by
+    default, so `docker push 127.0.0.1:PORT/...` works without setup.
+    Use as a context manager, or call start() and stop().
+    """
+
+    def __init__(self) -> None:
+        self.port = None  # type: Optional[int]
+        self._dir = None  # type: Optional[str]
+        self._proc = None  # type: Optional[subprocess.Popen]
+        self._log = None
+
+    @property
+    def host(self) -> str:
+        """"127.0.0.1:PORT", the registry part of image references."""
+        if self.port is None:
+            raise RuntimeError("registry not started")
+        return "127.0.0.1:%d" % self.port
+
+    @property
+    def url(self) -> str:
+        return "http://" + self.host
+
+    def start(self) -> "Registry":
+        """Start the registry and wait (15 s max) until /v2/ answers 200."""
+        engine_env()  # makes sure docker-registry is installed
+        self._dir = tempfile.mkdtemp(prefix="autodeploy-registry-")
+        self.port = free_port()
+        config = os.path.join(self._dir, "config.yml")
+        with open(config, "w") as fh:
+            fh.write(self._config())
+        self._log = open(os.path.join(self._dir, "registry.log"), "wb")
+        self._proc = subprocess.Popen(
+            [_which("docker-registry") or "docker-registry", "serve", config],
+            stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT)
+        try:
+            self._wait_ready(15.0)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _config(self) -> str:
+        return (
+            "version: 0.1\n"
+            "log:\n"
+            "  level: error\n"
+            "storage:\n"
+            "  filesystem:\n"
+            "    rootdirectory: %s\n"
+            "  delete:\n"
+            "    enabled: true\n"
+            "http:\n"
+            "  addr: %s\n" % (os.path.join(self._dir, "data"), self.host)
+        )
+
+    def _wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        last = ""
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                raise AssertionError("docker-registry exited (%s):\n%s"
+                                     % (self._proc.returncode, self._log_text()))
+            try:
+                with _NO_PROXY_OPENER.open(self.url + "/v2/", timeout=2) as resp:
+                    if resp.status == 200:
+                        return
+            except (OSError, http.client.HTTPException) as exc:
+                last = str(exc)
+            time.sleep(0.05)
+        raise AssertionError("docker-registry not ready after %.0fs (%s):\n%s"
+                             % (timeout, last, self._log_text()))
+
+    def _log_text(self) -> str:
+        return _tail(os.path.join(self._dir, "registry.log"))
+
+    def stop(self) -> None:
+        """Stop the registry and delete its storage.  Safe to call twice."""
+        if self._proc is not None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+            self._proc = None
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
+
+    def __enter__(self) -> "Registry":
+        return self.start()
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
+
+# ---------------------------------------------------------------------------
+# Test images without a Dockerfile
+# ---------------------------------------------------------------------------
+
+def _rootfs_tar(version: str) -> bytes:
+    """A tiny root filesystem: static busybox plus applet links, and
+    /www/index.html holding the version, for busybox httpd to serve."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        def add(name, kind=tarfile.REGTYPE, mode=0o644, data=b"", target=""):
+            info = tarfile.TarInfo(name)
+            info.type, info.mode, info.mtime = kind, mode, _IMAGE_MTIME
+            info.linkname = target
+            info.size = len(data) if kind == tarfile.REGTYPE else 0
+            tar.addfile(info, io.BytesIO(data) if kind == tarfile.REGTYPE else None)
+
+        add("bin", tarfile.DIRTYPE, 0o755)
+        with open(BUSYBOX, "rb") as fh:
+            add("bin/busybox", mode=0o755, data=fh.read())
+        for applet in BUSYBOX_APPLETS:
+            add("bin/" + applet, tarfile.SYMTYPE, 0o777, target="busybox")
+        add("www", tarfile.DIRTYPE, 0o755)
+        add("www/index.html", data=(version + "\n").encode("utf-8"))
+        add("tmp", tarfile.DIRTYPE, 0o1777)
+    return buf.getvalue()
+
+
+def _quote(value: str) -> str:
+    """Double-quote a word for an ENV/LABEL change line."""
+    return '"%s"' % value.replace("\\", "\\\\").replace('"', '\\"')
+
+
+def _duration(value) -> str:
+    """10 -> "10s", 0.5 -> "0.5s"; strings such as "1m" pass through."""
+    return "%gs" % value if isinstance(value, (int, float)) else str(value)
+
+
+def _healthcheck_change(spec: dict) -> str:
+    """Turn a healthcheck dict into a HEALTHCHECK change line.
+
+    spec["test"] is a shell command string, or an exec-form list (optionally
+    starting with "CMD"), or ["CMD-SHELL", cmd], or ["NONE"].  Optional:
+    interval, timeout, start_period (seconds, or Go duration strings like
+    "500ms") and retries.
+    """
+    test = spec["test"]
+    if isinstance(test, (list, tuple)):
+        if list(test) == ["NONE"]:
+            return "HEALTHCHECK NONE"
+        if test and test[0] == "CMD-SHELL":
+            command = test[1]
+        else:
+            command = json.dumps(list(test[1:] if test and test[0] == "CMD" else test))
+    else:
+        command = test
+    options = []
+    for key in ("interval", "timeout", "start_period"):
+        if spec.get(key) is not None:
+            options.append("--%s=%s" % (key.replace("_", "-"), _duration(spec[key])))
+    if spec.get("retries") is not None:
+        options.append("--retries=%d" % spec["retries"])
+    return " ".join(["HEALTHCHECK"] + options + ["CMD", command])
+
+
+def make_image(ref: str, version: str, cmd: Optional[List[str]] = None,
+               port: int = 8080, healthcheck: Optional[dict] = None,
+               env: Optional[List[str]] = None,
+               labels: Optional[Dict[str, str]] = None,
+               volumes: Optional[List[str]] = None,
+               exposed: Optional[List] = None,
+               extra_changes: Optional[List[str]] = None,
+               push: bool = True) -> str:
+    """Build image `ref` with `docker import` (no Dockerfile, no build, no
+    base image) and push it unless push=False; return its sha256: ID.
+
+    By default it runs busybox httpd on `port`, serving "<version>\\n" at /.
+    `env` holds "KEY=value" strings, `exposed` "8080/tcp" strings or port
+    numbers (default: just `port`), `healthcheck` a dict described in
+    _healthcheck_change, `extra_changes` raw change lines.
+
+    Docker 20.10's `docker import --change` accepts only CMD, ENTRYPOINT,
+    ENV, EXPOSE, HEALTHCHECK, LABEL, ONBUILD, USER, VOLUME and WORKDIR
+    (STOPSIGNAL, SHELL, RUN, ... are refused by the engine).
+    """
+    engine_env()  # makes sure busybox-static is installed
+    if cmd is None:
+        cmd = ["/bin/httpd", "-f", "-p", str(port), "-h", "/www"]
+    changes = ["CMD " + json.dumps(list(cmd))]
+    for item in ([port] if exposed is None else exposed):
+        item = str(item)
+        changes.append("EXPOSE " + (item if "/" in item else item + "/tcp"))
+    for item in env or ():
+        key, _, value = item.partition("=")
+        changes.append("ENV %s=%s" % (key, _quote(value)))
+    for key, value in (labels or {}).items():
+        changes.append("LABEL %s=%s" % (_quote(key), _quote(value)))
+    if volumes:
+        changes.append("VOLUME " + json.dumps(list(volumes)))
+    if healthcheck is not None:
+        changes.append(_healthcheck_change(healthcheck))
+    changes.extend(extra_changes or ())
+
+    args = ["import"]
+    for change in changes:
+        args += ["--change", change]
+    result = docker(*(args + ["-", ref]), input=_rootfs_tar(version))
+    image_id = result.stdout.strip().splitlines()[-1]
+    if push:
+        docker("push", ref)
+    return image_id
+
+
+# ---------------------------------------------------------------------------
+# Cleanup
+# ---------------------------------------------------------------------------
+
+def cleanup_containers(label_value: str) -> None:
+    """Force-remove (with their anonymous volumes) the containers labelled
+    autodeploy.test=<label_value>, and nothing else."""
+    if not label_value:
+        raise ValueError("label_value must not be empty")
+    found = docker("ps", "-aq", "--filter",
+                   "label=%s=%s" % (TEST_LABEL, label_value), check=False)
+    ids = found.stdout.split()
+    if ids:
+        docker("rm", "-f", "-v", *ids, check=False)
+
+
+def cleanup_images(refs: Iterable[str]) -> None:
+    """`docker rmi -f` each reference, ignoring errors (e.g. already gone)."""
+    for ref in refs:
+        docker("rmi", "-f", ref, check=False)
