@@ -670,7 +670,7 @@ class Deployer:
         jlog.info("pulling %s", reference)
         try:
             auth = dockerapi.load_registry_auth(app.image, self.docker_config)
-            self.engine.pull_image(app.image, job.tag, auth)
+            self.engine.pull_image(app.image, job.tag, auth, on_progress=_pull_logger(jlog))
         except DockerError as exc:
             if exc.status is None:
                 raise
@@ -778,6 +778,15 @@ class Deployer:
             jlog.warning("could not remove container %s: %s", _short(container_id), exc)
 
 
+def _pull_logger(jlog: logging.LoggerAdapter) -> Callable[[Dict[str, Any]], None]:
+    """Log the pull's summary lines (digest, outcome), not every progress tick."""
+    def on_progress(message: Dict[str, Any]) -> None:
+        status = str(message.get("status") or "")
+        if status.startswith(("Digest:", "Status:")):
+            jlog.info("pull: %s", status)
+    return on_progress
+
+
 def _short(image_or_container_id: Optional[str]) -> str:
     value = image_or_container_id or "?"
     return value.split(":", 1)[-1][:12]
@@ -834,16 +843,17 @@ class CallbackSender:
         self._thread: Optional[threading.Thread] = None
         self._stopping = False
 
-    def send(self, job_id: str, url: Optional[str], body: Dict[str, str]) -> None:
+    def send(self, job: Job, url: Optional[str], body: Dict[str, str]) -> None:
         """Queue one callback (dropped, with a log line, when not allowed)."""
         if not url:
             return
+        who = "%s repo=%s" % (job.id, job.app.repository)
         if not callback_allowed(url, self.allow):
             log.warning("job=%s callback to %s not sent: not an allowed callback origin",
-                        job_id, _mask_url(url))
+                        who, _mask_url(url))
             return
         with self._cond:
-            self._pending.append((job_id, url, body))
+            self._pending.append((who, url, body))
             self._cond.notify()
 
     def start(self) -> None:
@@ -865,10 +875,10 @@ class CallbackSender:
                     self._cond.wait()
                 if not self._pending:
                     return
-                job_id, url, body = self._pending.popleft()
-            self.post(job_id, url, body)
+                who, url, body = self._pending.popleft()
+            self.post(who, url, body)
 
-    def post(self, job_id: str, url: str, body: Dict[str, str]) -> bool:
+    def post(self, who: str, url: str, body: Dict[str, str]) -> bool:
         """POST one callback now; logs and returns False on failure."""
         import urllib.request
         if self.urlopen is None:
@@ -880,10 +890,10 @@ class CallbackSender:
             with self.urlopen(request, timeout=self.timeout) as response:
                 response.read(4096)
                 log.info("job=%s callback %s sent to %s: HTTP %s",
-                         job_id, body["state"], _mask_url(url), response.status)
+                         who, body["state"], _mask_url(url), response.status)
                 return True
         except Exception as exc:  # any failure is logged, never raised
-            log.warning("job=%s callback to %s failed: %s", job_id, _mask_url(url),
+            log.warning("job=%s callback to %s failed: %s", who, _mask_url(url),
                         getattr(exc, "reason", None) or exc)
             return False
 
@@ -973,11 +983,11 @@ class Service:
 
     def report(self, job: Job) -> None:
         """Send the outcome to the job's callback and to those of the jobs it replaced."""
-        self.callbacks.send(job.id, job.callback_url, callback_body(job))
+        self.callbacks.send(job, job.callback_url, callback_body(job))
         for older in job.superseded:
             older.state, older.finished = "superseded", job.finished
             older.description = "superseded by job %s" % job.id
-            self.callbacks.send(older.id, older.callback_url,
+            self.callbacks.send(older, older.callback_url,
                                 callback_body(job, "(superseded by job %s)" % job.id))
             older.done.set()
         job.done.set()
