@@ -18,6 +18,7 @@ import collections
 import configparser
 import copy
 import hmac
+import http.client
 import http.server
 import json
 import logging
@@ -33,7 +34,7 @@ import time
 import urllib.parse
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Callable, Deque, Dict, List, Optional, Set, Tuple
+from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Set, Tuple
 
 import dockerapi
 from dockerapi import DockerClient, DockerError, NotFound
@@ -42,7 +43,7 @@ __version__ = "0.1.0"
 __all__ = [
     "__version__", "AutodeployError", "ConfigError", "PayloadError", "DeployFailed",
     "AppConfig", "Config", "load_config", "Push", "parse_push", "Job", "JobQueue",
-    "Deployer", "build_create_body", "Service", "WebhookServer", "main",
+    "RolledBack", "Deployer", "build_create_body", "choose_order", "probe_endpoint", "Service", "WebhookServer", "main",
 ]
 
 log = logging.getLogger("autodeploy")
@@ -100,6 +101,12 @@ class AppConfig:
     tags: Tuple[str, ...]
     container: str
     stop_timeout: Optional[int] = None
+    order: str = "auto"
+    health_url: str = ""
+    health_tcp: str = ""
+    health_timeout: int = 60
+    settle: float = 3.0
+    remove_old_image: bool = True
     # Used only for the first deploy, when no container exists yet.
     ports: List[Tuple[str, str, str]] = field(default_factory=list)
     env: List[str] = field(default_factory=list)
@@ -121,6 +128,7 @@ class Config:
     state_dir: str
     callback_allow: List[Tuple[str, str, int]]
     max_body: int
+    max_queue: int
     docker_host: Optional[str]
     docker_config: Optional[str]
     apps: Dict[str, AppConfig]
@@ -131,8 +139,9 @@ class Config:
 
 
 MAIN_KEYS = {"listen", "token", "token_file", "workers", "state_dir", "callback_allow",
-             "max_body", "docker_host", "docker_config"}
-APP_KEYS = {"image", "tag", "container", "stop_timeout", "ports", "env", "volumes",
+             "max_body", "max_queue", "docker_host", "docker_config"}
+APP_KEYS = {"image", "tag", "container", "stop_timeout", "order", "health_url", "health_tcp",
+            "health_timeout", "settle", "remove_old_image", "ports", "env", "volumes",
             "labels", "restart", "network", "command"}
 
 
@@ -173,6 +182,7 @@ def load_config(path: str) -> Config:
         callback_allow=[_parse_origin(o, where) for o in _split_list(
             main.get("callback_allow", DEFAULT_CALLBACK_ALLOW))],
         max_body=_int_option(main, "max_body", DEFAULT_MAX_BODY, where, 1024, 16 * 1024 * 1024),
+        max_queue=_int_option(main, "max_queue", 100, where, 1, 100000),
         docker_host=main.get("docker_host") or None,
         docker_config=main.get("docker_config") or None,
         apps=apps)
@@ -202,9 +212,27 @@ def _parse_app(repository: str, section: configparser.SectionProxy, where: str) 
         command = shlex.split(section.get("command", ""))
     except ValueError as exc:
         raise ConfigError("%s command: %s" % (where, exc)) from exc
+    order = section.get("order", "auto")
+    if order not in ("auto", "stop-first", "start-first"):
+        raise ConfigError("%s order: %r; use auto, stop-first or start-first" % (where, order))
+    health_url = section.get("health_url", "")
+    if health_url and not re.match(r"^https?://[^/\s]+(/\S*)?$", health_url):
+        raise ConfigError("%s health_url: %r; expected http://HOST:PORT/PATH ({ip} stands for "
+                          "the new container's address)" % (where, health_url))
+    health_tcp = section.get("health_tcp", "")
+    if health_tcp and not re.match(r"^[^\s:/]+:\d+$|^\[[0-9a-fA-F:]+\]:\d+$", health_tcp):
+        raise ConfigError("%s health_tcp: %r; expected HOST:PORT" % (where, health_tcp))
+    try:
+        remove_old_image = section.getboolean("remove_old_image", True)
+    except ValueError:
+        raise ConfigError("%s remove_old_image: use yes or no" % where) from None
     return AppConfig(
         repository=repository, image=image, tags=tags, container=container,
         stop_timeout=None if stop is None else _int_option(section, "stop_timeout", 10, where, -1, 3600),
+        order=order, health_url=health_url, health_tcp=health_tcp,
+        health_timeout=_int_option(section, "health_timeout", 60, where, 1, 3600),
+        settle=_int_option(section, "settle", 3, where, 0, 600),
+        remove_old_image=remove_old_image,
         ports=[_parse_port(p, where) for p in _split_list(section.get("ports", ""))],
         env=[_parse_assignment(line, "env", where) for line in _lines(section.get("env", ""))],
         volumes=[_parse_volume(v, where) for v in _split_list(section.get("volumes", ""))],
@@ -358,7 +386,7 @@ def _dig(doc: Dict[str, Any], *keys: str) -> Any:
 # Jobs and the queue
 ############################################################################
 
-FINAL_STATES = ("succeeded", "up_to_date", "failed", "error", "superseded")
+FINAL_STATES = ("succeeded", "up_to_date", "failed", "rolled_back", "error", "superseded")
 
 
 @dataclass
@@ -393,6 +421,10 @@ def new_job_id() -> str:
     return uuid.uuid4().hex[:12]
 
 
+class QueueFull(AutodeployError):
+    """More jobs wait than the queue may hold."""
+
+
 class JobQueue:
     """Jobs in arrival order, at most one running per container.
 
@@ -402,7 +434,8 @@ class JobQueue:
     never holds more than one waiting job per configured container.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, limit: int = 1000) -> None:
+        self.limit = limit
         self._cond = threading.Condition()
         self._ready: Deque[str] = collections.deque()
         self._waiting: Dict[str, Job] = {}
@@ -410,10 +443,13 @@ class JobQueue:
         self._closed = False
 
     def put(self, job: Job) -> Optional[Job]:
-        """Queue `job`; returns the waiting job it replaced, if any."""
+        """Queue `job`; returns the waiting job it replaced, if any.
+        QueueFull when `limit` jobs already wait and none is replaced."""
         key = job.app.container
         with self._cond:
             replaced = self._waiting.get(key)
+            if replaced is None and len(self._waiting) >= self.limit:
+                raise QueueFull("%d jobs are waiting already" % len(self._waiting))
             if replaced is not None:
                 job.superseded.extend(replaced.superseded + [replaced])
                 replaced.superseded = []
@@ -631,21 +667,27 @@ class JobLog(logging.LoggerAdapter):
         return "job=%s repo=%s %s" % (self.extra["job"], self.extra["repo"], msg), kwargs
 
 
+class RolledBack(DeployFailed):
+    """The new container failed after the old one was stopped; the old one runs again."""
+
+
 class Deployer:
     """Runs one job against the Engine: pull, then replace the container.
 
     Nothing is touched until the new image is pulled and the new container's
-    configuration is built; anything failing before the old container is
-    stopped leaves it running under its name, and anything failing after
-    puts it back.
+    configuration is built. The old container is removed only once the new
+    one has passed the health gate; any failure before that leaves the old
+    one running under its name, or puts it back.
     """
 
     def __init__(self, engine: DockerClient, docker_config: Optional[str] = None,
-                 settle_seconds: float = 0.0, sleep: Callable[[float], None] = time.sleep):
+                 clock: Callable[[], float] = time.time, sleep: Callable[[float], None] = time.sleep,
+                 probe: Optional[Callable[[str, float], bool]] = None):
         self.engine = engine
         self.docker_config = docker_config or dockerapi.docker_config_path()
-        self.settle_seconds = settle_seconds
+        self.clock = clock
         self.sleep = sleep
+        self.probe = probe or probe_endpoint
 
     def run(self, job: Job) -> None:
         """Deploy `job`, setting its state and description; never raises."""
@@ -653,6 +695,9 @@ class Deployer:
         try:
             job.state, job.description = self.deploy(job, jlog)
             jlog.info("%s: %s", job.state, job.description)
+        except RolledBack as exc:
+            job.state, job.description = "rolled_back", str(exc)
+            jlog.warning("rolled back: %s", exc)
         except DeployFailed as exc:
             job.state, job.description = "failed", str(exc)
             jlog.warning("failed: %s", exc)
@@ -660,7 +705,7 @@ class Deployer:
             job.state, job.description = "error", str(exc)
             jlog.error("error: %s", exc)
         except Exception as exc:  # a bug must not kill the worker thread
-            job.state, job.description = "error", "internal error: %s" % exc
+            job.state, job.description = "error", "internal error: %r" % exc
             jlog.exception("internal error")
 
     def deploy(self, job: Job, jlog: logging.LoggerAdapter) -> Tuple[str, str]:
@@ -684,9 +729,11 @@ class Deployer:
             return "up_to_date", "%s already runs %s (%s)" % (
                 app.container, reference, _short(new_image.get("Id")))
         body, later_networks = self.new_container_config(old, reference)
-        self.replace(job, old, body, later_networks, jlog)
-        return "succeeded", "%s now runs %s (%s)" % (
-            app.container, reference, _short(new_image.get("Id")))
+        how = self.replace(job, old, body, later_networks, jlog)
+        if app.remove_old_image:
+            self.remove_unused_image(old.get("Image"), jlog)
+        return "succeeded", "%s now runs %s (%s), %s" % (
+            app.container, reference, _short(new_image.get("Id")), how)
 
     def new_container_config(self, old: Dict[str, Any], reference: str
                              ) -> Tuple[Dict[str, Any], List[Tuple[str, Dict[str, Any]]]]:
@@ -708,59 +755,186 @@ class Deployer:
         jlog.info("no container %s yet: creating it", app.container)
         new_id = self.engine.create_container(first_create_body(app, reference), app.container)
         try:
+            started = self.clock()
             self.engine.start_container(new_id)
-            self.confirm_running(new_id)
+            how = self.wait_healthy(new_id, app, started, jlog)
         except (DockerError, DeployFailed) as exc:
+            logs = self.last_logs(new_id)
             self.remove_quietly(new_id, jlog)
-            if isinstance(exc, DeployFailed):
-                raise
-            raise DeployFailed("the first container did not start: %s" % exc.message) from exc
-        return "succeeded", "created %s running %s" % (app.container, reference)
+            raise DeployFailed("the first container did not become healthy: %s%s"
+                               % (_reason_of(exc), logs)) from exc
+        return "succeeded", "created %s running %s, %s" % (app.container, reference, how)
 
     def replace(self, job: Job, old: Dict[str, Any], body: Dict[str, Any],
                 later_networks: List[Tuple[str, Dict[str, Any]]],
-                jlog: logging.LoggerAdapter) -> None:
-        """Rename the old container aside, create the new one under its
-        name, stop the old, start the new, remove the old."""
-        name = job.app.container
+                jlog: logging.LoggerAdapter) -> str:
+        """Rename the old container aside and create the new one under its
+        name, then swap them in the app's order; returns how health was judged."""
+        app = job.app
         old_id = old["Id"]
-        aside = "%s-autodeploy-old-%s" % (name, job.id)
+        aside = "%s-autodeploy-old-%s" % (app.container, job.id)
         was_running = bool((old.get("State") or {}).get("Running"))
         self.engine.rename_container(old_id, aside)
         jlog.info("renamed old container %s to %s", _short(old_id), aside)
+        new_id = None
         try:
-            new_id = self.engine.create_container(body, name)
+            new_id = self.engine.create_container(body, app.container)
             for network, endpoint in later_networks:
                 self.engine.connect_network(network, new_id, endpoint)
         except DockerError as exc:
-            if "new_id" in locals():
+            if new_id:
                 self.remove_quietly(new_id, jlog)
-            self.engine.rename_container(old_id, name)
+            self.engine.rename_container(old_id, app.container)
             raise DeployFailed("cannot create the new container: %s" % exc.message) from exc
         jlog.info("created new container %s", _short(new_id))
+        order = choose_order(app, old) if was_running else "stop-first"
+        if order == "start-first":
+            how = self.start_first(app, old_id, new_id, jlog)
+        else:
+            how = self.stop_first(app, old_id, new_id, was_running, jlog)
+        self.remove_quietly(old_id, jlog, force=False)
+        jlog.info("removed old container %s", _short(old_id))
+        return how
+
+    def stop_first(self, app: AppConfig, old_id: str, new_id: str, was_running: bool,
+                   jlog: logging.LoggerAdapter) -> str:
+        """Stop the old container, start the new one, gate it; put the old one back on failure."""
         try:
             if was_running:
-                self.engine.stop_container(old_id, job.app.stop_timeout)
+                self.engine.stop_container(old_id, app.stop_timeout)
                 jlog.info("stopped old container %s", _short(old_id))
+            started = self.clock()
             self.engine.start_container(new_id)
-            self.confirm_running(new_id)
+            jlog.info("started new container %s", _short(new_id))
+            return self.wait_healthy(new_id, app, started, jlog)
         except (DockerError, DeployFailed) as exc:
-            reason = exc.message if isinstance(exc, DockerError) else str(exc)
-            self.restore_old(old_id, new_id, name, was_running, jlog)
-            raise DeployFailed("rolled back: the new container did not start: %s" % reason) from exc
-        jlog.info("started new container %s", _short(new_id))
-        try:
-            self.engine.remove_container(old_id)
-        except DockerError as exc:
-            jlog.warning("could not remove old container %s: %s", aside, exc)
+            logs = self.last_logs(new_id)
+            try:
+                self.restore_old(old_id, new_id, app.container, was_running, jlog)
+            except DockerError as restore_exc:
+                raise DockerError("the new container failed (%s) and putting the old one back "
+                                  "failed too: %s" % (_reason_of(exc), restore_exc)) from restore_exc
+            raise RolledBack("the new container failed: %s; the old one runs again%s"
+                             % (_reason_of(exc), logs)) from exc
 
-    def confirm_running(self, container_id: str) -> None:
-        """Raise DeployFailed unless the container is still running after the settle time."""
-        if self.settle_seconds:
-            self.sleep(self.settle_seconds)
-        state = self.engine.inspect_container(container_id).get("State") or {}
-        if not state.get("Running") or state.get("Restarting"):
-            raise DeployFailed("it is %s (exit code %s)" % (state.get("Status"), state.get("ExitCode")))
+    def start_first(self, app: AppConfig, old_id: str, new_id: str,
+                    jlog: logging.LoggerAdapter) -> str:
+        """Start the new container beside the old one, gate it, then retire
+        the old one: no downtime. On failure the old one never stopped."""
+        try:
+            started = self.clock()
+            self.engine.start_container(new_id)
+            jlog.info("started new container %s next to the old one", _short(new_id))
+            how = self.wait_healthy(new_id, app, started, jlog)
+        except (DockerError, DeployFailed) as exc:
+            logs = self.last_logs(new_id)
+            self.remove_quietly(new_id, jlog, force=True)
+            self.engine.rename_container(old_id, app.container)
+            raise DeployFailed("the new container failed: %s; the old one kept running%s"
+                               % (_reason_of(exc), logs)) from exc
+        self.retire(old_id, app, jlog)
+        return how + " (started before the old one stopped)"
+
+    def retire(self, old_id: str, app: AppConfig, jlog: logging.LoggerAdapter) -> None:
+        """Take the old container out of its networks' DNS, then stop it."""
+        try:
+            networks = (self.engine.inspect_container(old_id).get("NetworkSettings") or {}).get("Networks") or {}
+            for network in networks:
+                if network != "bridge":  # the default bridge has no DNS to leave
+                    self.engine.disconnect_network(network, old_id)
+            self.engine.stop_container(old_id, app.stop_timeout)
+            jlog.info("stopped old container %s", _short(old_id))
+        except DockerError as exc:
+            jlog.warning("could not stop old container %s cleanly: %s", _short(old_id), exc)
+
+    # -- the health gate ----------------------------------------------------
+
+    def wait_healthy(self, container_id: str, app: AppConfig, started: float,
+                     jlog: logging.LoggerAdapter) -> str:
+        """Return once the new container is proven healthy, or raise DeployFailed.
+
+        In order of what the app has: the image's or container's HEALTHCHECK
+        ('unhealthy' fails at once); else the configured HTTP URL or TCP
+        port; else still running, not restarting, after the settle time.
+        Dying at any point fails at once.
+        """
+        deadline = self.clock() + app.health_timeout
+        state = self.alive_state(container_id)
+        if state.get("Health") is not None:
+            jlog.info("waiting for the HEALTHCHECK (up to %ss)", app.health_timeout)
+            return self.wait_for_healthcheck(container_id, started, deadline)
+        if app.health_url or app.health_tcp:
+            target = app.health_url or "tcp://" + app.health_tcp
+            jlog.info("probing %s (up to %ss)", target, app.health_timeout)
+            return self.wait_for_probe(container_id, app, deadline)
+        jlog.info("checking it stays up for %ss", app.settle)
+        return self.wait_settled(container_id, started, min(deadline, self.clock() + app.settle))
+
+    def alive_state(self, container_id: str) -> Dict[str, Any]:
+        """The container's State; DeployFailed when it exited or restarts."""
+        info = self.engine.inspect_container(container_id)
+        state = info.get("State") or {}
+        if not state.get("Running") or state.get("Restarting") or info.get("RestartCount"):
+            raise DeployFailed("it %s (exit code %s)" % (
+                "keeps restarting" if state.get("Restarting") or info.get("RestartCount")
+                else "exited", state.get("ExitCode")))
+        return state
+
+    def wait_for_healthcheck(self, container_id: str, started: float, deadline: float) -> str:
+        status = (self.alive_state(container_id).get("Health") or {}).get("Status")
+        if status == "healthy":
+            return "HEALTHCHECK healthy"
+        if status == "unhealthy":
+            raise DeployFailed("its HEALTHCHECK reports unhealthy")
+        for event in self.container_events(container_id, started, deadline):
+            action = event.get("Action") or event.get("status") or ""
+            if action == "health_status: healthy":
+                return "HEALTHCHECK healthy"
+            if action == "health_status: unhealthy":
+                raise DeployFailed("its HEALTHCHECK reports unhealthy")
+            self.fail_on_death(event)
+        raise DeployFailed("its HEALTHCHECK did not report healthy within the health timeout")
+
+    def wait_for_probe(self, container_id: str, app: AppConfig, deadline: float) -> str:
+        while True:
+            state = self.alive_state(container_id)
+            target = self.probe_target(container_id, app)
+            if self.probe(target, min(2.0, max(0.1, deadline - self.clock()))):
+                return "%s answered" % target
+            if self.clock() >= deadline:
+                raise DeployFailed("%s did not answer within %ss (state %s)"
+                                   % (target, app.health_timeout, state.get("Status")))
+            self.sleep(0.2)
+
+    def probe_target(self, container_id: str, app: AppConfig) -> str:
+        """The health URL or tcp://host:port, with {ip} as the container's address."""
+        target = app.health_url or "tcp://" + app.health_tcp
+        if "{ip}" in target:
+            networks = (self.engine.inspect_container(container_id).get("NetworkSettings") or {}).get("Networks") or {}
+            addresses = [n.get("IPAddress") for n in networks.values() if n.get("IPAddress")]
+            target = target.replace("{ip}", addresses[0] if addresses else "0.0.0.0")
+        return target
+
+    def wait_settled(self, container_id: str, started: float, until: float) -> str:
+        for event in self.container_events(container_id, started, until):
+            self.fail_on_death(event)
+        self.alive_state(container_id)
+        return "still running after %gs" % max(0.0, until - started)
+
+    def container_events(self, container_id: str, since: float, until: float) -> Iterator[Dict[str, Any]]:
+        """The container's events from `since` (replayed) until `until` (live)."""
+        if until <= self.clock():
+            return iter(())
+        return self.engine.events(since, until, {"type": ["container"], "container": [container_id]})
+
+    @staticmethod
+    def fail_on_death(event: Dict[str, Any]) -> None:
+        action = event.get("Action") or event.get("status") or ""
+        if action in ("die", "oom"):
+            code = ((event.get("Actor") or {}).get("Attributes") or {}).get("exitCode", "?")
+            raise DeployFailed("it exited (exit code %s)" % code if action == "die" else "it ran out of memory")
+
+    # -- clean-up and rollback ---------------------------------------------
 
     def restore_old(self, old_id: str, new_id: str, name: str, was_running: bool,
                     jlog: logging.LoggerAdapter) -> None:
@@ -769,13 +943,78 @@ class Deployer:
         self.engine.rename_container(old_id, name)
         if was_running:
             self.engine.start_container(old_id)
+            if not (self.engine.inspect_container(old_id).get("State") or {}).get("Running"):
+                raise DockerError("the old container %s did not start again" % _short(old_id))
         jlog.warning("rolled back to old container %s", _short(old_id))
+
+    def remove_unused_image(self, image_id: Optional[str], jlog: logging.LoggerAdapter) -> None:
+        """Remove the previous image unless a container (any state) still uses it."""
+        if not image_id:
+            return
+        try:
+            if any(c.get("ImageID") == image_id for c in self.engine.list_containers(all=True)):
+                jlog.info("kept previous image %s: a container still uses it", _short(image_id))
+                return
+            self.engine.remove_image(image_id)
+            jlog.info("removed previous image %s", _short(image_id))
+        except DockerError as exc:
+            jlog.info("kept previous image %s: %s", _short(image_id), exc.message)
+
+    def last_logs(self, container_id: str, lines: int = 10) -> str:
+        """'; last output: ...' from the container, or '' when there is none."""
+        try:
+            text = self.engine.container_logs(container_id, tail=lines).strip()
+        except DockerError:
+            return ""
+        return "; last output: %s" % " | ".join(text.splitlines()[-lines:]) if text else ""
 
     def remove_quietly(self, container_id: str, jlog: logging.LoggerAdapter, force: bool = True) -> None:
         try:
             self.engine.remove_container(container_id, force=force)
         except DockerError as exc:
             jlog.warning("could not remove container %s: %s", _short(container_id), exc)
+
+
+def choose_order(app: AppConfig, old: Dict[str, Any]) -> str:
+    """'start-first' when two copies can run at once (no fixed host port,
+    no static address, not sharing another's network), else 'stop-first'."""
+    if app.order != "auto":
+        return app.order
+    host = old.get("HostConfig") or {}
+    mode = host.get("NetworkMode") or ""
+    if mode == "host" or mode.startswith("container:"):
+        return "stop-first"
+    for bindings in (host.get("PortBindings") or {}).values():
+        if any(b.get("HostPort") not in (None, "", "0") for b in bindings or []):
+            return "stop-first"
+    for endpoint in ((old.get("NetworkSettings") or {}).get("Networks") or {}).values():
+        ipam = endpoint.get("IPAMConfig") or {}
+        if ipam.get("IPv4Address") or ipam.get("IPv6Address"):
+            return "stop-first"
+    return "start-first"
+
+
+def probe_endpoint(target: str, timeout: float) -> bool:
+    """True when an http(s) URL answers 2xx/3xx, or a tcp://host:port accepts."""
+    if target.startswith("tcp://"):
+        host, _, port = target[len("tcp://"):].rpartition(":")
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+                return True
+        except (OSError, ValueError):
+            return False
+    import urllib.error
+    try:
+        with no_redirects_opener(use_proxy_env=False)(target, timeout=timeout) as response:
+            return 200 <= response.status < 400
+    except urllib.error.HTTPError as exc:
+        return 300 <= exc.code < 400
+    except (OSError, ValueError, http.client.HTTPException):
+        return False
+
+
+def _reason_of(exc: Exception) -> str:
+    return exc.message if isinstance(exc, DockerError) else str(exc)
 
 
 def _pull_logger(jlog: logging.LoggerAdapter) -> Callable[[Dict[str, Any]], None]:
@@ -797,7 +1036,7 @@ def _short(image_or_container_id: Optional[str]) -> str:
 ############################################################################
 
 CALLBACK_STATES = {"succeeded": "success", "up_to_date": "success",
-                   "failed": "failure", "error": "error"}
+                   "failed": "failure", "rolled_back": "failure", "error": "error"}
 
 
 def callback_allowed(url: str, allow: List[Tuple[str, str, int]]) -> bool:
@@ -819,14 +1058,19 @@ def callback_body(job: Job, note: str = "") -> Dict[str, str]:
             "description": description[:255], "context": "autodeploy"}
 
 
-def _no_redirects_opener() -> Any:
+def no_redirects_opener(use_proxy_env: bool = True) -> Callable[..., Any]:
+    """urlopen that reports a redirect as an HTTPError instead of following
+    it; without `use_proxy_env` it never goes through an http_proxy."""
     import urllib.request  # loaded on first use: it costs start-up time
 
     class NoRedirect(urllib.request.HTTPRedirectHandler):
         def redirect_request(self, *args: Any, **kwargs: Any) -> None:
-            return None  # a redirect answer is reported as an HTTPError
+            return None
 
-    return urllib.request.build_opener(NoRedirect).open
+    handlers: List[Any] = [NoRedirect]
+    if not use_proxy_env:
+        handlers.append(urllib.request.ProxyHandler({}))
+    return urllib.request.build_opener(*handlers).open
 
 
 class CallbackSender:
@@ -882,7 +1126,7 @@ class CallbackSender:
         """POST one callback now; logs and returns False on failure."""
         import urllib.request
         if self.urlopen is None:
-            self.urlopen = _no_redirects_opener()
+            self.urlopen = no_redirects_opener()
         request = urllib.request.Request(url, data=json.dumps(body).encode("utf-8"), method="POST",
                                          headers={"Content-Type": "application/json",
                                                   "User-Agent": "autodeploy/" + __version__})
@@ -920,7 +1164,7 @@ class Service:
         self.deployer = deployer
         self.callbacks = callbacks
         self.clock = clock
-        self.queue = JobQueue()
+        self.queue = JobQueue(config.max_queue)
         self.jobs: "collections.OrderedDict[str, Job]" = collections.OrderedDict()
         self._jobs_lock = threading.Lock()
         self._workers: List[threading.Thread] = []
@@ -935,8 +1179,11 @@ class Service:
                                % (push.tag, push.repository, ", ".join(app.tags)))
         job = Job(id=new_job_id(), app=app, tag=push.tag, callback_url=push.callback_url,
                   source=push.source, received=self.clock())
+        try:
+            replaced = self.queue.put(job)
+        except QueueFull as exc:
+            raise PayloadError(503, "too many deploys waiting (%s); retry later" % exc) from exc
         self._remember(job)
-        replaced = self.queue.put(job)
         log.info("job=%s repo=%s queued %s%s", job.id, app.repository, job.reference,
                  " (replaces waiting job %s)" % replaced.id if replaced else "")
         return job
@@ -1041,7 +1288,8 @@ class WebhookHandler(http.server.BaseHTTPRequestHandler):
             job = self.server.service.submit(push)
         except PayloadError as exc:
             log.info("webhook refused (%d): %s", exc.status, exc.message)
-            return self.answer(exc.status, {"error": exc.message})
+            headers = {"Retry-After": "30"} if exc.status == 503 else None
+            return self.answer(exc.status, {"error": exc.message}, headers)
         self.answer(202, {"job": job.id, "state": "queued", "app": job.app.repository,
                           "tag": job.tag})
 

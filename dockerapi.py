@@ -19,6 +19,7 @@ import json
 import os
 import socket
 import threading
+import time
 import urllib.parse
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
@@ -404,6 +405,27 @@ class DockerClient:
         """POST /networks/{network}/connect."""
         self._call("POST", self._url("/networks/{}/connect", network),
                    body={"Container": container, "EndpointConfig": endpoint or {}})
+
+    def disconnect_network(self, network: str, container: str, force: bool = False) -> None:
+        """POST /networks/{network}/disconnect."""
+        self._call("POST", self._url("/networks/{}/disconnect", network),
+                   body={"Container": container, "Force": force})
+
+    def events(self, since: float, until: float,
+               filters: Optional[Dict[str, List[str]]] = None) -> Iterator[Dict[str, Any]]:
+        """GET /events from `since` to `until` (Unix times, fractions allowed):
+        the Engine replays what happened since `since`, then streams live
+        events and ends the stream at `until`. Runs on its own connection."""
+        path = self._url("/events", since="%.6f" % since, until="%.6f" % until, filters=filters)
+        conn, response = self._open("GET", path, timeout=max(1.0, until - time.time()) + self.timeout)
+        try:
+            for message in _json_stream(response):
+                yield message
+        except (OSError, http.client.HTTPException) as exc:
+            raise DockerError("the event stream of the Docker Engine at %s broke off: %s"
+                              % (self.where, _reason(exc)), None, "GET", path) from exc
+        finally:
+            conn.close()
 
     def pull_image(self, image: str, tag: str, auth: Optional[Dict[str, str]] = None,
                    on_progress: Optional[Callable[[Dict[str, Any]], None]] = None) -> None:

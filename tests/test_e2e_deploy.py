@@ -6,141 +6,15 @@ published 127.0.0.1 port and `docker inspect`. Everything created carries
 the label autodeploy.test=<run id> and is removed afterwards.
 """
 
-import http.server
-import json
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import threading
-import time
 import unittest
-import urllib.request
 
 from tests import support
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TOKEN = "e2e-" + "0123456789abcdef" * 3
-# busybox httpd as PID 1 ignores SIGTERM; a shell that traps it stops at once,
-# as a well-behaved app does.
-def app_cmd(port: int = 8080):
-    return ["/bin/sh", "-c", "trap 'exit 0' TERM; httpd -f -p %d -h /www & wait" % port]
-
-
-class CallbackReceiver:
-    """A local HTTP server standing in for Docker Hub's callback_url."""
-
-    def __init__(self):
-        self.received = []
-        self.cond = threading.Condition()
-        receiver = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                with receiver.cond:
-                    receiver.received.append((self.path, json.loads(body)))
-                    receiver.cond.notify_all()
-                self.send_response(200)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args):
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.port = self.server.server_address[1]
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def url(self, name: str) -> str:
-        return "http://127.0.0.1:%d/cb/%s" % (self.port, name)
-
-    def wait_for(self, name: str, timeout: float = 60.0) -> dict:
-        """The body of the first callback to /cb/<name>."""
-        deadline = time.monotonic() + timeout
-        with self.cond:
-            while True:
-                for path, body in self.received:
-                    if path == "/cb/" + name:
-                        return body
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise AssertionError("no callback for %s in %.0fs; got %r" % (name, timeout, self.received))
-                self.cond.wait(remaining)
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
-
-
-class ServiceProcess:
-    """`python3 autodeploy.py serve` with a config written for the test."""
-
-    def __init__(self, config_text: str, env: dict):
-        self.folder = tempfile.mkdtemp(prefix="autodeploy-e2e-")
-        self.config = os.path.join(self.folder, "autodeploy.conf")
-        with open(self.config, "w") as fh:
-            fh.write(config_text)
-        self.log_path = os.path.join(self.folder, "service.log")
-        self.env = env
-
-    def start(self, port: int) -> "ServiceProcess":
-        self.port = port
-        self.log = open(self.log_path, "wb")
-        self.process = subprocess.Popen(
-            [sys.executable, os.path.join(ROOT, "autodeploy.py"), "--config", self.config, "serve"],
-            env=self.env, stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 20
-        while "listening on" not in self.log_text():
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError("service did not start:\n" + self.log_text())
-            time.sleep(0.02)
-        return self
-
-    def log_text(self) -> str:
-        with open(self.log_path, encoding="utf-8", errors="replace") as fh:
-            return fh.read()
-
-    def post(self, body: bytes, token: str = TOKEN):
-        """POST to /deploy/<token>; (status, decoded JSON answer)."""
-        request = urllib.request.Request("http://127.0.0.1:%d/deploy/%s" % (self.port, token),
-                                         data=body, method="POST")
-        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-        try:
-            with opener.open(request, timeout=10) as response:
-                return response.status, json.loads(response.read())
-        except urllib.error.HTTPError as exc:
-            return exc.code, json.loads(exc.read() or b"null")
-
-    def stop(self):
-        self.process.terminate()
-        try:
-            self.process.wait(30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        self.log.close()
-        shutil.rmtree(self.folder, ignore_errors=True)
-
-
-def hub_payload(repo: str, tag: str, callback: str = None) -> bytes:
-    doc = {"push_data": {"pushed_at": int(time.time()), "pusher": "e2e", "tag": tag},
-           "repository": {"repo_name": repo, "name": repo.split("/")[-1], "namespace": repo.split("/")[0]}}
-    if callback:
-        doc["callback_url"] = callback
-    return json.dumps(doc).encode()
-
-
-def inspect(name: str) -> dict:
-    return json.loads(support.docker("inspect", name).stdout)[0]
-
-
-def containers_named(name: str) -> list:
-    """Every container of this run whose name starts with `name` (catches -old leftovers)."""
-    out = support.docker("ps", "-a", "--filter", "label=autodeploy.test=" + support.run_id(),
-                         "--format", "{{.Names}}").stdout.split()
-    return sorted(n for n in out if n == name or n.startswith(name + "-"))
+from tests.support import (TOKEN, CallbackReceiver, ServiceProcess, app_cmd, containers_named,
+                           hub_payload, inspect)
 
 
 class DeployEndToEndTest(unittest.TestCase):
@@ -172,6 +46,7 @@ image = {reg}/e2e/web
 tag = latest missing
 container = e2e-web-{run}
 stop_timeout = 5
+settle = 1
 ports = 127.0.0.1:{app_port}:8080
 env =
     GREETING=hello world
@@ -185,6 +60,7 @@ restart = unless-stopped
 [e2e/race]
 image = {reg}/e2e/race
 container = e2e-race-{run}
+settle = 1
 ports = 127.0.0.1:{race_port}:8080
 labels =
     autodeploy.test={run}

@@ -21,7 +21,7 @@ def make_config(**overrides) -> autodeploy.Config:
     apps = {"myname/myrepo": AppConfig("myname/myrepo", "myname/myrepo", ("latest", "v2"), "myname-myrepo"),
             "team/api": AppConfig("team/api", "team/api", ("latest",), "api")}
     values = dict(path="test.conf", listen_host="127.0.0.1", listen_port=0, tokens=[TOKEN],
-                  workers=1, state_dir="", callback_allow=[], max_body=1024,
+                  workers=1, state_dir="", callback_allow=[], max_body=1024, max_queue=1,
                   docker_host="unix:///nonexistent.sock", docker_config=None, apps=apps)
     values.update(overrides)
     return autodeploy.Config(**values)
@@ -100,6 +100,15 @@ class HandlerTest(unittest.TestCase):
         status, doc, _ = self.request("POST", "/deploy/" + TOKEN, hub_body(tag="nightly"))
         self.assertEqual(status, 422)
         self.assertEqual(self.service.queue.depth(), 0)
+
+    def test_a_full_queue_is_503_with_retry_after(self):
+        self.assertEqual(self.request("POST", "/deploy/" + TOKEN, hub_body())[0], 202)
+        # the same container again replaces the waiting job: still accepted
+        self.assertEqual(self.request("POST", "/deploy/" + TOKEN, hub_body(tag="v2"))[0], 202)
+        status, doc, response = self.request("POST", "/deploy/" + TOKEN, hub_body(repo="team/api"))
+        self.assertEqual(status, 503)
+        self.assertEqual(response.getheader("Retry-After"), "30")
+        self.assertEqual(self.service.queue.depth(), 1)
 
     def test_other_methods_are_405(self):
         for method in ("GET", "PUT", "DELETE", "PATCH"):

@@ -1,0 +1,1147 @@
+#!/usr/bin/env python3
+"""Benchmark autodeploy against its performance targets.
+
+    python3 tests/bench.py [--seconds 5] [--deploys 5] [--launches 5]
+                           [--client auto|wrk|own] [--json FILE] [--profile]
+    python3 -m tests.bench ...
+
+Run from the repository root. It needs a Docker Engine (tests/support.py
+finds or starts one), docker-registry and busybox-static, like the
+end-to-end tests; wrk is used as the load client when installed
+(`apt-get install wrk`), else the bench's own multi-process client.
+
+What it measures, against the real service process (`python3 autodeploy.py
+--config X serve`), a real Engine and a throwaway registry:
+
+1. webhook acks per second and p50/p99 latency with 1 and with 8 keep-alive
+   clients POSTing a Docker Hub payload for an app that is already up to
+   date (each job the queue runs is a cheap "already runs" pull);
+2. the service's resident memory at idle, after start-up and after the load;
+3. time from launching the process to its first answered HTTP request;
+4. time from the webhook POST to the app's published port answering the new
+   version, next to the same Engine calls made directly (the raw floor).
+
+All traffic goes to 127.0.0.1; every loop is bounded in count and time.
+Everything created is labelled autodeploy.test=<run id> and removed at the
+end, also on Ctrl-C. Not a unit test: unittest does not collect this file.
+"""
+
+import argparse
+import array
+import asyncio
+import collections
+import json
+import os
+import platform
+import re
+import selectors
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from typing import Any, Dict, List, Optional, Tuple
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+AUTODEPLOY = os.path.join(ROOT, "autodeploy.py")
+TOKEN = "bench-" + "0123456789abcdef" * 3
+APP_PORT_IN_CONTAINER = 8080
+# A shell that traps SIGTERM in front of busybox httpd: stops at once.
+APP_CMD = ["/bin/sh", "-c", "trap 'exit 0' TERM; httpd -f -p %d -h /www & wait" % APP_PORT_IN_CONTAINER]
+STOP_TIMEOUT = 5
+
+TARGETS = {
+    "acks_per_s_8": 3000.0,     # at 8 keep-alive clients, at least
+    "p99_ms_8": 5.0,            # at 8 keep-alive clients, below
+    "rss_idle_mib": 25.0,       # below
+    "launch_ms": 150.0,         # below
+    "deploy_ratio": 1.2,        # at most
+}
+
+
+class BenchError(Exception):
+    """A measurement that could not be made; the text says why."""
+
+
+def log(message: str) -> None:
+    print("bench: " + message, file=sys.stderr, flush=True)
+
+
+############################################################################
+# Small helpers
+############################################################################
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def median(values: List[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def percentile(sorted_values: Any, pct: float) -> float:
+    """Nearest-rank percentile of an ascending sequence."""
+    if not sorted_values:
+        return float("nan")
+    rank = max(1, int(-(-pct * len(sorted_values) // 100)))  # ceil
+    return sorted_values[min(rank, len(sorted_values)) - 1]
+
+
+def proc_status(pid: int) -> Dict[str, int]:
+    """VmRSS, VmHWM (kB) and Threads of a process, from /proc/PID/status."""
+    out = {}
+    with open("/proc/%d/status" % pid) as fh:
+        for line in fh:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM", "Threads"):
+                out[key] = int(value.split()[0])
+    return out
+
+
+def proc_cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far."""
+    with open("/proc/%d/stat" % pid) as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def machine_cpu() -> Tuple[int, int]:
+    """(busy, total) jiffies over all CPUs, from /proc/stat."""
+    with open("/proc/stat") as fh:
+        values = [int(v) for v in fh.readline().split()[1:]]
+    idle = values[3] + (values[4] if len(values) > 4 else 0)
+    total = sum(values[:8])
+    return total - idle, total
+
+
+def http_post(port: int, path: str, body: bytes, timeout: float = 10.0) -> Tuple[int, Dict[str, Any]]:
+    """One POST on its own connection; (status, JSON answer)."""
+    import http.client
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("POST", path, body=body, headers={"Content-Type": "application/json"})
+        response = conn.getresponse()
+        raw = response.read()
+    finally:
+        conn.close()
+    try:
+        doc = json.loads(raw)
+    except ValueError:
+        doc = {"raw": raw[:200].decode("utf-8", "replace")}
+    return response.status, doc
+
+
+def hub_payload(repo: str, tag: str, callback_url: Optional[str]) -> bytes:
+    """A push webhook shaped like Docker Hub's (as in its documentation)."""
+    namespace, _, name = repo.partition("/")
+    doc = {
+        "push_data": {"pushed_at": 1417566161, "pusher": "bench", "tag": tag},
+        "repository": {
+            "comment_count": 0, "date_created": 1417494799, "description": "",
+            "dockerfile": "FROM busybox\n", "full_description": "autodeploy benchmark app",
+            "is_official": False, "is_private": True, "is_trusted": False,
+            "name": name, "namespace": namespace, "owner": namespace, "repo_name": repo,
+            "repo_url": "https://registry.hub.docker.com/u/%s/" % repo,
+            "star_count": 0, "status": "Active",
+        },
+    }
+    if callback_url:
+        doc["callback_url"] = callback_url
+    return json.dumps(doc).encode("utf-8")
+
+
+############################################################################
+# Callback receiver: stands in for Docker Hub's callback_url
+############################################################################
+
+class CallbackReceiver:
+    """An asyncio HTTP server on 127.0.0.1 in a thread of its own; counts the
+    callbacks per path and keeps the last body of each."""
+
+    def __init__(self) -> None:
+        self.counts = collections.Counter()  # type: collections.Counter
+        self.states = collections.Counter()  # type: collections.Counter
+        self.last = {}  # type: Dict[str, Dict[str, Any]]
+        self.cond = threading.Condition()
+        self.port = 0
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._error = None  # type: Optional[BaseException]
+        self._thread = threading.Thread(target=self._run, name="bench-callbacks", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(10) or self._error:
+            raise BenchError("callback receiver did not start: %s" % self._error)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        try:
+            server = self._loop.run_until_complete(
+                asyncio.start_server(self._handle, "127.0.0.1", 0, backlog=256))
+        except BaseException as exc:  # reported by __init__
+            self._error = exc
+            self._ready.set()
+            return
+        self.port = server.sockets[0].getsockname()[1]
+        self._ready.set()
+        try:
+            self._loop.run_forever()
+        finally:
+            server.close()
+            self._loop.run_until_complete(server.wait_closed())
+            self._loop.close()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        path, body = "", b""
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            lines = head.decode("latin-1").split("\r\n")
+            path = lines[0].split(" ")[1] if len(lines[0].split(" ")) > 1 else ""
+            length = 0
+            for line in lines[1:]:
+                key, _, value = line.partition(":")
+                if key.strip().lower() == "content-length" and value.strip().isdigit():
+                    length = min(int(value.strip()), 1 << 20)
+            if length:
+                body = await asyncio.wait_for(reader.readexactly(length), 10)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            await writer.drain()
+        except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            return
+        finally:
+            writer.close()
+        try:
+            doc = json.loads(body)
+        except ValueError:
+            doc = {"raw": body[:200].decode("utf-8", "replace")}
+        with self.cond:
+            self.counts[path] += 1
+            self.states[(path, doc.get("state") if isinstance(doc, dict) else None)] += 1
+            self.last[path] = doc
+            self.cond.notify_all()
+
+    def url(self, name: str) -> str:
+        return "http://127.0.0.1:%d/cb/%s" % (self.port, name)
+
+    def total(self) -> int:
+        with self.cond:
+            return sum(self.counts.values())
+
+    def wait_for(self, name: str, count: int = 1, timeout: float = 60.0) -> Dict[str, Any]:
+        """The last body sent to /cb/<name>, once `count` have arrived."""
+        path = "/cb/" + name
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while self.counts[path] < count:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise BenchError("no callback for %s within %.0f s" % (name, timeout))
+                self.cond.wait(remaining)
+            return self.last[path]
+
+    def close(self) -> None:
+        if self._loop.is_running():
+            self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+
+
+############################################################################
+# The service process
+############################################################################
+
+def service_env() -> Dict[str, str]:
+    """The Engine's environment, without proxies: callbacks stay on 127.0.0.1."""
+    from tests import support
+    env = support.engine_env()
+    for key in list(env):
+        if key.lower() in ("http_proxy", "https_proxy", "all_proxy"):
+            del env[key]
+    env["no_proxy"] = env["NO_PROXY"] = "127.0.0.1,localhost"
+    return env
+
+
+class ServiceProcess:
+    """`python3 autodeploy.py --config X serve`, its log in a file."""
+
+    def __init__(self, folder: str, config_text: str, port: int, env: Dict[str, str],
+                 argv: Optional[List[str]] = None, name: str = "service") -> None:
+        self.port = port
+        self.config = os.path.join(folder, "%s.conf" % name)
+        with open(self.config, "w") as fh:
+            fh.write(config_text)
+        self.log_path = os.path.join(folder, "%s.log" % name)
+        self.argv = argv or [sys.executable, AUTODEPLOY, "--config", self.config, "serve"]
+        self.env = env
+        self.process = None  # type: Optional[subprocess.Popen]
+        self._log = None
+
+    def launch(self) -> float:
+        """Start the process; return the perf_counter() just before Popen."""
+        self._log = open(self.log_path, "ab")
+        t0 = time.perf_counter()
+        self.process = subprocess.Popen(self.argv, env=self.env, cwd=ROOT, stdin=subprocess.DEVNULL,
+                                        stdout=self._log, stderr=subprocess.STDOUT,
+                                        start_new_session=True)  # Ctrl-C reaches only the bench
+        return t0
+
+    def wait_answer(self, timeout: float = 20.0, interval: float = 0.002) -> float:
+        """Poll connect + GET every `interval` until an HTTP answer; its perf_counter()."""
+        deadline = time.monotonic() + timeout
+        request = b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+        while True:
+            if self.process.poll() is not None:
+                raise BenchError("the service exited (%s) at start:\n%s"
+                                 % (self.process.returncode, self.log_tail()))
+            if time.monotonic() > deadline:
+                raise BenchError("the service did not answer within %.0f s:\n%s" % (timeout, self.log_tail()))
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=2.0) as sock:
+                    sock.sendall(request)
+                    data = sock.recv(64)
+                if data.startswith(b"HTTP/1."):
+                    return time.perf_counter()
+            except OSError:
+                pass
+            time.sleep(interval)
+
+    def log_text(self) -> str:
+        try:
+            with open(self.log_path, encoding="utf-8", errors="replace") as fh:
+                return fh.read()
+        except OSError:
+            return ""
+
+    def log_tail(self, lines: int = 20) -> str:
+        return "".join(self.log_text().splitlines(True)[-lines:])
+
+    def stop(self, timeout: float = 35.0) -> Optional[int]:
+        """SIGTERM, wait (the service finishes running deploys), else SIGKILL."""
+        code = None
+        if self.process is not None:
+            if self.process.poll() is None:
+                self.process.terminate()
+            try:
+                code = self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                code = self.process.wait()
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        return code
+
+
+def service_config(port: int, callback_port: int, registry: str, run: str, app_port: int) -> str:
+    return """\
+[autodeploy]
+listen = 127.0.0.1:{port}
+token = {token}
+workers = 3
+callback_allow = http://127.0.0.1:{cb}
+
+# Already deployed and up to date: every webhook job is a cheap "already runs".
+[bench/idle]
+image = {reg}/bench/web
+tag = v1
+container = bench-idle-{run}
+labels =
+    autodeploy.test={run}
+
+# Redeployed v1 <-> v2 to time webhook -> new version answering.
+[bench/web]
+image = {reg}/bench/web
+tag = v1 v2
+container = bench-web-{run}
+stop_timeout = {stop}
+ports = 127.0.0.1:{app_port}:{inner}
+labels =
+    autodeploy.test={run}
+""".format(port=port, token=TOKEN, cb=callback_port, reg=registry, run=run,
+           stop=STOP_TIMEOUT, app_port=app_port, inner=APP_PORT_IN_CONTAINER)
+
+
+############################################################################
+# 3. Launch to first answer
+############################################################################
+
+def measure_launch(folder: str, config_for_port: Any, env: Dict[str, str], runs: int) -> Dict[str, Any]:
+    times = []
+    for n in range(runs):
+        port = free_port()
+        service = ServiceProcess(folder, config_for_port(port), port, env, name="launch-%d" % n)
+        try:
+            t0 = service.launch()
+            t1 = service.wait_answer(timeout=20.0, interval=0.002)
+            times.append((t1 - t0) * 1000)
+        finally:
+            service.stop(10)
+    # For comparison: the bare interpreter and the import alone.
+    def timed(argv: List[str]) -> float:
+        t0 = time.perf_counter()
+        subprocess.run(argv, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL, timeout=30, check=True)
+        return (time.perf_counter() - t0) * 1000
+    bare = [timed([sys.executable, "-c", "pass"]) for _ in range(runs)]
+    imported = [timed([sys.executable, "-c", "import autodeploy"]) for _ in range(runs)]
+    return {"runs_ms": times, "median_ms": median(times), "python_bare_ms": median(bare),
+            "python_import_autodeploy_ms": median(imported)}
+
+
+############################################################################
+# 1. Webhook acks: wrk, or the bench's own multi-process client
+############################################################################
+
+WRK_LUA = """\
+wrk.method = "POST"
+wrk.body = [==[%s]==]
+wrk.headers["Content-Type"] = "application/json"
+
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    "BENCHJSON {\\"requests\\": %%.0f, \\"duration_us\\": %%.0f, \\"connect\\": %%.0f, " ..
+    "\\"read\\": %%.0f, \\"write\\": %%.0f, \\"status\\": %%.0f, \\"timeout\\": %%.0f, " ..
+    "\\"p50_us\\": %%.1f, \\"p90_us\\": %%.1f, \\"p99_us\\": %%.1f, \\"max_us\\": %%.1f, " ..
+    "\\"mean_us\\": %%.1f}\\n",
+    summary.requests, summary.duration, e.connect, e.read, e.write, e.status, e.timeout,
+    latency:percentile(50), latency:percentile(90), latency:percentile(99), latency.max,
+    latency.mean))
+end
+"""
+
+
+def wrk_version(wrk: str) -> str:
+    try:
+        out = subprocess.run([wrk, "--version"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, timeout=10).stdout.decode("utf-8", "replace")
+    except (OSError, subprocess.SubprocessError):
+        return "wrk"
+    first = out.strip().splitlines()[0] if out.strip() else "wrk"
+    return " ".join(first.split()[:2])
+
+
+def run_wrk(wrk: str, folder: str, port: int, path: str, body: bytes, clients: int,
+            seconds: float, warmup: float) -> Dict[str, Any]:
+    script = os.path.join(folder, "post.lua")
+    if b"]==]" in body:
+        raise BenchError("payload cannot be quoted for Lua")
+    with open(script, "w") as fh:
+        fh.write(WRK_LUA % body.decode("utf-8"))
+    threads = 1 if clients == 1 else min(2, clients)
+    url = "http://127.0.0.1:%d%s" % (port, path)
+
+    def one(duration: float) -> Tuple[Dict[str, Any], str]:
+        argv = [wrk, "-t", str(threads), "-c", str(clients), "-d", "%ds" % max(1, round(duration)),
+                "--timeout", "2s", "--latency", "-s", script, url]
+        result = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, timeout=duration + 30, start_new_session=True)
+        text = result.stdout.decode("utf-8", "replace")
+        match = re.search(r"^BENCHJSON (\{.*\})$", text, re.M)
+        if result.returncode != 0 or not match:
+            raise BenchError("wrk failed (exit %s):\n%s" % (result.returncode, text[-2000:]))
+        return json.loads(match.group(1)), text
+
+    if warmup > 0:
+        one(warmup)
+    doc, text = one(seconds)
+    duration = doc["duration_us"] / 1e6
+    return {
+        "clients": clients, "client": "wrk", "requests": int(doc["requests"]),
+        "seconds": duration, "acks_per_s": doc["requests"] / duration if duration else 0.0,
+        "p50_ms": doc["p50_us"] / 1000, "p90_ms": doc["p90_us"] / 1000,
+        "p99_ms": doc["p99_us"] / 1000, "max_ms": doc["max_us"] / 1000,
+        "non_2xx": int(doc["status"]),
+        "socket_errors": int(doc["connect"] + doc["read"] + doc["write"] + doc["timeout"]),
+        "wrk_output": text,
+    }
+
+
+def client_worker(spec: Dict[str, Any]) -> int:
+    """One keep-alive connection POSTing as fast as answers come back
+    (run in its own process: `bench.py --_client-worker JSON`)."""
+    request = (("POST %s HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nContent-Type: application/json\r\n"
+                "Content-Length: %d\r\n\r\n" % (spec["path"], spec["port"], len(spec["body"])))
+               .encode("ascii") + spec["body"].encode("utf-8"))
+    start_at, measure_at, end_at = spec["start_at"], spec["measure_at"], spec["end_at"]
+    max_requests = spec["max_requests"]
+    latencies = array.array("d")
+    statuses = collections.Counter()  # type: collections.Counter
+    errors = 0
+    done = 0
+    now = time.monotonic()
+    if start_at > now:
+        time.sleep(start_at - now)
+    sock = None
+    buf = b""
+    perf = time.perf_counter
+    while done < max_requests:
+        now = time.monotonic()
+        if now >= end_at:
+            break
+        try:
+            if sock is None:
+                sock = socket.create_connection(("127.0.0.1", spec["port"]), timeout=5.0)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                buf = b""
+            t0 = perf()
+            sock.sendall(request)
+            while True:
+                end = buf.find(b"\r\n\r\n")
+                if end >= 0:
+                    break
+                chunk = sock.recv(65536)
+                if not chunk:
+                    raise ConnectionError("closed by the server")
+                buf += chunk
+            head = buf[:end].lower()
+            status = int(head[9:12])
+            at = head.find(b"\r\ncontent-length:")
+            length = int(head[at + 17:head.find(b"\r\n", at + 2) if head.find(b"\r\n", at + 2) > 0 else None]) if at >= 0 else 0
+            need = end + 4 + length
+            while len(buf) < need:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    raise ConnectionError("closed by the server")
+                buf += chunk
+            buf = buf[need:]
+            elapsed = perf() - t0
+            done += 1
+            if now >= measure_at:
+                latencies.append(elapsed)
+                statuses[status] += 1
+            if b"\r\nconnection: close" in head:
+                sock.close()
+                sock = None
+        except (OSError, ValueError):
+            errors += 1 if now >= measure_at else 0
+            if sock is not None:
+                sock.close()
+            sock = None
+            time.sleep(0.01)
+    if sock is not None:
+        sock.close()
+    with open(spec["out"], "wb") as fh:
+        latencies.tofile(fh)
+    print(json.dumps({"statuses": {str(k): v for k, v in statuses.items()}, "errors": errors}), flush=True)
+    return 0
+
+
+def run_own_client(folder: str, port: int, path: str, body: bytes, clients: int,
+                   seconds: float, warmup: float) -> Dict[str, Any]:
+    start_at = time.monotonic() + 0.3 + 0.05 * clients  # time for the processes to start
+    measure_at = start_at + warmup
+    end_at = measure_at + seconds
+    procs = []
+    try:
+        for n in range(clients):
+            spec = {"port": port, "path": path, "body": body.decode("utf-8"), "start_at": start_at,
+                    "measure_at": measure_at, "end_at": end_at, "max_requests": 5000000,
+                    "out": os.path.join(folder, "latencies-%d-%d.bin" % (clients, n))}
+            procs.append((spec, subprocess.Popen(
+                [sys.executable, os.path.abspath(__file__), "--_client-worker", json.dumps(spec)],
+                cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, start_new_session=True)))
+        latencies = array.array("d")
+        statuses = collections.Counter()  # type: collections.Counter
+        errors = 0
+        for spec, proc in procs:
+            out, _ = proc.communicate(timeout=max(1.0, end_at - time.monotonic()) + 30)
+            if proc.returncode != 0:
+                raise BenchError("client worker exited %s" % proc.returncode)
+            doc = json.loads(out.decode("utf-8").strip().splitlines()[-1])
+            statuses.update({int(k): v for k, v in doc["statuses"].items()})
+            errors += doc["errors"]
+            with open(spec["out"], "rb") as fh:
+                chunk = array.array("d")
+                chunk.frombytes(fh.read())
+            latencies.extend(chunk)
+            os.unlink(spec["out"])
+    finally:
+        for _, proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    ordered = sorted(latencies)
+    total = sum(statuses.values())
+    return {
+        "clients": clients, "client": "own", "requests": total, "seconds": seconds,
+        "acks_per_s": total / seconds, "p50_ms": percentile(ordered, 50) * 1000,
+        "p90_ms": percentile(ordered, 90) * 1000, "p99_ms": percentile(ordered, 99) * 1000,
+        "max_ms": (ordered[-1] * 1000) if ordered else float("nan"),
+        "non_2xx": sum(v for k, v in statuses.items() if not 200 <= k < 300),
+        "not_202": sum(v for k, v in statuses.items() if k != 202),
+        "socket_errors": errors,
+    }
+
+
+def measure_acks(client: str, wrk: Optional[str], folder: str, service: ServiceProcess,
+                 body: bytes, clients: int, seconds: float, warmup: float) -> Dict[str, Any]:
+    path = "/deploy/" + TOKEN
+    pid = service.process.pid
+    cpu0, machine0 = proc_cpu_seconds(pid), machine_cpu()
+    wall0 = time.monotonic()
+    if client == "wrk":
+        result = run_wrk(wrk, folder, service.port, path, body, clients, seconds, warmup)
+    else:
+        result = run_own_client(folder, service.port, path, body, clients, seconds, warmup)
+    wall = time.monotonic() - wall0
+    cpu1, machine1 = proc_cpu_seconds(pid), machine_cpu()
+    result["service_cpu_pct"] = 100.0 * (cpu1 - cpu0) / wall  # warm-up included
+    busy, total = machine1[0] - machine0[0], machine1[1] - machine0[1]
+    result["machine_cpu_pct"] = 100.0 * busy / total if total else float("nan")
+    result["service_status"] = proc_status(pid)
+    return result
+
+
+############################################################################
+# 4. Webhook -> new version answering, and the raw Engine floor
+############################################################################
+
+def wait_for_version(port: int, expected: bytes, t0: float, timeout: float = 60.0,
+                     interval: float = 0.01, attempt_timeout: float = 1.0) -> Tuple[float, int]:
+    """Probe http://127.0.0.1:port/ every `interval` (a new connection each
+    time, not waiting for earlier probes, which may stall while the
+    container's network comes up) until a body equals `expected`; return
+    (monotonic time of that answer, probes made)."""
+    request = b"GET / HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n"
+    sel = selectors.DefaultSelector()
+    probes = {}  # sock -> [started, received bytes, sent?]
+    made = 0
+    next_probe = time.monotonic()
+    deadline = t0 + timeout
+
+    def drop(sock: socket.socket) -> None:
+        sel.unregister(sock)
+        sock.close()
+        probes.pop(sock, None)
+
+    try:
+        while True:
+            now = time.monotonic()
+            if now > deadline:
+                raise BenchError("port %d did not answer %r within %.0f s" % (port, expected, timeout))
+            if now >= next_probe and len(probes) < 500:
+                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                sock.setblocking(False)
+                sock.connect_ex(("127.0.0.1", port))
+                probes[sock] = [now, b"", False]
+                sel.register(sock, selectors.EVENT_WRITE)
+                made += 1
+                next_probe = now + interval
+            for sock in [s for s, p in probes.items() if now - p[0] > attempt_timeout]:
+                drop(sock)
+            events = sel.select(max(0.0, next_probe - time.monotonic())) if probes else []
+            if not probes:
+                time.sleep(max(0.0, next_probe - time.monotonic()))
+            for key, _ in events:
+                sock = key.fileobj
+                state = probes.get(sock)
+                if state is None:
+                    continue
+                if not state[2]:
+                    if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
+                        drop(sock)
+                        continue
+                    try:
+                        sock.send(request)
+                    except OSError:
+                        drop(sock)
+                        continue
+                    state[2] = True
+                    sel.modify(sock, selectors.EVENT_READ)
+                    continue
+                try:
+                    chunk = sock.recv(65536)
+                except OSError:
+                    drop(sock)
+                    continue
+                if chunk:
+                    state[1] += chunk
+                    continue
+                answer = state[1]
+                drop(sock)
+                head, _, body = answer.partition(b"\r\n\r\n")
+                if head.startswith(b"HTTP/1.") and head[9:12] == b"200" and body == expected:
+                    return time.monotonic(), made
+    finally:
+        for sock in list(probes):
+            drop(sock)
+        sel.close()
+
+
+LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) \w+ job=(\w+) repo=\S+ (.*)$")
+MILESTONES = (("pulling", "job started"), ("renamed old container", "renamed"),
+              ("created new container", "created"), ("stopped old container", "stopped"),
+              ("started new container", "started"), ("succeeded:", "removed"))
+
+
+def log_milestones(log_text: str, job_id: str, t0_wall: float) -> Dict[str, float]:
+    """ms after t0 at which the service logged each step of the job."""
+    marks = {}
+    for line in log_text.splitlines():
+        match = LOG_LINE.match(line)
+        if not match or match.group(3) != job_id:
+            continue
+        when = time.mktime(time.strptime(match.group(1), "%Y-%m-%d %H:%M:%S")) + int(match.group(2)) / 1000
+        for prefix, name in MILESTONES:
+            if match.group(4).startswith(prefix) and name not in marks:
+                marks[name] = (when - t0_wall) * 1000
+    return marks
+
+
+def service_redeploy(service: ServiceProcess, receiver: CallbackReceiver, app_port: int,
+                     tag: str, n: int) -> Dict[str, Any]:
+    callback = "deploy-%d" % n
+    body = hub_payload("bench/web", tag, receiver.url(callback))
+    t0_wall, t0 = time.time(), time.monotonic()
+    status, answer = http_post(service.port, "/deploy/" + TOKEN, body)
+    if status != 202:
+        raise BenchError("deploy webhook answered %s: %s" % (status, answer))
+    t_answer, probes = wait_for_version(app_port, tag.encode() + b"\n", t0)
+    done = receiver.wait_for(callback, timeout=60)
+    if done.get("state") != "success":
+        raise BenchError("deploy %d of %s failed: %s" % (n, tag, done))
+    marks = log_milestones(service.log_text(), answer["job"], t0_wall)
+    marks["answering"] = (t_answer - t0) * 1000
+    return {"ms": (t_answer - t0) * 1000, "probes": probes, "marks": marks}
+
+
+def floor_create_body(reference: str, app_port: int, run: str) -> Dict[str, Any]:
+    """What autodeploy creates for [bench/web] (first_create_body's shape)."""
+    from tests import support
+    port = "%d/tcp" % APP_PORT_IN_CONTAINER
+    return {"Image": reference, "Env": None, "Labels": {support.TEST_LABEL: run},
+            "ExposedPorts": {port: {}}, "StopTimeout": STOP_TIMEOUT,
+            "HostConfig": {"PortBindings": {port: [{"HostIp": "127.0.0.1", "HostPort": str(app_port)}]},
+                           "Binds": None, "RestartPolicy": {"Name": "", "MaximumRetryCount": 0}}}
+
+
+def floor_redeploy(engine: Any, name: str, image: str, tag: str, app_port: int, run: str,
+                   n: int) -> Dict[str, Any]:
+    """The Engine calls Deployer.deploy + replace make, made directly:
+    pull, inspect image, inspect container, inspect old image, rename old
+    aside, create new, stop old, start new, inspect new, remove old."""
+    reference = "%s:%s" % (image, tag)
+    marks = {}  # type: Dict[str, float]
+    failure = []  # type: List[BaseException]
+    t0 = time.monotonic()
+
+    def sequence() -> None:
+        def mark(what: str) -> None:
+            marks[what] = (time.monotonic() - t0) * 1000
+        try:
+            engine.pull_image(image, tag)
+            new_image = engine.inspect_image(reference)
+            old = engine.inspect_container(name)
+            engine.inspect_image(old["Image"])
+            if old["Image"] == new_image["Id"]:
+                raise BenchError("floor container already runs %s" % reference)
+            mark("pulled")
+            engine.rename_container(old["Id"], "%s-old-%d" % (name, n))
+            mark("renamed")
+            new_id = engine.create_container(floor_create_body(reference, app_port, run), name)
+            mark("created")
+            engine.stop_container(old["Id"], STOP_TIMEOUT)
+            mark("stopped")
+            engine.start_container(new_id)
+            engine.inspect_container(new_id)
+            mark("started")
+            engine.remove_container(old["Id"])
+            mark("removed")
+        except BaseException as exc:  # reported by the main thread
+            failure.append(exc)
+
+    thread = threading.Thread(target=sequence, name="bench-floor", daemon=True)
+    thread.start()
+    try:
+        t_answer, probes = wait_for_version(app_port, tag.encode() + b"\n", t0)
+    except BenchError:
+        thread.join(30)
+        if failure:
+            raise BenchError("raw floor deploy %d failed: %r" % (n, failure[0]))
+        raise
+    thread.join(60)
+    if failure:
+        raise BenchError("raw floor deploy %d failed: %r" % (n, failure[0]))
+    marks["answering"] = (t_answer - t0) * 1000
+    return {"ms": (t_answer - t0) * 1000, "probes": probes, "marks": marks}
+
+
+############################################################################
+# Profiling the service under load (--profile)
+############################################################################
+
+def profiled_service(config: str, out: str) -> int:
+    """Run `serve` with every thread of the service under cProfile, then
+    write the merged stats to `out` (`bench.py --_profiled-service CONFIG OUT`)."""
+    import cProfile
+    import pstats
+    import socketserver
+    import autodeploy
+
+    profiles = []  # type: List[Any]
+    lock = threading.Lock()
+
+    def profiled(function: Any) -> Any:
+        def run(*args: Any, **kwargs: Any) -> Any:
+            profile = cProfile.Profile()
+            profile.enable()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                profile.disable()
+                with lock:
+                    profiles.append(profile)
+        return run
+
+    autodeploy.WebhookServer.process_request_thread = profiled(
+        socketserver.ThreadingMixIn.process_request_thread)
+    autodeploy.WebhookServer.serve_forever = profiled(socketserver.BaseServer.serve_forever)
+    autodeploy.Service._work = profiled(autodeploy.Service._work)
+    autodeploy.CallbackSender._run = profiled(autodeploy.CallbackSender._run)
+    code = autodeploy.main(["--config", config, "serve"])
+    time.sleep(0.5)  # connection threads finishing after the clients left
+    with lock:
+        if profiles:
+            stats = pstats.Stats(profiles[0])
+            for profile in profiles[1:]:
+                stats.add(profile)
+            stats.dump_stats(out)
+    return code
+
+
+def run_profile(client: str, wrk: Optional[str], folder: str, config_for_port: Any,
+                env: Dict[str, str], body: bytes, seconds: float) -> str:
+    import io
+    import pstats
+    if sys.version_info >= (3, 12):
+        return ("(--profile needs Python <= 3.11: from 3.12 cProfile cannot profile "
+                "several threads at once)")
+    port = free_port()
+    out = os.path.join(folder, "service.pstats")
+    service = ServiceProcess(folder, config_for_port(port), port, env, name="profiled")
+    service.argv = [sys.executable, os.path.abspath(__file__), "--_profiled-service",
+                    service.config, out]
+    try:
+        service.launch()
+        service.wait_answer()
+        result = measure_acks(client, wrk, folder, service, body, 8, seconds, 1.0)
+    finally:
+        service.stop()
+    if not os.path.exists(out):
+        return "(no profile written:\n%s)" % service.log_tail()
+    text = io.StringIO()
+    stats = pstats.Stats(out, stream=text)
+    text.write("acks/s under the profiler (8 clients): %.0f\n" % result["acks_per_s"])
+    stats.sort_stats("tottime").print_stats(25)
+    stats.sort_stats("cumulative").print_stats(30)
+    return text.getvalue()
+
+
+############################################################################
+# The run
+############################################################################
+
+def machine_info(engine: Any) -> Dict[str, Any]:
+    version = engine.version()
+    try:
+        affinity = len(os.sched_getaffinity(0))
+    except AttributeError:
+        affinity = os.cpu_count()
+    return {"nproc": affinity, "cpu_count": os.cpu_count(),
+            "python": "%s %s" % (platform.python_implementation(), platform.python_version()),
+            "engine": "Docker Engine %s (API %s)" % (version.get("Version"), version.get("ApiVersion")),
+            "kernel": platform.release()}
+
+
+def wait_settled(receiver: CallbackReceiver, quiet: float = 1.0, timeout: float = 30.0) -> None:
+    """Until no callback has arrived for `quiet` seconds (the queue drained)."""
+    deadline = time.monotonic() + timeout
+    last, since = receiver.total(), time.monotonic()
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+        now = receiver.total()
+        if now != last:
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet:
+            return
+
+
+def bench(args: argparse.Namespace, state: Dict[str, Any]) -> Dict[str, Any]:
+    from tests import support
+    import dockerapi
+
+    results = {"targets": TARGETS}  # type: Dict[str, Any]
+    env = service_env()
+    engine = dockerapi.DockerClient(env["DOCKER_HOST"])
+    results["machine"] = machine_info(engine)
+    engine.api_version  # negotiated now, not inside a timed floor deploy
+
+    wrk = shutil.which("wrk")
+    client = args.client
+    if client == "auto":
+        client = "wrk" if wrk else "own"
+    if client == "wrk" and not wrk:
+        raise BenchError("--client wrk, but wrk is not installed (apt-get install wrk)")
+    results["client"] = wrk_version(wrk) if client == "wrk" else "own (%d processes, raw keep-alive sockets)" % 8
+
+    run = support.run_id()
+    folder = state["folder"] = tempfile.mkdtemp(prefix="autodeploy-bench-")
+    log("run %s, temp folder %s, load client %s" % (run, folder, results["client"]))
+
+    registry = state["registry"] = support.Registry().start()
+    image = "%s/bench/web" % registry.host
+    for version in ("v1", "v2"):
+        ref = "%s:%s" % (image, version)
+        state["images"].append(ref)
+        state["images"].append(support.make_image(ref, version, cmd=APP_CMD, port=APP_PORT_IN_CONTAINER,
+                                                  labels={support.TEST_LABEL: run}))
+    log("images pushed to %s" % registry.host)
+
+    receiver = state["receiver"] = CallbackReceiver()
+    app_port = free_port()
+
+    def config_for_port(port: int) -> str:
+        return service_config(port, receiver.port, registry.host, run, app_port)
+
+    # 3. Launch to first answer (first, while the machine is quiet).
+    log("launch to first answer, %d launches" % args.launches)
+    results["launch"] = measure_launch(folder, config_for_port, env, args.launches)
+
+    # 2. RSS after start-up.
+    port = free_port()
+    service = state["service"] = ServiceProcess(folder, config_for_port(port), port, env)
+    service.launch()
+    service.wait_answer()
+    time.sleep(1.0)
+    results["rss_startup"] = proc_status(service.process.pid)
+
+    # The apps' first containers, through the service itself.
+    for repo, tag, name in (("bench/idle", "v1", "first-idle"), ("bench/web", "v1", "first-web")):
+        status, answer = http_post(port, "/deploy/" + TOKEN, hub_payload(repo, tag, receiver.url(name)))
+        if status != 202:
+            raise BenchError("first deploy of %s answered %s: %s" % (repo, status, answer))
+        done = receiver.wait_for(name, timeout=120)
+        if done.get("state") != "success":
+            raise BenchError("first deploy of %s failed: %s" % (repo, done))
+    wait_for_version(app_port, b"v1\n", time.monotonic(), timeout=30)
+    floor_name = "bench-floor-%s" % run
+    floor_port = free_port()
+    floor_id = engine.create_container(floor_create_body(image + ":v1", floor_port, run), floor_name)
+    engine.start_container(floor_id)
+    wait_for_version(floor_port, b"v1\n", time.monotonic(), timeout=30)
+
+    # 1. Webhook acks for the up-to-date app.
+    callback = receiver.url("load") if args.callbacks == "local" else None
+    body = hub_payload("bench/idle", "v1", callback)
+    status, answer = http_post(port, "/deploy/" + TOKEN, body)
+    if status != 202:
+        raise BenchError("the load's webhook answered %s, not 202: %s" % (status, answer))
+    wait_settled(receiver)
+    log_before = service.log_text().count("repo=bench/idle up_to_date:")
+    cpu_before = proc_cpu_seconds(service.process.pid)
+    results["acks"] = []
+    for clients in (1, 8):
+        log("acks: %d keep-alive client(s), %.0f s + %.0f s warm-up, client %s"
+            % (clients, args.seconds, args.warmup, client))
+        results["acks"].append(measure_acks(client, wrk, folder, service, body, clients,
+                                            args.seconds, args.warmup))
+    sent = sum(level["requests"] for level in results["acks"])
+    wait_settled(receiver, quiet=1.0, timeout=30)
+    time.sleep(1.0)
+    results["rss_after_load"] = proc_status(service.process.pid)
+    results["jobs_during_load"] = {
+        "up_to_date_runs": service.log_text().count("repo=bench/idle up_to_date:") - log_before,
+        "callbacks_received": receiver.counts["/cb/load"],
+        "acks_measured": sent,
+        "service_cpu_s_total": proc_cpu_seconds(service.process.pid) - cpu_before,
+    }
+
+    # 4. Redeploys through the service, and the raw Engine floor, interleaved.
+    results["deploy"] = {"service": [], "floor": []}
+    for n in range(args.deploys):
+        tag = "v2" if n % 2 == 0 else "v1"
+        log("redeploy %d/%d to %s: service, then raw floor" % (n + 1, args.deploys, tag))
+        results["deploy"]["service"].append(service_redeploy(service, receiver, app_port, tag, n))
+        time.sleep(0.3)
+        results["deploy"]["floor"].append(floor_redeploy(engine, floor_name, image, tag, floor_port, run, n))
+        time.sleep(0.3)
+
+    if args.profile:
+        log("profiling the service under 8 clients")
+        results["profile"] = run_profile(client, wrk, folder, config_for_port, env, body, args.seconds)
+    return results
+
+
+def cleanup(state: Dict[str, Any]) -> None:
+    """Everything the run created, in dependency order; never raises."""
+    from tests import support
+    steps = [
+        ("service", lambda: state["service"] and state["service"].stop()),
+        ("callback receiver", lambda: state["receiver"] and state["receiver"].close()),
+        ("containers", lambda: support.cleanup_containers(support.run_id())),
+        ("images", lambda: support.cleanup_images(state["images"])),
+        ("registry", lambda: state["registry"] and state["registry"].stop()),
+        ("temp folder", lambda: state["folder"] and shutil.rmtree(state["folder"], ignore_errors=True)),
+    ]
+    for what, step in steps:
+        try:
+            step()
+        except Exception as exc:  # keep cleaning
+            log("cleanup of %s failed: %r" % (what, exc))
+
+
+############################################################################
+# Report
+############################################################################
+
+def verdict(ok: Optional[bool]) -> str:
+    return "" if ok is None else ("yes" if ok else "NO")
+
+
+def report(results: Dict[str, Any]) -> str:
+    m = results["machine"]
+    rows = []  # type: List[Tuple[str, str, str, str]]
+    for level in results["acks"]:
+        c = level["clients"]
+        eight = c == 8
+        rows.append(("acks/s, %d keep-alive client%s" % (c, "s" if c > 1 else ""),
+                     "%.0f /s" % level["acks_per_s"],
+                     ">= %.0f /s" % TARGETS["acks_per_s_8"] if eight else "",
+                     verdict(level["acks_per_s"] >= TARGETS["acks_per_s_8"]) if eight else ""))
+        rows.append(("  latency p50 / p99 (max)", "%.2f / %.2f ms (%.1f)" % (
+            level["p50_ms"], level["p99_ms"], level["max_ms"]),
+            "p99 < %.0f ms" % TARGETS["p99_ms_8"] if eight else "",
+            verdict(level["p99_ms"] < TARGETS["p99_ms_8"]) if eight else ""))
+        rows.append(("  requests; non-2xx; socket errors", "%d; %d; %d" % (
+            level["requests"], level["non_2xx"], level["socket_errors"]), "0 non-2xx",
+            verdict(level["non_2xx"] == 0 and level["socket_errors"] == 0)))
+        rows.append(("  CPU: service process; whole machine", "%.0f%% of a core; %.0f%% of %d" % (
+            level["service_cpu_pct"], level["machine_cpu_pct"], m["nproc"]), "", ""))
+    jobs = results["jobs_during_load"]
+    rows.append(("  jobs run (coalesced); callbacks got", "%d; %d" % (
+        jobs["up_to_date_runs"], jobs["callbacks_received"]), "", ""))
+    for key, label in (("rss_startup", "RSS idle after start-up"), ("rss_after_load", "RSS idle after load")):
+        rss = results[key]["VmRSS"] / 1024
+        rows.append((label, "%.1f MiB (%d threads)" % (rss, results[key]["Threads"]),
+                     "< %.0f MiB" % TARGETS["rss_idle_mib"], verdict(rss < TARGETS["rss_idle_mib"])))
+    rows.append(("  peak RSS (VmHWM) over the run", "%.1f MiB" % (results["rss_after_load"]["VmHWM"] / 1024), "", ""))
+    launch = results["launch"]
+    rows.append(("launch to first answer, median of %d" % len(launch["runs_ms"]), "%.0f ms" % launch["median_ms"],
+                 "< %.0f ms" % TARGETS["launch_ms"], verdict(launch["median_ms"] < TARGETS["launch_ms"])))
+    rows.append(("  runs", " ".join("%.0f" % t for t in launch["runs_ms"]) + " ms", "", ""))
+    rows.append(("  python -c pass; -c 'import autodeploy'", "%.0f; %.0f ms" % (
+        launch["python_bare_ms"], launch["python_import_autodeploy_ms"]), "", ""))
+    service = [d["ms"] for d in results["deploy"]["service"]]
+    floor = [d["ms"] for d in results["deploy"]["floor"]]
+    ratio = median(service) / median(floor) if floor else float("nan")
+    rows.append(("webhook -> new version answering, med of %d" % len(service), "%.0f ms" % median(service), "", ""))
+    rows.append(("  runs", " ".join("%.0f" % t for t in service) + " ms", "", ""))
+    rows.append(("raw Engine floor, median of %d" % len(floor), "%.0f ms" % median(floor), "", ""))
+    rows.append(("  runs", " ".join("%.0f" % t for t in floor) + " ms", "", ""))
+    rows.append(("deploy time / raw floor", "%.2fx" % ratio, "<= %.1fx" % TARGETS["deploy_ratio"],
+                 verdict(ratio <= TARGETS["deploy_ratio"])))
+
+    widths = [max(len(r[i]) for r in rows + [("metric", "value", "target", "ok")]) for i in range(4)]
+    line = "  ".join("%%-%ds" % w for w in widths)
+    out = ["autodeploy benchmark",
+           "machine: nproc %s, %s, %s, kernel %s" % (m["nproc"], m["python"], m["engine"], m["kernel"]),
+           "load client: %s; callbacks: %s" % (results["client"], results["callbacks"]),
+           "", line % ("metric", "value", "target", "ok"), line % tuple("-" * w for w in widths)]
+    out += [(line % row).rstrip() for row in rows]
+
+    # Where the deploy time goes: medians of ms after the POST / the first call.
+    names = ["job started", "renamed", "created", "stopped", "started", "answering", "removed"]
+    out += ["", "deploy steps, median ms after t0 (service: after the POST; floor: before the pull):",
+            "  %-8s" % "" + "".join("%12s" % n for n in names)]
+    for who in ("service", "floor"):
+        cells = []
+        for name in names:
+            values = [d["marks"][name] for d in results["deploy"][who] if name in d["marks"]]
+            cells.append("%12s" % ("%.0f" % median(values) if values else "-"))
+        out.append("  %-8s" % who + "".join(cells))
+    out.append("  (service marks come from its log, to the millisecond; floor 'renamed' follows"
+               " pull + 3 inspects, as the service's does)")
+    if results.get("profile"):
+        out += ["", "cProfile of the service under 8 clients (all its threads merged):", results["profile"]]
+    return "\n".join(out)
+
+
+def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="tests/bench.py", description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=5.0, help="measured seconds per load level (default 5)")
+    parser.add_argument("--warmup", type=float, default=1.0, help="warm-up seconds per load level (default 1)")
+    parser.add_argument("--deploys", type=int, default=5, help="redeploys timed, each way (default 5)")
+    parser.add_argument("--launches", type=int, default=5, help="launches timed (default 5)")
+    parser.add_argument("--client", choices=("auto", "wrk", "own"), default="auto",
+                        help="load client: wrk when installed (auto), or the bench's own")
+    parser.add_argument("--callbacks", choices=("local", "omit"), default="local",
+                        help="load payloads carry a callback_url to a local receiver (default), "
+                             "or none")
+    parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile the service under 8 clients (cProfile, Python <= 3.11)")
+    parser.add_argument("--_client-worker", dest="client_worker", help=argparse.SUPPRESS)
+    parser.add_argument("--_profiled-service", dest="profiled_service", nargs=2, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if not 1 <= args.seconds <= 600 or not 0 <= args.warmup <= 60:
+        parser.error("--seconds must be 1..600 and --warmup 0..60")
+    if not 1 <= args.deploys <= 100 or not 1 <= args.launches <= 100:
+        parser.error("--deploys and --launches must be 1..100")
+    return args
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(argv)
+    if args.client_worker:
+        return client_worker(json.loads(args.client_worker))
+    if args.profiled_service:
+        return profiled_service(*args.profiled_service)
+
+    import unittest
+    state = {"service": None, "receiver": None, "registry": None, "folder": None,
+             "images": []}  # type: Dict[str, Any]
+
+    def terminated(*_: Any) -> None:
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, terminated)
+    started = time.monotonic()
+    try:
+        results = bench(args, state)
+        results["callbacks"] = ("callback_url to a local receiver" if args.callbacks == "local"
+                                else "no callback_url")
+    except KeyboardInterrupt:
+        log("interrupted: cleaning up")
+        return 130
+    except (BenchError, unittest.SkipTest, RuntimeError, AssertionError) as exc:
+        log("failed: %s" % exc)
+        if state.get("service") is not None:
+            log("service log tail:\n" + state["service"].log_tail())
+        return 1
+    finally:
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # let the cleanup finish
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        log("cleaning up")
+        cleanup(state)
+        signal.signal(signal.SIGINT, previous)
+    results["total_seconds"] = time.monotonic() - started
+    print(report(results))
+    print("\ntotal bench time %.0f s" % results["total_seconds"])
+    if args.json:
+        for level in results["acks"]:
+            level.pop("wrk_output", None)
+        with open(args.json, "w") as fh:
+            json.dump(results, fh, indent=2, sort_keys=True, default=str)
+        print("results written to %s" % args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
