@@ -836,7 +836,13 @@ class Deployer:
         return how + " (started before the old one stopped)"
 
     def retire(self, old_id: str, app: AppConfig, jlog: logging.LoggerAdapter) -> None:
-        """Take the old container out of its networks' DNS, then stop it."""
+        """Take the old container out of its networks, then stop it.
+
+        Leaving a network removes its DNS names and aliases before its
+        address goes, so clients resolving the app from then on reach only
+        the new container; stopping first would leave its name answering
+        with a dead address until the Engine tore the sandbox down.
+        """
         try:
             networks = (self.engine.inspect_container(old_id).get("NetworkSettings") or {}).get("Networks") or {}
             for network in networks:

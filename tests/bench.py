@@ -2,7 +2,7 @@
 """Benchmark autodeploy against its performance targets.
 
     python3 tests/bench.py [--seconds 5] [--deploys 5] [--launches 5]
-                           [--client auto|wrk|own] [--json FILE] [--profile]
+                           [--client auto|wrk|own] [--json FILE] [--profile [cpu|wall]]
     python3 -m tests.bench ...
 
 Run from the repository root. It needs a Docker Engine (tests/support.py
@@ -391,8 +391,17 @@ def measure_launch(folder: str, config_for_port: Any, env: Dict[str, str], runs:
         return (time.perf_counter() - t0) * 1000
     bare = [timed([sys.executable, "-c", "pass"]) for _ in range(runs)]
     imported = [timed([sys.executable, "-c", "import autodeploy"]) for _ in range(runs)]
+
+    def rss_of(code: str) -> int:
+        out = subprocess.run([sys.executable, "-c", code + "\nimport sys\n"
+                              "sys.stdout.write([l for l in open('/proc/self/status') "
+                              "if l.startswith('VmRSS')][0].split()[1])"],
+                             cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                             stderr=subprocess.DEVNULL, timeout=30, check=True).stdout
+        return int(out)
     return {"runs_ms": times, "median_ms": median(times), "python_bare_ms": median(bare),
-            "python_import_autodeploy_ms": median(imported)}
+            "python_import_autodeploy_ms": median(imported),
+            "python_bare_rss_kb": rss_of("pass"), "python_import_autodeploy_rss_kb": rss_of("import autodeploy")}
 
 
 ############################################################################
@@ -504,7 +513,10 @@ def client_worker(spec: Dict[str, Any]) -> int:
             head = buf[:end].lower()
             status = int(head[9:12])
             at = head.find(b"\r\ncontent-length:")
-            length = int(head[at + 17:head.find(b"\r\n", at + 2) if head.find(b"\r\n", at + 2) > 0 else None]) if at >= 0 else 0
+            length = 0
+            if at >= 0:
+                stop = head.find(b"\r\n", at + 2)
+                length = int(head[at + 17:stop if stop >= 0 else len(head)])
             need = end + 4 + length
             while len(buf) < need:
                 chunk = sock.recv(65536)
@@ -679,7 +691,8 @@ def wait_for_version(port: int, expected: bytes, t0: float, timeout: float = 60.
 LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) \w+ job=(\w+) repo=\S+ (.*)$")
 MILESTONES = (("pulling", "job started"), ("renamed old container", "renamed"),
               ("created new container", "created"), ("stopped old container", "stopped"),
-              ("started new container", "started"), ("succeeded:", "removed"))
+              ("started new container", "started"), ("removed old container", "removed"),
+              ("succeeded:", "job done"))
 
 
 def log_milestones(log_text: str, job_id: str, t0_wall: float) -> Dict[str, float]:
@@ -778,9 +791,11 @@ def floor_redeploy(engine: Any, name: str, image: str, tag: str, app_port: int, 
 # Profiling the service under load (--profile)
 ############################################################################
 
-def profiled_service(config: str, out: str) -> int:
+def profiled_service(config: str, out: str, timer: str) -> int:
     """Run `serve` with every thread of the service under cProfile, then
-    write the merged stats to `out` (`bench.py --_profiled-service CONFIG OUT`)."""
+    write the merged stats to `out` (`bench.py --_profiled-service CONFIG OUT
+    cpu|wall`). With `cpu` each thread's own CPU time is counted (where the
+    work is); with `wall` the elapsed time (where threads wait: locks, I/O)."""
     import cProfile
     import pstats
     import socketserver
@@ -791,7 +806,7 @@ def profiled_service(config: str, out: str) -> int:
 
     def profiled(function: Any) -> Any:
         def run(*args: Any, **kwargs: Any) -> Any:
-            profile = cProfile.Profile()
+            profile = cProfile.Profile(time.thread_time) if timer == "cpu" else cProfile.Profile()
             profile.enable()
             try:
                 return function(*args, **kwargs)
@@ -818,7 +833,7 @@ def profiled_service(config: str, out: str) -> int:
 
 
 def run_profile(client: str, wrk: Optional[str], folder: str, config_for_port: Any,
-                env: Dict[str, str], body: bytes, seconds: float) -> str:
+                env: Dict[str, str], body: bytes, seconds: float, timer: str) -> str:
     import io
     import pstats
     if sys.version_info >= (3, 12):
@@ -828,7 +843,7 @@ def run_profile(client: str, wrk: Optional[str], folder: str, config_for_port: A
     out = os.path.join(folder, "service.pstats")
     service = ServiceProcess(folder, config_for_port(port), port, env, name="profiled")
     service.argv = [sys.executable, os.path.abspath(__file__), "--_profiled-service",
-                    service.config, out]
+                    service.config, out, timer]
     try:
         service.launch()
         service.wait_answer()
@@ -839,7 +854,9 @@ def run_profile(client: str, wrk: Optional[str], folder: str, config_for_port: A
         return "(no profile written:\n%s)" % service.log_tail()
     text = io.StringIO()
     stats = pstats.Stats(out, stream=text)
-    text.write("acks/s under the profiler (8 clients): %.0f\n" % result["acks_per_s"])
+    text.write("acks/s under the profiler (8 clients): %.0f; timer: %s\n" % (
+        result["acks_per_s"], "per-thread CPU time" if timer == "cpu" else "wall clock"))
+    stats.strip_dirs()
     stats.sort_stats("tottime").print_stats(25)
     stats.sort_stats("cumulative").print_stats(30)
     return text.getvalue()
@@ -859,6 +876,19 @@ def machine_info(engine: Any) -> Dict[str, Any]:
             "python": "%s %s" % (platform.python_implementation(), platform.python_version()),
             "engine": "Docker Engine %s (API %s)" % (version.get("Version"), version.get("ApiVersion")),
             "kernel": platform.release()}
+
+
+def code_version() -> str:
+    """The commit measured, and whether the work tree differs from it."""
+    try:
+        head = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, timeout=10).stdout.decode().strip()
+        dirty = subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "--", "autodeploy.py",
+                                "dockerapi.py"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                               timeout=10).stdout.decode().strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown (no git)"
+    return (head or "unknown") + (" + uncommitted changes to autodeploy.py/dockerapi.py" if dirty else "")
 
 
 def wait_settled(receiver: CallbackReceiver, quiet: float = 1.0, timeout: float = 30.0) -> None:
@@ -882,6 +912,7 @@ def bench(args: argparse.Namespace, state: Dict[str, Any]) -> Dict[str, Any]:
     env = service_env()
     engine = dockerapi.DockerClient(env["DOCKER_HOST"])
     results["machine"] = machine_info(engine)
+    results["code"] = code_version()
     engine.api_version  # negotiated now, not inside a timed floor deploy
 
     wrk = shutil.which("wrk")
@@ -976,8 +1007,19 @@ def bench(args: argparse.Namespace, state: Dict[str, Any]) -> Dict[str, Any]:
 
     if args.profile:
         log("profiling the service under 8 clients")
-        results["profile"] = run_profile(client, wrk, folder, config_for_port, env, body, args.seconds)
+        results["profile"] = run_profile(client, wrk, folder, config_for_port, env, body, args.seconds,
+                                         args.profile)
     return results
+
+
+def keep_logs(state: Dict[str, Any]) -> None:
+    """Copy the service logs to --keep-logs DIR before the temp folder goes."""
+    if not state.get("keep_logs") or not state.get("folder"):
+        return
+    os.makedirs(state["keep_logs"], exist_ok=True)
+    for name in sorted(os.listdir(state["folder"])):
+        if name.endswith(".log") or name.endswith(".conf"):
+            shutil.copy(os.path.join(state["folder"], name), state["keep_logs"])
 
 
 def cleanup(state: Dict[str, Any]) -> None:
@@ -989,6 +1031,7 @@ def cleanup(state: Dict[str, Any]) -> None:
         ("containers", lambda: support.cleanup_containers(support.run_id())),
         ("images", lambda: support.cleanup_images(state["images"])),
         ("registry", lambda: state["registry"] and state["registry"].stop()),
+        ("logs", lambda: keep_logs(state)),
         ("temp folder", lambda: state["folder"] and shutil.rmtree(state["folder"], ignore_errors=True)),
     ]
     for what, step in steps:
@@ -1032,8 +1075,10 @@ def report(results: Dict[str, Any]) -> str:
         rss = results[key]["VmRSS"] / 1024
         rows.append((label, "%.1f MiB (%d threads)" % (rss, results[key]["Threads"]),
                      "< %.0f MiB" % TARGETS["rss_idle_mib"], verdict(rss < TARGETS["rss_idle_mib"])))
-    rows.append(("  peak RSS (VmHWM) over the run", "%.1f MiB" % (results["rss_after_load"]["VmHWM"] / 1024), "", ""))
     launch = results["launch"]
+    rows.append(("  peak RSS (VmHWM) over the run", "%.1f MiB" % (results["rss_after_load"]["VmHWM"] / 1024), "", ""))
+    rows.append(("  python -c pass; -c 'import autodeploy'", "%.1f; %.1f MiB" % (
+        launch["python_bare_rss_kb"] / 1024, launch["python_import_autodeploy_rss_kb"] / 1024), "", ""))
     rows.append(("launch to first answer, median of %d" % len(launch["runs_ms"]), "%.0f ms" % launch["median_ms"],
                  "< %.0f ms" % TARGETS["launch_ms"], verdict(launch["median_ms"] < TARGETS["launch_ms"])))
     rows.append(("  runs", " ".join("%.0f" % t for t in launch["runs_ms"]) + " ms", "", ""))
@@ -1053,12 +1098,13 @@ def report(results: Dict[str, Any]) -> str:
     line = "  ".join("%%-%ds" % w for w in widths)
     out = ["autodeploy benchmark",
            "machine: nproc %s, %s, %s, kernel %s" % (m["nproc"], m["python"], m["engine"], m["kernel"]),
+           "code: %s" % results["code"],
            "load client: %s; callbacks: %s" % (results["client"], results["callbacks"]),
            "", line % ("metric", "value", "target", "ok"), line % tuple("-" * w for w in widths)]
     out += [(line % row).rstrip() for row in rows]
 
     # Where the deploy time goes: medians of ms after the POST / the first call.
-    names = ["job started", "renamed", "created", "stopped", "started", "answering", "removed"]
+    names = ["job started", "renamed", "created", "stopped", "started", "answering", "removed", "job done"]
     out += ["", "deploy steps, median ms after t0 (service: after the POST; floor: before the pull):",
             "  %-8s" % "" + "".join("%12s" % n for n in names)]
     for who in ("service", "floor"):
@@ -1086,10 +1132,13 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
                         help="load payloads carry a callback_url to a local receiver (default), "
                              "or none")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
-    parser.add_argument("--profile", action="store_true",
-                        help="also profile the service under 8 clients (cProfile, Python <= 3.11)")
+    parser.add_argument("--keep-logs", metavar="DIR",
+                        help="copy the service logs and configs to DIR before cleaning up")
+    parser.add_argument("--profile", nargs="?", const="cpu", choices=("cpu", "wall"),
+                        help="also profile the service under 8 clients with cProfile (Python <= 3.11), "
+                             "counting per-thread CPU time (cpu, the default) or elapsed time (wall)")
     parser.add_argument("--_client-worker", dest="client_worker", help=argparse.SUPPRESS)
-    parser.add_argument("--_profiled-service", dest="profiled_service", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--_profiled-service", dest="profiled_service", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if not 1 <= args.seconds <= 600 or not 0 <= args.warmup <= 60:
         parser.error("--seconds must be 1..600 and --warmup 0..60")
@@ -1107,7 +1156,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     import unittest
     state = {"service": None, "receiver": None, "registry": None, "folder": None,
-             "images": []}  # type: Dict[str, Any]
+             "images": [], "keep_logs": args.keep_logs}  # type: Dict[str, Any]
 
     def terminated(*_: Any) -> None:
         raise KeyboardInterrupt

@@ -59,6 +59,7 @@ BUSYBOX_APPLETS = (
     "sh", "httpd", "cat", "echo", "sleep", "ls", "wget", "nc", "true",
     "false", "test", "env", "id", "mkdir", "touch", "rm", "kill",
     "ps", "grep", "printf", "head", "hostname", "date",
+    "nslookup", "awk", "tail", "seq",
 )
 
 # Fixed mtime for files in test images: identical content gives an
