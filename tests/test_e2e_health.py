@@ -24,7 +24,7 @@ class HealthGateTest(unittest.TestCase):
         cls.registry = support.Registry().start()
         cls.callbacks = CallbackReceiver()
         cls.images = []
-        cls.ports = {name: support.free_port() for name in ("crash", "unhealthy", "healthy", "loop")}
+        cls.ports = {name: support.free_port() for name in ("crash", "unhealthy", "healthy", "loop", "probe")}
         cls.network = "autodeploy-test-%s-zero" % cls.label
         support.docker("network", "create", "--label", "autodeploy.test=" + cls.label, cls.network)
         sections = []
@@ -36,10 +36,12 @@ container = e2e-{name}-{run}
 ports = 127.0.0.1:{port}:8080
 restart = {restart}
 settle = 2
-health_timeout = 20
+health_timeout = {timeout}{probe}
 labels = autodeploy.test={run}
 """.format(name=name, reg=cls.registry.host, run=cls.label, port=port,
-           restart="always" if name == "loop" else "unless-stopped"))
+           restart="always" if name == "loop" else "unless-stopped",
+           timeout=3 if name == "probe" else 20,
+           probe="\nhealth_url = http://{ip}:8080/" if name == "probe" else ""))
         sections.append("""
 [e2e/zero]
 image = {reg}/e2e/zero
@@ -145,6 +147,18 @@ callback_allow = http://127.0.0.1:{cb}
         outcome = self.deploy("loop", "loop-v2")
         self.assertRolledBack("loop", v1, outcome, "exit code 1")
         self.assertEqual(inspect("e2e-loop-%s" % self.label)["HostConfig"]["RestartPolicy"]["Name"], "always")
+
+    def test_health_url_that_never_answers_is_rolled_back(self):
+        v1 = self.start_v1("probe")
+        # v2 listens on another port than the one its health URL names.
+        self.push("probe", "v2", cmd=app_cmd(port=9999))
+        outcome = self.deploy("probe", "probe-v2")
+        self.assertRolledBack("probe", v1, outcome, ":8080/ did not answer within 3s")
+        v3 = self.push("probe", "v3")
+        outcome = self.deploy("probe", "probe-v3")
+        self.assertEqual(outcome["state"], "success", outcome)
+        self.assertIn(":8080/ answered", outcome["description"])
+        self.assertEqual(inspect("e2e-probe-%s" % self.label)["Image"], v3)
 
     def test_start_first_without_host_ports_loses_no_request(self):
         name = "e2e-zero-%s" % self.label

@@ -17,7 +17,11 @@ import json
 import os
 import unittest
 
-from autodeploy import build_create_body
+import http.server
+import socket
+import threading
+
+from autodeploy import AppConfig, build_create_body, choose_order, probe_endpoint
 
 HERE = os.path.join(os.path.dirname(__file__), "fixtures")
 
@@ -136,6 +140,68 @@ class CreateBodyTest(unittest.TestCase):
         before = copy.deepcopy(self.old)
         self.build()
         self.assertEqual(self.old, before)
+
+
+class OrderTest(unittest.TestCase):
+
+    def setUp(self):
+        self.old = fixture("inspect-container-1.41.json")
+        self.app = AppConfig("a/b", "a/b", ("latest",), "web")
+
+    def test_fixed_host_ports_mean_stop_first(self):
+        self.assertEqual(choose_order(self.app, self.old), "stop-first")
+
+    def test_no_host_ports_mean_start_first(self):
+        old = copy.deepcopy(self.old)
+        old["HostConfig"]["PortBindings"] = {"8080/tcp": [{"HostIp": "127.0.0.1", "HostPort": ""}]}
+        self.assertEqual(choose_order(self.app, old), "start-first")
+        old["HostConfig"]["NetworkMode"] = "host"
+        self.assertEqual(choose_order(self.app, old), "stop-first")
+
+    def test_static_address_means_stop_first(self):
+        old = copy.deepcopy(self.old)
+        old["HostConfig"]["PortBindings"] = {}
+        old["NetworkSettings"]["Networks"]["fixture-net"]["IPAMConfig"] = {"IPv4Address": "172.30.0.9"}
+        self.assertEqual(choose_order(self.app, old), "stop-first")
+
+    def test_configured_order_wins(self):
+        self.app.order = "start-first"
+        self.assertEqual(choose_order(self.app, self.old), "start-first")
+
+
+class ProbeTest(unittest.TestCase):
+
+    def serve(self, status):
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                self.send_response(status)
+                self.send_header("Location", "http://127.0.0.1:1/elsewhere")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+        server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+        self.addCleanup(server.server_close)
+        self.addCleanup(server.shutdown)
+        return "http://127.0.0.1:%d/health" % server.server_address[1]
+
+    def test_2xx_and_3xx_are_healthy_others_not(self):
+        self.assertTrue(probe_endpoint(self.serve(200), 2))
+        self.assertTrue(probe_endpoint(self.serve(302), 2))  # not followed
+        self.assertFalse(probe_endpoint(self.serve(503), 2))
+
+    def test_tcp_and_unreachable(self):
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        self.addCleanup(listener.close)
+        port = listener.getsockname()[1]
+        self.assertTrue(probe_endpoint("tcp://127.0.0.1:%d" % port, 2))
+        listener.close()
+        self.assertFalse(probe_endpoint("tcp://127.0.0.1:%d" % port, 1))
+        self.assertFalse(probe_endpoint("http://127.0.0.1:%d/" % port, 1))
 
 
 if __name__ == "__main__":
