@@ -56,6 +56,7 @@ DEFAULT_CALLBACK_ALLOW = "https://registry.hub.docker.com"
 MIN_TOKEN_LENGTH = 32
 CALLBACK_TIMEOUT = 10.0
 KEPT_JOBS = 1000
+MAX_SUPERSEDED = 100  # callbacks kept waiting for one container's next outcome
 # Docker's reference grammar, simplified: what may stand in a tag.
 TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 REPOSITORY_RE = re.compile(r"^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
@@ -451,13 +452,24 @@ class JobQueue:
             if replaced is None and len(self._waiting) >= self.limit:
                 raise QueueFull("%d jobs are waiting already" % len(self._waiting))
             if replaced is not None:
-                job.superseded.extend(replaced.superseded + [replaced])
+                job.superseded = self._keep_to_report(replaced.superseded + [replaced])
                 replaced.superseded = []
             elif key not in self._running:
                 self._ready.append(key)
             self._waiting[key] = job
             self._cond.notify()
         return replaced
+
+    def _keep_to_report(self, jobs: List[Job]) -> List[Job]:
+        """Superseded jobs whose callbacks still await the outcome: those
+        with a callback URL, the newest MAX_SUPERSEDED (a flood must not
+        grow memory); the rest end here as 'superseded'."""
+        keep = [j for j in jobs if j.callback_url][-MAX_SUPERSEDED:]
+        for dropped in jobs:
+            if dropped not in keep:
+                dropped.state, dropped.description = "superseded", "superseded by a newer push"
+                dropped.done.set()
+        return keep
 
     def get(self, timeout: Optional[float] = None) -> Optional[Job]:
         """The next job whose container is free; None once closed (or on timeout)."""

@@ -157,7 +157,7 @@ class HandlerTest(unittest.TestCase):
 
 def job(container: str, n: int) -> Job:
     return Job(id="%s-%d" % (container, n), app=AppConfig(container, container, ("latest",), container),
-               tag="latest")
+               tag="latest", callback_url="https://registry.hub.docker.com/u/x/hook/%d/" % n)
 
 
 class JobQueueTest(unittest.TestCase):
@@ -177,6 +177,14 @@ class JobQueueTest(unittest.TestCase):
         third = queue.get(timeout=1)
         self.assertEqual(third.id, "a-3")
         self.assertEqual([j.id for j in third.superseded], ["a-2"])
+
+    def test_a_flood_of_pushes_keeps_memory_bounded(self):
+        queue = JobQueue()
+        for n in range(autodeploy.MAX_SUPERSEDED + 50):
+            queue.put(job("a", n))
+        waiting = queue.get(timeout=1)
+        self.assertEqual(len(waiting.superseded), autodeploy.MAX_SUPERSEDED)
+        self.assertEqual(waiting.superseded[-1].id, "a-%d" % (autodeploy.MAX_SUPERSEDED + 48))
 
     def test_close_wakes_workers(self):
         queue = JobQueue()
