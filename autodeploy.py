@@ -580,7 +580,11 @@ def build_create_body(old: Dict[str, Any], old_image_config: Optional[Dict[str, 
 
 def _drop_image_defaults(config: Dict[str, Any], image: Dict[str, Any]) -> None:
     """Clear settings equal to the old image's, so the new image's apply."""
-    if config.get("Entrypoint") == image.get("Entrypoint"):
+    if not config.get("Entrypoint") and image.get("Entrypoint"):
+        # The user ran it with --entrypoint "": keep it cleared, or the
+        # new image's entrypoint would come back.
+        config["Entrypoint"] = [""]
+    elif config.get("Entrypoint") == image.get("Entrypoint"):
         config["Entrypoint"] = None
         if config.get("Cmd") == image.get("Cmd"):
             config["Cmd"] = None
@@ -604,6 +608,14 @@ def _reattach_volumes(host: Dict[str, Any], mounts: List[Dict[str, Any]]) -> Non
     (anonymous ones, and the image's VOLUMEs) by name, so their data stays."""
     covered = {bind.split(":")[1] for bind in host.get("Binds") or [] if ":" in bind}
     covered |= {m.get("Target") for m in host.get("Mounts") or []}
+    names = {m.get("Destination"): m.get("Name") for m in mounts
+             if m.get("Type") == "volume" and m.get("Name")}
+    for mount in host.get("Mounts") or []:
+        # `--mount type=volume,target=/x` without a source made an
+        # anonymous volume: name it, or the new container gets an empty one.
+        if mount.get("Type") == "volume" and not mount.get("Source") \
+                and names.get(mount.get("Target")):
+            mount["Source"] = names[mount["Target"]]
     extra = []
     for mount in mounts:
         if mount.get("Type") == "volume" and mount.get("Name") \

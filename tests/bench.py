@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Benchmark autodeploy against its performance targets.
 
-    python3 tests/bench.py [--seconds 5] [--deploys 5] [--launches 5]
-                           [--client auto|wrk|own] [--json FILE] [--profile [cpu|wall]]
+    python3 tests/bench.py [--seconds 5] [--warmup 1] [--deploys 5] [--launches 5]
+                           [--client auto|wrk|own] [--callbacks local|omit] [--pyz]
+                           [--json FILE] [--keep-logs DIR] [--profile [cpu|wall]]
     python3 -m tests.bench ...
 
 Run from the repository root. It needs a Docker Engine (tests/support.py
@@ -51,6 +52,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 AUTODEPLOY = os.path.join(ROOT, "autodeploy.py")
+PROGRAM = [AUTODEPLOY]  # what `python3 PROGRAM --config X serve` runs: the script, or --pyz's zipapp
 TOKEN = "bench-" + "0123456789abcdef" * 3
 APP_PORT_IN_CONTAINER = 8080
 # A shell that traps SIGTERM in front of busybox httpd: stops at once.
@@ -112,6 +114,34 @@ def proc_cpu_seconds(pid: int) -> float:
     with open("/proc/%d/stat" % pid) as fh:
         fields = fh.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+DOCKER_STACK = ("dockerd", "containerd", "docker-registry", "docker-proxy", "containerd-shim",
+                "containerd-shim-runc-v2", "registry")
+
+
+def docker_stack_cpu() -> float:
+    """CPU seconds so far of the Engine's processes and the registries."""
+    total = 0.0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open("/proc/%s/comm" % entry) as fh:
+                if fh.read().strip() not in DOCKER_STACK:
+                    continue
+            total += proc_cpu_seconds(int(entry))
+        except (OSError, ValueError, IndexError):
+            continue
+    return total
+
+
+def children_and_self_cpu() -> Tuple[float, float]:
+    """CPU seconds of this process's waited-for children (the load client), and its own."""
+    import resource
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    return children.ru_utime + children.ru_stime, own.ru_utime + own.ru_stime
 
 
 def machine_cpu() -> Tuple[int, int]:
@@ -278,7 +308,7 @@ class ServiceProcess:
         with open(self.config, "w") as fh:
             fh.write(config_text)
         self.log_path = os.path.join(folder, "%s.log" % name)
-        self.argv = argv or [sys.executable, AUTODEPLOY, "--config", self.config, "serve"]
+        self.argv = argv or [sys.executable, PROGRAM[0], "--config", self.config, "serve"]
         self.env = env
         self.process = None  # type: Optional[subprocess.Popen]
         self._log = None
@@ -339,13 +369,15 @@ class ServiceProcess:
         return code
 
 
-def service_config(port: int, callback_port: int, registry: str, run: str, app_port: int) -> str:
+def service_config(port: int, callback_port: int, registry: str, run: str, app_port: int,
+                   state_dir: str) -> str:
     return """\
 [autodeploy]
 listen = 127.0.0.1:{port}
 token = {token}
 workers = 3
 callback_allow = http://127.0.0.1:{cb}
+state_dir = {state}
 
 # Already deployed and up to date: every webhook job is a cheap "already runs".
 [bench/idle]
@@ -364,7 +396,7 @@ stop_timeout = {stop}
 ports = 127.0.0.1:{app_port}:{inner}
 labels =
     autodeploy.test={run}
-""".format(port=port, token=TOKEN, cb=callback_port, reg=registry, run=run,
+""".format(port=port, token=TOKEN, cb=callback_port, reg=registry, run=run, state=state_dir,
            stop=STOP_TIMEOUT, app_port=app_port, inner=APP_PORT_IN_CONTAINER)
 
 
@@ -385,10 +417,21 @@ def measure_launch(folder: str, config_for_port: Any, env: Dict[str, str], runs:
             service.stop(10)
     # For comparison: the bare interpreter and the import alone.
     def timed(argv: List[str]) -> float:
+        # A blocking wait() (with a watchdog): wait(timeout) polls with sleeps
+        # of up to 50 ms, which would be counted.
         t0 = time.perf_counter()
-        subprocess.run(argv, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                       stderr=subprocess.DEVNULL, timeout=30, check=True)
-        return (time.perf_counter() - t0) * 1000
+        proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        watchdog = threading.Timer(30.0, proc.kill)
+        watchdog.start()
+        try:
+            code = proc.wait()
+        finally:
+            watchdog.cancel()
+        elapsed = (time.perf_counter() - t0) * 1000
+        if code != 0:
+            raise BenchError("%s exited %s" % (" ".join(argv), code))
+        return elapsed
     bare = [timed([sys.executable, "-c", "pass"]) for _ in range(runs)]
     imported = [timed([sys.executable, "-c", "import autodeploy"]) for _ in range(runs)]
 
@@ -413,14 +456,24 @@ wrk.method = "POST"
 wrk.body = [==[%s]==]
 wrk.headers["Content-Type"] = "application/json"
 
+-- Count answers other than 202 in each thread; done() adds them up.
+local threads = {}
+function setup(thread) table.insert(threads, thread) end
+function init(args) not202 = 0 end
+function response(status, headers, body)
+  if status ~= 202 then not202 = not202 + 1 end
+end
+
 done = function(summary, latency, requests)
   local e = summary.errors
+  local bad = 0
+  for _, thread in ipairs(threads) do bad = bad + (thread:get("not202") or 0) end
   io.write(string.format(
-    "BENCHJSON {\\"requests\\": %%.0f, \\"duration_us\\": %%.0f, \\"connect\\": %%.0f, " ..
+    "BENCHJSON {\\"not202\\": %%.0f, \\"requests\\": %%.0f, \\"duration_us\\": %%.0f, \\"connect\\": %%.0f, " ..
     "\\"read\\": %%.0f, \\"write\\": %%.0f, \\"status\\": %%.0f, \\"timeout\\": %%.0f, " ..
     "\\"p50_us\\": %%.1f, \\"p90_us\\": %%.1f, \\"p99_us\\": %%.1f, \\"max_us\\": %%.1f, " ..
     "\\"mean_us\\": %%.1f}\\n",
-    summary.requests, summary.duration, e.connect, e.read, e.write, e.status, e.timeout,
+    bad, summary.requests, summary.duration, e.connect, e.read, e.write, e.status, e.timeout,
     latency:percentile(50), latency:percentile(90), latency:percentile(99), latency.max,
     latency.mean))
 end
@@ -467,7 +520,7 @@ def run_wrk(wrk: str, folder: str, port: int, path: str, body: bytes, clients: i
         "seconds": duration, "acks_per_s": doc["requests"] / duration if duration else 0.0,
         "p50_ms": doc["p50_us"] / 1000, "p90_ms": doc["p90_us"] / 1000,
         "p99_ms": doc["p99_us"] / 1000, "max_ms": doc["max_us"] / 1000,
-        "non_2xx": int(doc["status"]),
+        "non_2xx": int(doc["status"]), "not_202": int(doc["not202"]),
         "socket_errors": int(doc["connect"] + doc["read"] + doc["write"] + doc["timeout"]),
         "wrk_output": text,
     }
@@ -598,6 +651,7 @@ def measure_acks(client: str, wrk: Optional[str], folder: str, service: ServiceP
     path = "/deploy/" + TOKEN
     pid = service.process.pid
     cpu0, machine0 = proc_cpu_seconds(pid), machine_cpu()
+    docker0, (client0, self0) = docker_stack_cpu(), children_and_self_cpu()
     wall0 = time.monotonic()
     if client == "wrk":
         result = run_wrk(wrk, folder, service.port, path, body, clients, seconds, warmup)
@@ -605,7 +659,11 @@ def measure_acks(client: str, wrk: Optional[str], folder: str, service: ServiceP
         result = run_own_client(folder, service.port, path, body, clients, seconds, warmup)
     wall = time.monotonic() - wall0
     cpu1, machine1 = proc_cpu_seconds(pid), machine_cpu()
+    docker1, (client1, self1) = docker_stack_cpu(), children_and_self_cpu()
     result["service_cpu_pct"] = 100.0 * (cpu1 - cpu0) / wall  # warm-up included
+    result["cpu_cores"] = {"service": (cpu1 - cpu0) / wall, "client": (client1 - client0) / wall,
+                           "docker_registry": (docker1 - docker0) / wall,
+                           "bench_receiver": (self1 - self0) / wall}
     busy, total = machine1[0] - machine0[0], machine1[1] - machine0[1]
     result["machine_cpu_pct"] = 100.0 * busy / total if total else float("nan")
     result["service_status"] = proc_status(pid)
@@ -866,6 +924,18 @@ def run_profile(client: str, wrk: Optional[str], folder: str, config_for_port: A
 # The run
 ############################################################################
 
+def build_pyz(folder: str) -> str:
+    """The zipapp the README installs: autodeploy.py + dockerapi.py, main autodeploy:cli."""
+    import zipapp
+    source = os.path.join(folder, "pyz-source")
+    os.makedirs(source)
+    for name in ("autodeploy.py", "dockerapi.py"):
+        shutil.copy(os.path.join(ROOT, name), source)
+    target = os.path.join(folder, "autodeploy.pyz")
+    zipapp.create_archive(source, target, interpreter="/usr/bin/env python3", main="autodeploy:cli")
+    return target
+
+
 def machine_info(engine: Any) -> Dict[str, Any]:
     version = engine.version()
     try:
@@ -921,11 +991,17 @@ def bench(args: argparse.Namespace, state: Dict[str, Any]) -> Dict[str, Any]:
         client = "wrk" if wrk else "own"
     if client == "wrk" and not wrk:
         raise BenchError("--client wrk, but wrk is not installed (apt-get install wrk)")
-    results["client"] = wrk_version(wrk) if client == "wrk" else "own (%d processes, raw keep-alive sockets)" % 8
+    results["client"] = (wrk_version(wrk) + " (-t1 -c1, -t2 -c8)" if client == "wrk"
+                         else "own (a process per keep-alive connection, raw sockets)")
 
     run = support.run_id()
     folder = state["folder"] = tempfile.mkdtemp(prefix="autodeploy-bench-")
     log("run %s, temp folder %s, load client %s" % (run, folder, results["client"]))
+
+    if args.pyz:
+        PROGRAM[0] = build_pyz(folder)
+    results["program"] = "python3 %s --config X serve" % (
+        "autodeploy.pyz (zipapp built as README says)" if args.pyz else "autodeploy.py")
 
     registry = state["registry"] = support.Registry().start()
     image = "%s/bench/web" % registry.host
@@ -940,7 +1016,8 @@ def bench(args: argparse.Namespace, state: Dict[str, Any]) -> Dict[str, Any]:
     app_port = free_port()
 
     def config_for_port(port: int) -> str:
-        return service_config(port, receiver.port, registry.host, run, app_port)
+        return service_config(port, receiver.port, registry.host, run, app_port,
+                              os.path.join(folder, "state"))
 
     # 3. Launch to first answer (first, while the machine is quiet).
     log("launch to first answer, %d launches" % args.launches)
@@ -976,7 +1053,9 @@ def bench(args: argparse.Namespace, state: Dict[str, Any]) -> Dict[str, Any]:
     if status != 202:
         raise BenchError("the load's webhook answered %s, not 202: %s" % (status, answer))
     wait_settled(receiver)
+    callbacks_before = receiver.counts["/cb/load"]
     log_before = service.log_text().count("repo=bench/idle up_to_date:")
+    queued_before = service.log_text().count("repo=bench/idle queued ")
     cpu_before = proc_cpu_seconds(service.process.pid)
     results["acks"] = []
     for clients in (1, 8):
@@ -990,7 +1069,8 @@ def bench(args: argparse.Namespace, state: Dict[str, Any]) -> Dict[str, Any]:
     results["rss_after_load"] = proc_status(service.process.pid)
     results["jobs_during_load"] = {
         "up_to_date_runs": service.log_text().count("repo=bench/idle up_to_date:") - log_before,
-        "callbacks_received": receiver.counts["/cb/load"],
+        "callbacks_received": receiver.counts["/cb/load"] - callbacks_before,
+        "jobs_accepted": service.log_text().count("repo=bench/idle queued ") - queued_before,
         "acks_measured": sent,
         "service_cpu_s_total": proc_cpu_seconds(service.process.pid) - cpu_before,
     }
@@ -1018,7 +1098,7 @@ def keep_logs(state: Dict[str, Any]) -> None:
         return
     os.makedirs(state["keep_logs"], exist_ok=True)
     for name in sorted(os.listdir(state["folder"])):
-        if name.endswith(".log") or name.endswith(".conf"):
+        if name.endswith((".log", ".conf", ".pstats")):
             shutil.copy(os.path.join(state["folder"], name), state["keep_logs"])
 
 
@@ -1063,26 +1143,33 @@ def report(results: Dict[str, Any]) -> str:
             level["p50_ms"], level["p99_ms"], level["max_ms"]),
             "p99 < %.0f ms" % TARGETS["p99_ms_8"] if eight else "",
             verdict(level["p99_ms"] < TARGETS["p99_ms_8"]) if eight else ""))
-        rows.append(("  requests; non-2xx; socket errors", "%d; %d; %d" % (
-            level["requests"], level["non_2xx"], level["socket_errors"]), "0 non-2xx",
-            verdict(level["non_2xx"] == 0 and level["socket_errors"] == 0)))
-        rows.append(("  CPU: service process; whole machine", "%.0f%% of a core; %.0f%% of %d" % (
-            level["service_cpu_pct"], level["machine_cpu_pct"], m["nproc"]), "", ""))
+        rows.append(("  requests; not 202 (non-2xx); socket errors", "%d; %d (%d); %d" % (
+            level["requests"], level["not_202"], level["non_2xx"], level["socket_errors"]), "all 202",
+            verdict(level["not_202"] == 0 and level["socket_errors"] == 0)))
+        cores = level["cpu_cores"]
+        rows.append(("  CPU busy, whole machine", "%.0f%% of %d cores" % (
+            level["machine_cpu_pct"], m["nproc"]), "", ""))
+        rows.append(("  cores: service; client; Engine+registry; bench", "%.2f; %.2f; %.2f; %.2f" % (
+            cores["service"], cores["client"], cores["docker_registry"], cores["bench_receiver"]), "", ""))
     jobs = results["jobs_during_load"]
-    rows.append(("  jobs run (coalesced); callbacks got", "%d; %d" % (
-        jobs["up_to_date_runs"], jobs["callbacks_received"]), "", ""))
+    rows.append(("jobs accepted in the load (warm-ups too)", "%d" % jobs["jobs_accepted"], "", ""))
+    rows.append(("  of which run (the rest coalesced)", "%d" % jobs["up_to_date_runs"], "", ""))
+    if results["callbacks"].startswith("callback_url"):
+        rows.append(("  callbacks received (of jobs accepted)", "%d (%.0f%%)" % (
+            jobs["callbacks_received"], 100.0 * jobs["callbacks_received"] / max(1, jobs["jobs_accepted"])),
+            "", ""))
     for key, label in (("rss_startup", "RSS idle after start-up"), ("rss_after_load", "RSS idle after load")):
         rss = results[key]["VmRSS"] / 1024
         rows.append((label, "%.1f MiB (%d threads)" % (rss, results[key]["Threads"]),
                      "< %.0f MiB" % TARGETS["rss_idle_mib"], verdict(rss < TARGETS["rss_idle_mib"])))
     launch = results["launch"]
     rows.append(("  peak RSS (VmHWM) over the run", "%.1f MiB" % (results["rss_after_load"]["VmHWM"] / 1024), "", ""))
-    rows.append(("  python -c pass; -c 'import autodeploy'", "%.1f; %.1f MiB" % (
+    rows.append(("  RSS of python3 -c pass; -c 'import autodeploy'", "%.1f; %.1f MiB" % (
         launch["python_bare_rss_kb"] / 1024, launch["python_import_autodeploy_rss_kb"] / 1024), "", ""))
     rows.append(("launch to first answer, median of %d" % len(launch["runs_ms"]), "%.0f ms" % launch["median_ms"],
                  "< %.0f ms" % TARGETS["launch_ms"], verdict(launch["median_ms"] < TARGETS["launch_ms"])))
     rows.append(("  runs", " ".join("%.0f" % t for t in launch["runs_ms"]) + " ms", "", ""))
-    rows.append(("  python -c pass; -c 'import autodeploy'", "%.0f; %.0f ms" % (
+    rows.append(("  run time of python3 -c pass; -c 'import ...'", "%.0f; %.0f ms" % (
         launch["python_bare_ms"], launch["python_import_autodeploy_ms"]), "", ""))
     service = [d["ms"] for d in results["deploy"]["service"]]
     floor = [d["ms"] for d in results["deploy"]["floor"]]
@@ -1099,6 +1186,7 @@ def report(results: Dict[str, Any]) -> str:
     out = ["autodeploy benchmark",
            "machine: nproc %s, %s, %s, kernel %s" % (m["nproc"], m["python"], m["engine"], m["kernel"]),
            "code: %s" % results["code"],
+           "service: %s" % results["program"],
            "load client: %s; callbacks: %s" % (results["client"], results["callbacks"]),
            "", line % ("metric", "value", "target", "ok"), line % tuple("-" * w for w in widths)]
     out += [(line % row).rstrip() for row in rows]
@@ -1131,9 +1219,11 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     parser.add_argument("--callbacks", choices=("local", "omit"), default="local",
                         help="load payloads carry a callback_url to a local receiver (default), "
                              "or none")
+    parser.add_argument("--pyz", action="store_true",
+                        help="run the service as the zipapp the README installs, not autodeploy.py")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     parser.add_argument("--keep-logs", metavar="DIR",
-                        help="copy the service logs and configs to DIR before cleaning up")
+                        help="copy the service logs, configs and profile to DIR before cleaning up")
     parser.add_argument("--profile", nargs="?", const="cpu", choices=("cpu", "wall"),
                         help="also profile the service under 8 clients with cProfile (Python <= 3.11), "
                              "counting per-thread CPU time (cpu, the default) or elapsed time (wall)")
@@ -1161,6 +1251,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     def terminated(*_: Any) -> None:
         raise KeyboardInterrupt
     signal.signal(signal.SIGTERM, terminated)
+    # Ctrl-C cleans up even when started with SIGINT ignored (e.g. `cmd &` in a script).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     started = time.monotonic()
     try:
         results = bench(args, state)
