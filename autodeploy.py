@@ -32,9 +32,8 @@ import sys
 import threading
 import time
 import urllib.parse
-import uuid
-from dataclasses import dataclass, field
-from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Set, Tuple
+from typing import (Any, Callable, Deque, Dict, Iterator, List, Mapping, NamedTuple, Optional,
+                    Sequence, Set, Tuple)
 
 import dockerapi
 from dockerapi import DockerClient, DockerError, NotFound
@@ -94,8 +93,7 @@ class DeployFailed(AutodeployError):
 # Configuration
 ############################################################################
 
-@dataclass
-class AppConfig:
+class AppConfig(NamedTuple):
     """One [repository] section: what may deploy, and where to."""
     repository: str
     image: str
@@ -107,19 +105,19 @@ class AppConfig:
     health_tcp: str = ""
     health_timeout: int = 60
     settle: float = 3.0
+    cooldown: float = 1.0
     remove_old_image: bool = True
     # Used only for the first deploy, when no container exists yet.
-    ports: List[Tuple[str, str, str]] = field(default_factory=list)
-    env: List[str] = field(default_factory=list)
-    volumes: List[str] = field(default_factory=list)
-    labels: Dict[str, str] = field(default_factory=dict)
+    ports: Sequence[Tuple[str, str, str]] = ()
+    env: Sequence[str] = ()
+    volumes: Sequence[str] = ()
+    labels: Mapping[str, str] = {}  # shared default: never mutated
     restart: str = ""
     network: str = ""
-    command: List[str] = field(default_factory=list)
+    command: Sequence[str] = ()
 
 
-@dataclass
-class Config:
+class Config(NamedTuple):
     """The whole configuration file, checked."""
     path: str
     listen_host: str
@@ -142,7 +140,7 @@ class Config:
 MAIN_KEYS = {"listen", "token", "token_file", "workers", "state_dir", "callback_allow",
              "max_body", "max_queue", "docker_host", "docker_config"}
 APP_KEYS = {"image", "tag", "container", "stop_timeout", "order", "health_url", "health_tcp",
-            "health_timeout", "settle", "remove_old_image", "ports", "env", "volumes",
+            "health_timeout", "settle", "cooldown", "remove_old_image", "ports", "env", "volumes",
             "labels", "restart", "network", "command"}
 
 
@@ -233,6 +231,7 @@ def _parse_app(repository: str, section: configparser.SectionProxy, where: str) 
         order=order, health_url=health_url, health_tcp=health_tcp,
         health_timeout=_int_option(section, "health_timeout", 60, where, 1, 3600),
         settle=_int_option(section, "settle", 3, where, 0, 600),
+        cooldown=_float_option(section, "cooldown", 1.0, where, 0, 3600),
         remove_old_image=remove_old_image,
         ports=[_parse_port(p, where) for p in _split_list(section.get("ports", ""))],
         env=[_parse_assignment(line, "env", where) for line in _lines(section.get("env", ""))],
@@ -277,6 +276,20 @@ def _int_option(section: configparser.SectionProxy, key: str, default: int, wher
         raise ConfigError("%s %s: %r is not a whole number" % (where, key, raw)) from None
     if not low <= value <= high:
         raise ConfigError("%s %s: %d is outside %d..%d" % (where, key, value, low, high))
+    return value
+
+
+def _float_option(section: configparser.SectionProxy, key: str, default: float, where: str,
+                  low: float, high: float) -> float:
+    raw = section.get(key)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError("%s %s: %r is not a number" % (where, key, raw)) from None
+    if not low <= value <= high:
+        raise ConfigError("%s %s: %s is outside %s..%s" % (where, key, raw, low, high))
     return value
 
 
@@ -338,8 +351,7 @@ def _lines(value: str) -> List[str]:
 # Webhook payloads
 ############################################################################
 
-@dataclass
-class Push:
+class Push(NamedTuple):
     """What a registry told us was pushed."""
     repository: str
     tag: str
@@ -390,21 +402,28 @@ def _dig(doc: Dict[str, Any], *keys: str) -> Any:
 FINAL_STATES = ("succeeded", "up_to_date", "failed", "rolled_back", "error", "superseded")
 
 
-@dataclass
 class Job:
     """One accepted webhook and what became of it."""
-    id: str
-    app: AppConfig
-    tag: str
-    callback_url: Optional[str] = None
-    source: str = "dockerhub"
-    received: float = 0.0
-    started: Optional[float] = None
-    finished: Optional[float] = None
-    state: str = "queued"
-    description: str = ""
-    superseded: List["Job"] = field(default_factory=list)
-    done: threading.Event = field(default_factory=threading.Event, repr=False)
+    __slots__ = ("id", "app", "tag", "callback_url", "source", "received", "started",
+                 "finished", "state", "description", "superseded")
+
+    def __init__(self, id: str, app: AppConfig, tag: str, callback_url: Optional[str] = None,
+                 source: str = "dockerhub", received: float = 0.0) -> None:
+        self.id = id
+        self.app = app
+        self.tag = tag
+        self.callback_url = callback_url
+        self.source = source
+        self.received = received
+        self.started: Optional[float] = None
+        self.finished: Optional[float] = None
+        self.state = "queued"
+        self.description = ""
+        # Jobs this one replaced while they waited: they hear its outcome.
+        self.superseded: List[Job] = []
+
+    def __repr__(self) -> str:
+        return "<Job %s %s:%s %s>" % (self.id, self.app.repository, self.tag, self.state)
 
     @property
     def reference(self) -> str:
@@ -419,7 +438,11 @@ class Job:
 
 def new_job_id() -> str:
     """A short unique id for log lines and answers."""
-    return uuid.uuid4().hex[:12]
+    return os.urandom(6).hex()
+
+
+def _end_superseded(job: Job) -> None:
+    job.state, job.description = "superseded", "superseded by a newer push"
 
 
 class QueueFull(AutodeployError):
@@ -433,14 +456,21 @@ class JobQueue:
     container (the newer push wins; the older job is kept on the newer one's
     `superseded` list so its callback still hears the outcome). So the queue
     never holds more than one waiting job per configured container.
+
+    After a job ends, the next one for its container waits out the app's
+    `cooldown`: a flood of webhooks for one app coalesces into one pull a
+    second or so, instead of pulls back to back (each counts against the
+    registry's rate limit and costs the Engine CPU).
     """
 
-    def __init__(self, limit: int = 1000) -> None:
+    def __init__(self, limit: int = 1000, clock: Callable[[], float] = time.monotonic) -> None:
         self.limit = limit
+        self.clock = clock
         self._cond = threading.Condition()
         self._ready: Deque[str] = collections.deque()
         self._waiting: Dict[str, Job] = {}
         self._running: Set[str] = set()
+        self._cool_until: Dict[str, float] = {}
         self._closed = False
 
     def put(self, job: Job) -> Optional[Job]:
@@ -452,45 +482,66 @@ class JobQueue:
             if replaced is None and len(self._waiting) >= self.limit:
                 raise QueueFull("%d jobs are waiting already" % len(self._waiting))
             if replaced is not None:
-                job.superseded = self._keep_to_report(replaced.superseded + [replaced])
-                replaced.superseded = []
+                job.superseded, replaced.superseded = replaced.superseded, []
+                self._supersede(job.superseded, replaced)
             elif key not in self._running:
                 self._ready.append(key)
             self._waiting[key] = job
             self._cond.notify()
         return replaced
 
-    def _keep_to_report(self, jobs: List[Job]) -> List[Job]:
-        """Superseded jobs whose callbacks still await the outcome: those
-        with a callback URL, the newest MAX_SUPERSEDED (a flood must not
-        grow memory); the rest end here as 'superseded'."""
-        keep = [j for j in jobs if j.callback_url][-MAX_SUPERSEDED:]
-        for dropped in jobs:
-            if dropped not in keep:
-                dropped.state, dropped.description = "superseded", "superseded by a newer push"
-                dropped.done.set()
-        return keep
+    @staticmethod
+    def _supersede(waiting: List[Job], replaced: Job) -> None:
+        """Add `replaced` to the jobs that await the outcome of the job that
+        replaced it, if it has a callback to hear it; keep the newest
+        MAX_SUPERSEDED (a flood must not grow memory). Jobs not kept end
+        here as 'superseded'."""
+        if replaced.callback_url:
+            waiting.append(replaced)
+        else:
+            _end_superseded(replaced)
+        while len(waiting) > MAX_SUPERSEDED:
+            _end_superseded(waiting.pop(0))
 
     def get(self, timeout: Optional[float] = None) -> Optional[Job]:
         """The next job whose container is free; None once closed (or on timeout)."""
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = None if timeout is None else self.clock() + timeout
         with self._cond:
-            while not self._ready:
-                if self._closed:
+            while True:
+                now = self.clock()
+                key, wake = self._first_ready(now)
+                if key is not None:
+                    self._ready.remove(key)
+                    self._cool_until.pop(key, None)
+                    self._running.add(key)
+                    return self._waiting.pop(key)
+                if self._closed and wake is None:
                     return None
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    return None
-                self._cond.wait(remaining)
-            key = self._ready.popleft()
-            self._running.add(key)
-            return self._waiting.pop(key)
+                if deadline is not None:
+                    if now >= deadline:
+                        return None
+                    wake = deadline if wake is None else min(wake, deadline)
+                self._cond.wait(None if wake is None else max(0.0, wake - now))
+
+    def _first_ready(self, now: float) -> Tuple[Optional[str], Optional[float]]:
+        """The oldest ready container past its cooldown, else when the
+        first one will be."""
+        wake = None
+        for key in self._ready:
+            until = self._cool_until.get(key, 0.0)
+            if until <= now:
+                return key, None
+            wake = until if wake is None else min(wake, until)
+        return None, wake
 
     def task_done(self, job: Job) -> None:
-        """Free the job's container; a job that waited for it becomes ready."""
+        """Free the job's container; a job that waited for it becomes ready
+        once the app's cooldown has passed."""
         key = job.app.container
         with self._cond:
             self._running.discard(key)
+            if job.app.cooldown > 0:
+                self._cool_until[key] = self.clock() + job.app.cooldown
             if key in self._waiting:
                 self._ready.append(key)
                 self._cond.notify()
@@ -1127,6 +1178,9 @@ class CallbackSender:
                         who, _mask_url(url))
             return
         with self._cond:
+            if len(self._pending) == self._pending.maxlen:
+                log.warning("job=%s callback queue full (%d): the oldest waiting callback is dropped",
+                            who, self._pending.maxlen)
             self._pending.append((who, url, body))
             self._cond.notify()
 
@@ -1266,8 +1320,7 @@ class Service:
             older.description = "superseded by job %s" % job.id
             self.callbacks.send(older, older.callback_url,
                                 callback_body(job, "(superseded by job %s)" % job.id))
-            older.done.set()
-        job.done.set()
+        job.superseded = []
 
 
 ############################################################################
@@ -1303,6 +1356,8 @@ class WebhookHandler(http.server.BaseHTTPRequestHandler):
     sys_version = ""
     disable_nagle_algorithm = True
     timeout = 30  # seconds a connection may sit idle or trickle
+    # Buffer the answer so headers and body leave in one send (handle_one_request flushes).
+    wbufsize = 64 * 1024
 
     def do_POST(self) -> None:
         self._body_read = False
@@ -1390,7 +1445,8 @@ class WebhookHandler(http.server.BaseHTTPRequestHandler):
             self.wfile.write(data)
 
     def log_request(self, code: Any = "-", size: Any = "-") -> None:
-        log.debug("%s %s %s %s", self.client_address[0], self.command, _mask_path(self.path), code)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s %s %s %s", self.client_address[0], self.command, _mask_path(self.path), code)
 
     def log_error(self, format: str, *args: Any) -> None:
         log.info("%s bad request: %s", self.client_address[0], _mask_path(format % args))
@@ -1503,6 +1559,10 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
 def main(argv: Optional[List[str]] = None) -> int:
     """The command line: serve, deploy or check."""
     args = parse_args(argv)
+    # The format uses none of the caller, process or thread fields: skip
+    # collecting them for every line (the logging HOWTO's "Optimization").
+    logging._srcfile = None
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(message)s")
     try:

@@ -2,7 +2,8 @@
 """Benchmark autodeploy against its performance targets.
 
     python3 tests/bench.py [--seconds 5] [--warmup 1] [--deploys 5] [--launches 5]
-                           [--client auto|wrk|own] [--callbacks local|omit] [--pyz]
+                           [--client auto|wrk|own] [--callbacks local|omit]
+                           [--python PATH | --script]
                            [--json FILE] [--keep-logs DIR] [--profile [cpu|wall]]
     python3 -m tests.bench ...
 
@@ -11,8 +12,10 @@ finds or starts one), docker-registry and busybox-static, like the
 end-to-end tests; wrk is used as the load client when installed
 (`apt-get install wrk`), else the bench's own multi-process client.
 
-What it measures, against the real service process (`python3 autodeploy.py
---config X serve`), a real Engine and a throwaway registry:
+What it measures, against the real service process run as autodeploy.service
+runs it (its ExecStart interpreter and flags, on the zipapp built as README
+says; --script: `python3 autodeploy.py`), a real Engine and a throwaway
+registry:
 
 1. webhook acks per second and p50/p99 latency with 1 and with 8 keep-alive
    clients POSTing a Docker Hub payload for an app that is already up to
@@ -52,7 +55,8 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 AUTODEPLOY = os.path.join(ROOT, "autodeploy.py")
-PROGRAM = [AUTODEPLOY]  # what `python3 PROGRAM --config X serve` runs: the script, or --pyz's zipapp
+PROGRAM = [AUTODEPLOY]  # what `python3 PROGRAM --config X serve` runs: the zipapp, or --script's autodeploy.py
+INTERPRETER = [sys.executable]  # and with what: by default the unit's ExecStart interpreter and flags
 TOKEN = "bench-" + "0123456789abcdef" * 3
 APP_PORT_IN_CONTAINER = 8080
 # A shell that traps SIGTERM in front of busybox httpd: stops at once.
@@ -308,7 +312,7 @@ class ServiceProcess:
         with open(self.config, "w") as fh:
             fh.write(config_text)
         self.log_path = os.path.join(folder, "%s.log" % name)
-        self.argv = argv or [sys.executable, PROGRAM[0], "--config", self.config, "serve"]
+        self.argv = argv or INTERPRETER + [PROGRAM[0], "--config", self.config, "serve"]
         self.env = env
         self.process = None  # type: Optional[subprocess.Popen]
         self._log = None
@@ -432,11 +436,13 @@ def measure_launch(folder: str, config_for_port: Any, env: Dict[str, str], runs:
         if code != 0:
             raise BenchError("%s exited %s" % (" ".join(argv), code))
         return elapsed
-    bare = [timed([sys.executable, "-c", "pass"]) for _ in range(runs)]
-    imported = [timed([sys.executable, "-c", "import autodeploy"]) for _ in range(runs)]
+    importing = "import sys; sys.path.insert(0, %r); import autodeploy" % (
+        ROOT if PROGRAM[0] == AUTODEPLOY else PROGRAM[0])
+    bare = [timed(INTERPRETER + ["-c", "pass"]) for _ in range(runs)]
+    imported = [timed(INTERPRETER + ["-c", importing]) for _ in range(runs)]
 
     def rss_of(code: str) -> int:
-        out = subprocess.run([sys.executable, "-c", code + "\nimport sys\n"
+        out = subprocess.run(INTERPRETER + ["-c", code + "\nimport sys\n"
                               "sys.stdout.write([l for l in open('/proc/self/status') "
                               "if l.startswith('VmRSS')][0].split()[1])"],
                              cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -444,7 +450,7 @@ def measure_launch(folder: str, config_for_port: Any, env: Dict[str, str], runs:
         return int(out)
     return {"runs_ms": times, "median_ms": median(times), "python_bare_ms": median(bare),
             "python_import_autodeploy_ms": median(imported),
-            "python_bare_rss_kb": rss_of("pass"), "python_import_autodeploy_rss_kb": rss_of("import autodeploy")}
+            "python_bare_rss_kb": rss_of("pass"), "python_import_autodeploy_rss_kb": rss_of(importing)}
 
 
 ############################################################################
@@ -924,6 +930,21 @@ def run_profile(client: str, wrk: Optional[str], folder: str, config_for_port: A
 # The run
 ############################################################################
 
+def unit_interpreter(python: Optional[str]) -> List[str]:
+    """The interpreter and flags of autodeploy.service's ExecStart, e.g.
+    ['/usr/bin/python3', '-I', '-S', '-u']: the bench runs the service as
+    the unit would. `python` (or this interpreter, when the unit's is not
+    installed) replaces the path, keeping the flags."""
+    import shlex
+    with open(os.path.join(ROOT, "autodeploy.service")) as fh:
+        line = next(l for l in fh if l.startswith("ExecStart="))
+    argv = shlex.split(line[len("ExecStart="):])
+    words = argv[:next(n for n, word in enumerate(argv) if word.endswith(".pyz"))]
+    if python or not os.path.exists(words[0]):
+        words[0] = python or sys.executable
+    return words
+
+
 def build_pyz(folder: str) -> str:
     """The zipapp the README installs: autodeploy.py + dockerapi.py, main autodeploy:cli."""
     import zipapp
@@ -998,10 +1019,14 @@ def bench(args: argparse.Namespace, state: Dict[str, Any]) -> Dict[str, Any]:
     folder = state["folder"] = tempfile.mkdtemp(prefix="autodeploy-bench-")
     log("run %s, temp folder %s, load client %s" % (run, folder, results["client"]))
 
-    if args.pyz:
+    if args.script:
+        INTERPRETER[:] = [sys.executable]
+        results["program"] = "%s autodeploy.py --config X serve" % sys.executable
+    else:
+        INTERPRETER[:] = unit_interpreter(args.python)
         PROGRAM[0] = build_pyz(folder)
-    results["program"] = "python3 %s --config X serve" % (
-        "autodeploy.pyz (zipapp built as README says)" if args.pyz else "autodeploy.py")
+        results["program"] = "%s autodeploy.pyz --config X serve (as autodeploy.service runs it)" % (
+            " ".join(INTERPRETER))
 
     registry = state["registry"] = support.Registry().start()
     image = "%s/bench/web" % registry.host
@@ -1219,8 +1244,11 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     parser.add_argument("--callbacks", choices=("local", "omit"), default="local",
                         help="load payloads carry a callback_url to a local receiver (default), "
                              "or none")
-    parser.add_argument("--pyz", action="store_true",
-                        help="run the service as the zipapp the README installs, not autodeploy.py")
+    parser.add_argument("--python", metavar="PATH",
+                        help="interpreter for the service (default: the one autodeploy.service names, "
+                             "else this one), run with the unit's flags")
+    parser.add_argument("--script", action="store_true",
+                        help="run autodeploy.py with this interpreter, not the zipapp as the unit runs it")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     parser.add_argument("--keep-logs", metavar="DIR",
                         help="copy the service logs, configs and profile to DIR before cleaning up")

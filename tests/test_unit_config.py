@@ -194,7 +194,8 @@ class CallbackRulesTest(unittest.TestCase):
 
     def test_callback_body(self):
         job = autodeploy.Job(id="j1", app=autodeploy.AppConfig("a/b", "a/b", ("latest",), "a-b"),
-                             tag="latest", state="failed", description="pull failed")
+                             tag="latest")
+        job.state, job.description = "failed", "pull failed"
         self.assertEqual(autodeploy.callback_body(job),
                          {"state": "failure", "description": "pull failed", "context": "autodeploy"})
         job.state = "up_to_date"

@@ -9,6 +9,7 @@ import json
 import logging
 import socket
 import threading
+import time
 import unittest
 
 import autodeploy
@@ -155,9 +156,10 @@ class HandlerTest(unittest.TestCase):
             self.assertNotIn(TOKEN, line)
 
 
-def job(container: str, n: int) -> Job:
-    return Job(id="%s-%d" % (container, n), app=AppConfig(container, container, ("latest",), container),
-               tag="latest", callback_url="https://registry.hub.docker.com/u/x/hook/%d/" % n)
+def job(container: str, n: int, cooldown: float = 0.0) -> Job:
+    app = AppConfig(container, container, ("latest",), container, cooldown=cooldown)
+    return Job(id="%s-%d" % (container, n), app=app, tag="latest",
+               callback_url="https://registry.hub.docker.com/u/x/hook/%d/" % n)
 
 
 class JobQueueTest(unittest.TestCase):
@@ -185,6 +187,20 @@ class JobQueueTest(unittest.TestCase):
         waiting = queue.get(timeout=1)
         self.assertEqual(len(waiting.superseded), autodeploy.MAX_SUPERSEDED)
         self.assertEqual(waiting.superseded[-1].id, "a-%d" % (autodeploy.MAX_SUPERSEDED + 48))
+
+    def test_next_job_for_a_container_waits_out_its_cooldown(self):
+        queue = JobQueue()
+        first = job("a", 1, cooldown=0.3)
+        queue.put(first)
+        self.assertIs(queue.get(timeout=1), first)
+        queue.task_done(first)
+        queue.put(job("a", 2, cooldown=0.3))
+        queue.put(job("b", 1))
+        ended = time.monotonic()
+        self.assertEqual(queue.get(timeout=1).id, "b-1")  # another container does not wait
+        self.assertIsNone(queue.get(timeout=0.1))
+        self.assertEqual(queue.get(timeout=2).id, "a-2")
+        self.assertGreaterEqual(time.monotonic() - ended, 0.29)
 
     def test_close_wakes_workers(self):
         queue = JobQueue()

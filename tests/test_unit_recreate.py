@@ -165,7 +165,7 @@ class OrderTest(unittest.TestCase):
         self.assertEqual(choose_order(self.app, old), "stop-first")
 
     def test_configured_order_wins(self):
-        self.app.order = "start-first"
+        self.app = self.app._replace(order="start-first")
         self.assertEqual(choose_order(self.app, self.old), "start-first")
 
 
