@@ -12,9 +12,18 @@ TOKEN = "t" * 40
 PAYLOADS = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "payloads")
 
 
+def setUpModule():
+    global FOLDER
+    FOLDER = tempfile.TemporaryDirectory(prefix="autodeploy-config-")
+
+
+def tearDownModule():
+    FOLDER.cleanup()
+
+
 def write_config(text: str) -> str:
-    """Write `text` to a temporary config file and return its path."""
-    folder = tempfile.mkdtemp(prefix="autodeploy-config-")
+    """Write `text` to a config file in a folder of its own; return its path."""
+    folder = tempfile.mkdtemp(dir=FOLDER.name)
     path = os.path.join(folder, "autodeploy.conf")
     with open(path, "w", encoding="utf-8") as fh:
         fh.write(text)
