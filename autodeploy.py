@@ -19,7 +19,10 @@ import configparser
 import copy
 import hmac
 import http.client
+import heapq
 import http.server
+import io
+import ipaddress
 import json
 import logging
 import os
@@ -33,10 +36,12 @@ import threading
 import time
 import urllib.parse
 from typing import (Any, Callable, Deque, Dict, Iterator, List, Mapping, NamedTuple, Optional,
-                    Sequence, Set, Tuple)
+                    Sequence, Set, Tuple, Union, FrozenSet)
 
 import dockerapi
 from dockerapi import DockerClient, DockerError, NotFound
+
+Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
 __version__ = "0.1.0"
 __all__ = [
@@ -53,7 +58,12 @@ DEFAULT_WORKERS = 3
 DEFAULT_MAX_BODY = 64 * 1024
 DEFAULT_CALLBACK_ALLOW = "https://registry.hub.docker.com"
 MIN_TOKEN_LENGTH = 32
-CALLBACK_TIMEOUT = 10.0
+MIN_SECRET_LENGTH = 16
+DEFAULT_MAX_CONNECTIONS = 64
+DEFAULT_REQUEST_TIMEOUT = 10.0  # seconds a client has to send one whole request
+CALLBACK_TIMEOUT = 5.0
+CALLBACK_RETRY_DELAYS = (1.0, 5.0, 30.0)  # seconds before the 2nd, 3rd and 4th attempt
+CALLBACK_THREADS = 4
 KEPT_JOBS = 1000
 MAX_SUPERSEDED = 100  # callbacks kept waiting for one container's next outcome
 # Docker's reference grammar, simplified: what may stand in a tag.
@@ -106,6 +116,8 @@ class AppConfig(NamedTuple):
     health_timeout: int = 60
     settle: float = 3.0
     cooldown: float = 1.0
+    tokens: Tuple[str, ...] = ()  # deploy tokens for this app only, besides the global ones
+    signing_secret: str = ""  # when set, requests for this app must carry X-Hub-Signature-256
     remove_old_image: bool = True
     # Used only for the first deploy, when no container exists yet.
     ports: Sequence[Tuple[str, str, str]] = ()
@@ -131,6 +143,14 @@ class Config(NamedTuple):
     docker_host: Optional[str]
     docker_config: Optional[str]
     apps: Dict[str, AppConfig]
+    signing_secret: str = ""
+    allow_from: Tuple[Network, ...] = ()  # empty: any source address
+    trusted_proxies: Tuple[Network, ...] = ()
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    request_timeout: float = DEFAULT_REQUEST_TIMEOUT
+    tls_cert: Optional[str] = None
+    tls_key: Optional[str] = None
+    insecure_no_token: bool = False  # serve --insecure-no-token
 
     def app_for(self, repository: str) -> Optional[AppConfig]:
         """The app configured for a pushed repository, if any."""
@@ -138,15 +158,20 @@ class Config(NamedTuple):
 
 
 MAIN_KEYS = {"listen", "token", "token_file", "workers", "state_dir", "callback_allow",
-             "max_body", "max_queue", "docker_host", "docker_config"}
+             "max_body", "max_queue", "docker_host", "docker_config", "signing_secret",
+             "signing_secret_file", "allow_from", "trusted_proxies", "max_connections",
+             "request_timeout", "tls_cert", "tls_key"}
 APP_KEYS = {"image", "tag", "container", "stop_timeout", "order", "health_url", "health_tcp",
             "health_timeout", "settle", "cooldown", "remove_old_image", "ports", "env", "volumes",
-            "labels", "restart", "network", "command"}
+            "labels", "restart", "network", "command", "token", "token_file", "signing_secret",
+            "signing_secret_file"}
 
 
-def load_config(path: str) -> Config:
+def load_config(path: str, environ: Optional[Mapping[str, str]] = None) -> Config:
     """Read and check the INI file at `path`; ConfigError names the file,
-    section or line, and what is wrong."""
+    section or line, and what is wrong. Deploy tokens also come from
+    $AUTODEPLOY_TOKEN and from systemd's $CREDENTIALS_DIRECTORY/token."""
+    environ = os.environ if environ is None else environ
     parser = configparser.ConfigParser(interpolation=None, default_section="\0defaults")
     parser.optionxform = str  # keys as written: env and label names are case-sensitive
     try:
@@ -162,20 +187,24 @@ def load_config(path: str) -> Config:
         raise ConfigError("%s: no [autodeploy] section" % path)
     main = parser["autodeploy"]
     where = "%s: [autodeploy]" % path
+    base = os.path.dirname(os.path.abspath(path))
     _reject_unknown_keys(main, MAIN_KEYS, where)
     host, port = _parse_listen(main.get("listen", DEFAULT_LISTEN), where)
     apps = {}
     for name in parser.sections():
         if name != "autodeploy":
-            apps[name] = _parse_app(name, parser[name], "%s: [%s]" % (path, name))
+            apps[name] = _parse_app(name, parser[name], "%s: [%s]" % (path, name), base)
     containers = collections.Counter(app.container for app in apps.values())
     for container, count in containers.items():
         if count > 1:
             raise ConfigError("%s: %d sections deploy to the same container %r"
                               % (path, count, container))
+    tls_cert, tls_key = main.get("tls_cert") or None, main.get("tls_key") or None
+    if bool(tls_cert) != bool(tls_key):
+        raise ConfigError("%s tls_cert and tls_key: give both, or neither" % where)
     return Config(
         path=path, listen_host=host, listen_port=port,
-        tokens=_read_tokens(main, where, os.path.dirname(os.path.abspath(path))),
+        tokens=_read_tokens(main, where, base) + _tokens_from_environment(environ, where),
         workers=_int_option(main, "workers", DEFAULT_WORKERS, where, 1, 64),
         state_dir=main.get("state_dir", "/var/lib/autodeploy"),
         callback_allow=[_parse_origin(o, where) for o in _split_list(
@@ -184,10 +213,18 @@ def load_config(path: str) -> Config:
         max_queue=_int_option(main, "max_queue", 100, where, 1, 100000),
         docker_host=main.get("docker_host") or None,
         docker_config=main.get("docker_config") or None,
-        apps=apps)
+        apps=apps,
+        signing_secret=_read_secret(main, where, base),
+        allow_from=_parse_networks(main, "allow_from", where),
+        trusted_proxies=_parse_networks(main, "trusted_proxies", where),
+        max_connections=_int_option(main, "max_connections", DEFAULT_MAX_CONNECTIONS, where, 1, 10000),
+        request_timeout=_float_option(main, "request_timeout", DEFAULT_REQUEST_TIMEOUT, where, 0.5, 600),
+        tls_cert=tls_cert and os.path.join(base, tls_cert),
+        tls_key=tls_key and os.path.join(base, tls_key))
 
 
-def _parse_app(repository: str, section: configparser.SectionProxy, where: str) -> AppConfig:
+def _parse_app(repository: str, section: configparser.SectionProxy, where: str,
+               base: str) -> AppConfig:
     _reject_unknown_keys(section, APP_KEYS, where)
     tags = tuple(_split_list(section.get("tag", "latest")))
     for tag in tags:
@@ -238,7 +275,9 @@ def _parse_app(repository: str, section: configparser.SectionProxy, where: str) 
         volumes=[_parse_volume(v, where) for v in _split_list(section.get("volumes", ""))],
         labels=dict(_parse_assignment(line, "labels", where).split("=", 1)
                     for line in _lines(section.get("labels", ""))),
-        restart=restart, network=section.get("network", ""), command=command)
+        restart=restart, network=section.get("network", ""), command=command,
+        tokens=tuple(_read_tokens(section, where, base)),
+        signing_secret=_read_secret(section, where, base))
 
 
 def _reject_unknown_keys(section: configparser.SectionProxy, known: Set[str], where: str) -> None:
@@ -259,10 +298,57 @@ def _read_tokens(main: configparser.SectionProxy, where: str, base: str) -> List
             raise ConfigError("%s token_file: cannot read %s: %s"
                               % (where, token_path, exc.strerror or exc)) from exc
     for token in tokens:
-        if len(token) < MIN_TOKEN_LENGTH or not re.match(r"^[A-Za-z0-9._~-]+$", token):
-            raise ConfigError("%s token: each token must be at least %d URL-safe characters "
-                              "(letters, digits, . _ ~ -); one is not" % (where, MIN_TOKEN_LENGTH))
+        _check_token(token, where)
     return tokens
+
+
+def _tokens_from_environment(environ: Mapping[str, str], where: str) -> List[str]:
+    """Tokens from $AUTODEPLOY_TOKEN and systemd's LoadCredential=token:..."""
+    tokens = _split_list(environ.get("AUTODEPLOY_TOKEN", ""))
+    credentials = environ.get("CREDENTIALS_DIRECTORY")
+    if credentials and os.path.exists(os.path.join(credentials, "token")):
+        try:
+            with open(os.path.join(credentials, "token"), encoding="utf-8") as fh:
+                tokens += _split_list(fh.read())
+        except OSError as exc:
+            raise ConfigError("%s: cannot read the systemd credential 'token': %s"
+                              % (where, exc.strerror or exc)) from exc
+    for token in tokens:
+        _check_token(token, where + " (AUTODEPLOY_TOKEN or credential 'token')")
+    return tokens
+
+
+def _check_token(token: str, where: str) -> None:
+    if len(token) < MIN_TOKEN_LENGTH or not re.match(r"^[A-Za-z0-9._~-]+$", token):
+        raise ConfigError("%s token: each token must be at least %d URL-safe characters "
+                          "(letters, digits, . _ ~ -); one is not" % (where, MIN_TOKEN_LENGTH))
+
+
+def _read_secret(section: configparser.SectionProxy, where: str, base: str) -> str:
+    """signing_secret, or the first line of signing_secret_file."""
+    secret = section.get("signing_secret", "")
+    secret_file = section.get("signing_secret_file")
+    if secret_file:
+        try:
+            with open(os.path.join(base, secret_file), encoding="utf-8") as fh:
+                secret = fh.readline().strip()
+        except OSError as exc:
+            raise ConfigError("%s signing_secret_file: cannot read %s: %s"
+                              % (where, secret_file, exc.strerror or exc)) from exc
+    if secret and len(secret) < MIN_SECRET_LENGTH:
+        raise ConfigError("%s signing_secret: at least %d characters" % (where, MIN_SECRET_LENGTH))
+    return secret
+
+
+def _parse_networks(section: configparser.SectionProxy, key: str, where: str) -> Tuple[Network, ...]:
+    networks = []
+    for value in _split_list(section.get(key, "")):
+        try:
+            networks.append(ipaddress.ip_network(value, strict=False))
+        except ValueError:
+            raise ConfigError("%s %s: %r is not an address or CIDR network such as "
+                              "192.0.2.0/24 or 2001:db8::/32" % (where, key, value)) from None
+    return tuple(networks)
 
 
 def _int_option(section: configparser.SectionProxy, key: str, default: int, where: str,
@@ -362,7 +448,7 @@ class Push(NamedTuple):
 def parse_push(body: bytes) -> Push:
     """Read a Docker Hub push payload; PayloadError(400) when it is not one."""
     try:
-        doc = json.loads(body.decode("utf-8"))
+        doc = json.loads(body.decode("utf-8"), object_pairs_hook=_object_without_duplicates)
     except UnicodeDecodeError:
         raise PayloadError(400, "the body is not UTF-8") from None
     except ValueError as exc:
@@ -385,6 +471,14 @@ def parse_push(body: bytes) -> Push:
     if callback is not None and not isinstance(callback, str):
         raise PayloadError(400, "callback_url is not a string")
     return Push(repository=repository, tag=tag, callback_url=callback or None)
+
+
+def _object_without_duplicates(pairs: List[Tuple[str, Any]]) -> Dict[str, Any]:
+    # Two "tag"s could mean one thing to us and another to a proxy that checked it.
+    doc = dict(pairs)
+    if len(doc) != len(pairs):
+        raise ValueError("duplicate key in an object")
+    return doc
 
 
 def _dig(doc: Dict[str, Any], *keys: str) -> Any:
@@ -1155,17 +1249,28 @@ def no_redirects_opener(use_proxy_env: bool = True) -> Callable[..., Any]:
 
 
 class CallbackSender:
-    """Posts outcomes to callback URLs from its own thread, so a slow or
-    dead callback host never holds up a deploy."""
+    """Posts outcomes to callback URLs from threads of its own, so a slow or
+    dead callback host never holds up a deploy. A failed POST (no answer,
+    5xx, 429) is tried again after each of `retry_delays`; the queue is
+    bounded, and a host that never answers holds one thread for `timeout`
+    per attempt, not the others."""
 
     def __init__(self, allow: List[Tuple[str, str, int]], urlopen: Optional[Callable[..., Any]] = None,
-                 timeout: float = CALLBACK_TIMEOUT, max_pending: int = 1000):
+                 timeout: float = CALLBACK_TIMEOUT, max_pending: int = 1000,
+                 retry_delays: Sequence[float] = CALLBACK_RETRY_DELAYS,
+                 threads: int = CALLBACK_THREADS, clock: Callable[[], float] = time.monotonic):
         self.allow = allow
         self.urlopen = urlopen
         self.timeout = timeout
-        self._pending: Deque[Tuple[str, str, Dict[str, str]]] = collections.deque(maxlen=max_pending)
+        self.max_pending = max_pending
+        self.retry_delays = tuple(retry_delays)
+        self.clock = clock
+        self._threads_wanted = threads
+        # (due, sequence, who, url, body, attempt): a heap, earliest due first.
+        self._pending: List[Tuple[float, int, str, str, Dict[str, str], int]] = []
+        self._sequence = 0
         self._cond = threading.Condition()
-        self._thread: Optional[threading.Thread] = None
+        self._threads: List[threading.Thread] = []
         self._stopping = False
 
     def send(self, job: Job, url: Optional[str], body: Dict[str, str]) -> None:
@@ -1177,37 +1282,66 @@ class CallbackSender:
             log.warning("job=%s callback to %s not sent: not an allowed callback origin",
                         who, _mask_url(url))
             return
+        self._queue(who, url, body, 1, self.clock())
+
+    def _queue(self, who: str, url: str, body: Dict[str, str], attempt: int, due: float) -> None:
         with self._cond:
-            if len(self._pending) == self._pending.maxlen:
-                log.warning("job=%s callback queue full (%d): the oldest waiting callback is dropped",
-                            who, self._pending.maxlen)
-            self._pending.append((who, url, body))
+            if len(self._pending) >= self.max_pending:
+                log.warning("job=%s callback to %s dropped: %d callbacks are waiting already",
+                            who, _mask_url(url), len(self._pending))
+                return
+            self._sequence += 1
+            heapq.heappush(self._pending, (due, self._sequence, who, url, body, attempt))
             self._cond.notify()
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="autodeploy-callbacks", daemon=True)
-        self._thread.start()
+        for n in range(self._threads_wanted):
+            thread = threading.Thread(target=self._run, name="autodeploy-callbacks-%d" % (n + 1),
+                                      daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def alive(self) -> bool:
+        return all(thread.is_alive() for thread in self._threads)
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Send what is queued (within `timeout`), then stop the thread."""
+        """Send what is due (within `timeout`), then stop; retries not yet due are dropped."""
         with self._cond:
             self._stopping = True
-            self._cond.notify()
-        if self._thread:
-            self._thread.join(timeout)
+            self._cond.notify_all()
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        if self._pending:
+            log.warning("%d callback(s) not sent: stopping", len(self._pending))
+
+    def _next(self) -> Optional[Tuple[float, int, str, str, Dict[str, str], int]]:
+        """The next callback due, waiting for it; None when stopping."""
+        with self._cond:
+            while True:
+                now = self.clock()
+                if self._pending and self._pending[0][0] <= now:
+                    return heapq.heappop(self._pending)
+                if self._stopping:
+                    return None
+                self._cond.wait(self._pending[0][0] - now if self._pending else None)
 
     def _run(self) -> None:
         while True:
-            with self._cond:
-                while not self._pending and not self._stopping:
-                    self._cond.wait()
-                if not self._pending:
-                    return
-                who, url, body = self._pending.popleft()
-            self.post(who, url, body)
+            item = self._next()
+            if item is None:
+                return
+            _, _, who, url, body, attempt = item
+            if self.post(who, url, body) == "retry" and attempt <= len(self.retry_delays):
+                delay = self.retry_delays[attempt - 1]
+                log.info("job=%s callback to %s: attempt %d failed, next in %gs",
+                         who, _mask_url(url), attempt, delay)
+                self._queue(who, url, body, attempt + 1, self.clock() + delay)
 
-    def post(self, who: str, url: str, body: Dict[str, str]) -> bool:
-        """POST one callback now; logs and returns False on failure."""
+    def post(self, who: str, url: str, body: Dict[str, str]) -> str:
+        """POST one callback now and log the outcome: 'sent', 'failed', or
+        'retry' (no answer, 5xx or 429: another attempt may pass)."""
+        import urllib.error
         import urllib.request
         if self.urlopen is None:
             self.urlopen = no_redirects_opener()
@@ -1219,11 +1353,15 @@ class CallbackSender:
                 response.read(4096)
                 log.info("job=%s callback %s sent to %s: HTTP %s",
                          who, body["state"], _mask_url(url), response.status)
-                return True
-        except Exception as exc:  # any failure is logged, never raised
+                return "sent"
+        except urllib.error.HTTPError as exc:
+            log.warning("job=%s callback to %s refused: HTTP %s", who, _mask_url(url), exc.code)
+            # A redirect or another 4xx will not change; 5xx and 429 may.
+            return "retry" if exc.code >= 500 or exc.code == 429 else "failed"
+        except Exception as exc:  # no answer, or any other failure: logged, never raised
             log.warning("job=%s callback to %s failed: %s", who, _mask_url(url),
                         getattr(exc, "reason", None) or exc)
-            return False
+            return "retry"
 
 
 def _mask_url(url: str) -> str:
@@ -1287,6 +1425,10 @@ class Service:
             thread.start()
             self._workers.append(thread)
 
+    def alive(self) -> bool:
+        """Every worker and callback thread still runs (for the watchdog)."""
+        return all(t.is_alive() for t in self._workers) and self.callbacks.alive()
+
     def stop(self, timeout: float = 30.0) -> None:
         """Let running jobs finish (within `timeout`), then stop the threads."""
         self.queue.close()
@@ -1327,25 +1469,184 @@ class Service:
 # HTTP
 ############################################################################
 
+ANY_APP = frozenset(["*"])  # token_scope(): a global token may deploy every app
+
+
+def token_scope(config: Config, given: str) -> Optional[FrozenSet[str]]:
+    """Which repositories the token in the URL may deploy: ANY_APP for a
+    global token, the apps naming it for a per-app token, None for no
+    match. Compares against every token, in constant time each."""
+    given_bytes = given.encode("utf-8", "replace")
+    globally = False
+    apps = set()
+    for token in config.tokens:
+        globally |= hmac.compare_digest(given_bytes, token.encode("utf-8"))
+    for app in config.apps.values():
+        for token in app.tokens:
+            if hmac.compare_digest(given_bytes, token.encode("utf-8")):
+                apps.add(app.repository)
+    if globally or (config.insecure_no_token and not config.tokens):
+        return ANY_APP
+    return frozenset(apps) if apps else None
+
+
+def check_sender(config: Config, push: Push, scope: FrozenSet[str], body: bytes,
+                 signature: Optional[str]) -> None:
+    """PayloadError(404) when the token may not deploy this repository,
+    401 when a signing secret applies and the signature is missing or wrong."""
+    app = config.app_for(push.repository)
+    if scope is not ANY_APP and push.repository not in scope:
+        raise PayloadError(404, "not found")
+    secret = (app.signing_secret if app else "") or config.signing_secret
+    if secret and not signature_ok(secret, body, signature):
+        raise PayloadError(401, "missing or bad X-Hub-Signature-256" if signature is None
+                           else "bad X-Hub-Signature-256")
+
+
+def signature_ok(secret: str, body: bytes, header: Optional[str]) -> bool:
+    """GitHub-style 'sha256=<hex HMAC of the raw body>', checked in constant time."""
+    if not header or not header.startswith("sha256="):
+        return False
+    expected = hmac.new(secret.encode("utf-8"), body, "sha256").hexdigest()
+    return hmac.compare_digest(expected.encode("ascii"), header[7:].strip().lower().encode("ascii", "replace"))
+
+
+def client_address(peer: str, headers: Any, trusted: Sequence[Network]) -> str:
+    """The address a request came from: the peer, unless the peer is a trusted
+    proxy; then the nearest address in Forwarded / X-Forwarded-For that is
+    not one (headers from anyone else are ignored: they are trivial to forge)."""
+    if not trusted or not in_networks(peer, trusted):
+        return peer
+    hops = forwarded_for(headers)
+    for hop in reversed(hops):
+        if not in_networks(hop, trusted):
+            return hop
+    return hops[0] if hops else peer
+
+
+def forwarded_for(headers: Any) -> List[str]:
+    """The client chain from RFC 7239 Forwarded (for=...), else X-Forwarded-For."""
+    forwarded = headers.get_all("Forwarded") if hasattr(headers, "get_all") else None
+    hops = []
+    if forwarded:
+        for element in ",".join(forwarded).split(","):
+            for pair in element.split(";"):
+                key, _, value = pair.strip().partition("=")
+                if key.lower() == "for":
+                    value = value.strip().strip('"')
+                    if value.startswith("["):  # "[2001:db8::1]:4711"
+                        value = value[1:].split("]", 1)[0]
+                    elif value.count(":") == 1:  # "192.0.2.1:4711"
+                        value = value.split(":", 1)[0]
+                    hops.append(value)
+        return hops
+    for header in (headers.get_all("X-Forwarded-For") or []) if hasattr(headers, "get_all") else []:
+        hops += [hop.strip() for hop in header.split(",") if hop.strip()]
+    return hops
+
+
+def in_networks(address: str, networks: Sequence[Network]) -> bool:
+    """True when `address` parses and lies in one of `networks` (an IPv4
+    client seen on an IPv6 socket, ::ffff:a.b.c.d, counts as IPv4)."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+        ip = ip.ipv4_mapped
+    return any(ip.version == net.version and ip in net for net in networks)
+
+
 class WebhookServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
-    """The webhook listener: one thread per connection, state in `service`."""
+    """The webhook listener: one thread per connection, state in `service`.
+
+    At most `max_connections` connections are served at once; a client
+    beyond that gets a 503 at once instead of a thread of its own."""
     daemon_threads = True
     allow_reuse_address = True
     request_queue_size = 128
 
-    def __init__(self, address: Tuple[str, int], service: Service):
+    def __init__(self, address: Tuple[str, int], service: Service,
+                 tls: Optional[Any] = None):
         self.service = service
+        self.tls = tls  # an ssl.SSLContext, or None for plain HTTP
+        self._active = 0
+        self._active_lock = threading.Lock()
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         super().__init__(address, WebhookHandler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self._active_lock:
+            full = self._active >= self.service.config.max_connections
+            if not full:
+                self._active += 1
+        if full:
+            log.warning("%s refused: %d connections open already", client_address[0], self._active)
+            self._refuse(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self._active_lock:
+                self._active -= 1
+
+    def _refuse(self, request: socket.socket) -> None:
+        if self.tls is None:  # a TLS client would not understand plain text
+            body = b'{"error": "too many connections; retry later"}\n'
+            try:
+                request.settimeout(0.5)
+                request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                                b"Retry-After: 5\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s"
+                                % (len(body), body))
+            except OSError:
+                pass
+        self.shutdown_request(request)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         """One log line, not a traceback on stderr, for a connection that broke."""
         exc = sys.exc_info()[1]
         if isinstance(exc, (ConnectionError, TimeoutError, socket.timeout)):
             log.info("%s connection dropped: %s", client_address[0], exc.__class__.__name__)
+        elif isinstance(exc, OSError) and exc.__class__.__module__ == "ssl":
+            log.info("%s TLS failed: %s", client_address[0], getattr(exc, "reason", None) or exc)
         else:
             log.error("%s request failed: %r", client_address[0], exc)
+
+
+class DeadlineReader(io.RawIOBase):
+    """A socket's reads, with one deadline for a whole request on top of the
+    idle timeout: a client trickling a byte at a time (slowloris) is dropped
+    when the deadline passes. The deadline starts with the request's first
+    byte; `new_request()` clears it."""
+
+    def __init__(self, sock: socket.socket, idle_timeout: float, request_timeout: float):
+        super().__init__()
+        self.sock = sock
+        self.idle_timeout = idle_timeout
+        self.request_timeout = request_timeout
+        self.deadline: Optional[float] = None
+
+    def readable(self) -> bool:
+        return True
+
+    def new_request(self) -> None:
+        self.deadline = None
+
+    def readinto(self, buffer: Any) -> int:
+        timeout = self.idle_timeout
+        if self.deadline is not None:
+            timeout = min(timeout, self.deadline - time.monotonic())
+            if timeout <= 0:
+                raise socket.timeout("the request took longer than %ss" % self.request_timeout)
+        self.sock.settimeout(timeout)
+        count = self.sock.recv_into(buffer)
+        if self.deadline is None and count:
+            self.deadline = time.monotonic() + self.request_timeout
+        return count
 
 
 class WebhookHandler(http.server.BaseHTTPRequestHandler):
@@ -1355,21 +1656,51 @@ class WebhookHandler(http.server.BaseHTTPRequestHandler):
     server_version = "autodeploy/" + __version__
     sys_version = ""
     disable_nagle_algorithm = True
-    timeout = 30  # seconds a connection may sit idle or trickle
+    timeout = 30  # seconds a keep-alive connection may sit idle
     # Buffer the answer so headers and body leave in one send (handle_one_request flushes).
     wbufsize = 64 * 1024
+    _body_read = False
+
+    def setup(self) -> None:
+        config = self.server.service.config
+        if self.server.tls is not None:
+            self.request.settimeout(config.request_timeout)  # bounds the handshake
+            self.request = self.server.tls.wrap_socket(self.request, server_side=True)
+        super().setup()
+        self.reader = DeadlineReader(self.connection, self.timeout, config.request_timeout)
+        self.rfile = io.BufferedReader(self.reader)
+
+    def handle_one_request(self) -> None:
+        self.reader.new_request()
+        self._body_read = False
+        super().handle_one_request()
+
+    def parse_request(self) -> bool:
+        """The standard parsing (400/414/431/505), then the source address check."""
+        if not super().parse_request():
+            return False
+        config = self.server.service.config
+        if config.allow_from:
+            source = client_address(self.client_address[0], self.headers, config.trusted_proxies)
+            if not in_networks(source, config.allow_from):
+                log.warning("%s refused: not in allow_from (peer %s)", source, self.client_address[0])
+                self.answer(403, {"error": "forbidden"}, close=True)
+                return False
+        return True
 
     def do_POST(self) -> None:
-        self._body_read = False
         if not self._deploy_path():
             return self.answer(404, {"error": "not found"})
-        if not self._token_ok():
+        scope = token_scope(self.server.service.config, self._given_token())
+        if scope is None:
             return self.answer(404, {"error": "not found"})
         body = self._read_body()
         if body is None:
             return
         try:
             push = parse_push(body)
+            check_sender(self.server.service.config, push, scope, body,
+                         self.headers.get("X-Hub-Signature-256"))
             job = self.server.service.submit(push)
         except PayloadError as exc:
             log.info("webhook refused (%d): %s", exc.status, exc.message)
@@ -1379,7 +1710,6 @@ class WebhookHandler(http.server.BaseHTTPRequestHandler):
                           "tag": job.tag})
 
     def do_GET(self) -> None:
-        self._body_read = False
         self._not_allowed()
 
     do_HEAD = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_GET
@@ -1393,27 +1723,22 @@ class WebhookHandler(http.server.BaseHTTPRequestHandler):
     def _deploy_path(self) -> bool:
         return self.path.split("?", 1)[0].startswith("/deploy/") or self.path == "/deploy"
 
-    def _token_ok(self) -> bool:
-        """Constant-time comparison against every configured token."""
-        given = self.path.split("?", 1)[0][len("/deploy/"):].rstrip("/").encode("utf-8", "replace")
-        ok = False
-        for token in self.server.service.config.tokens:
-            ok |= hmac.compare_digest(given, token.encode("utf-8"))
-        return ok
+    def _given_token(self) -> str:
+        return self.path.split("?", 1)[0][len("/deploy/"):].rstrip("/")
 
     def _read_body(self) -> Optional[bytes]:
         """The request body, or None after answering 411/413/400."""
         if self.headers.get("Transfer-Encoding"):
             self.answer(411, {"error": "send the body with a Content-Length, not chunked"}, close=True)
             return None
-        raw = self.headers.get("Content-Length")
-        if raw is None:
+        raw = self.headers.get_all("Content-Length") or []
+        if not raw:
             self.answer(411, {"error": "Content-Length required"}, close=True)
             return None
-        if not raw.strip().isdigit():
+        if len(raw) > 1 or not raw[0].strip().isdigit():
             self.answer(400, {"error": "bad Content-Length"}, close=True)
             return None
-        length = int(raw)
+        length = int(raw[0])
         if length > self.server.service.config.max_body:
             self.answer(413, {"error": "body over %d bytes" % self.server.service.config.max_body},
                         close=True)
@@ -1425,17 +1750,22 @@ class WebhookHandler(http.server.BaseHTTPRequestHandler):
         self._body_read = True
         return body
 
+    def send_error(self, code: int, message: Optional[str] = None, explain: Optional[str] = None) -> None:
+        """Errors found while parsing the request (400, 414, 431, 505...), as JSON."""
+        self.answer(code, {"error": message or self.responses.get(code, ("error",))[0]}, close=True)
+
     def answer(self, status: int, doc: Dict[str, Any], headers: Optional[Dict[str, str]] = None,
                close: bool = False) -> None:
         """Send a JSON answer."""
         data = (json.dumps(doc) + "\n").encode("utf-8")
+        self.connection.settimeout(self.timeout)  # reads may have left it shorter
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
         for key, value in (headers or {}).items():
             self.send_header(key, value)
-        if not self._body_read and (self.headers.get("Transfer-Encoding")
-                                    or self.headers.get("Content-Length", "0").strip() != "0"):
+        if not close and not self._body_read and (self.headers.get("Transfer-Encoding")
+                                                  or self.headers.get("Content-Length", "0").strip() != "0"):
             close = True  # an unread body would be taken for the next request
         if close:
             self.send_header("Connection", "close")
@@ -1446,7 +1776,8 @@ class WebhookHandler(http.server.BaseHTTPRequestHandler):
 
     def log_request(self, code: Any = "-", size: Any = "-") -> None:
         if log.isEnabledFor(logging.DEBUG):
-            log.debug("%s %s %s %s", self.client_address[0], self.command, _mask_path(self.path), code)
+            log.debug("%s %s %s %s", self.client_address[0], self.command,
+                      _mask_path(getattr(self, "path", "")), code)
 
     def log_error(self, format: str, *args: Any) -> None:
         log.info("%s bad request: %s", self.client_address[0], _mask_path(format % args))
@@ -1475,31 +1806,85 @@ def build_service(config: Config, engine: DockerClient,
     return Service(config, deployer, CallbackSender(config.callback_allow, urlopen))
 
 
-def serve(config: Config, stop_event: Optional[threading.Event] = None) -> int:
-    """Run the webhook server until SIGTERM/SIGINT (or `stop_event`)."""
-    if not config.tokens:
-        raise SystemExit("%s: no token configured: set token or token_file in [autodeploy]"
-                         % config.path)
+def serve(config: Config, stop_event: Optional[threading.Event] = None,
+          environ: Optional[Mapping[str, str]] = None) -> int:
+    """Run the webhook server until SIGTERM/SIGINT (or `stop_event`),
+    telling systemd (Type=notify) when it is ready, alive and stopping."""
+    environ = os.environ if environ is None else environ
+    if not config.tokens and not any(app.tokens for app in config.apps.values()):
+        if not config.insecure_no_token:
+            raise SystemExit("%s: no token configured: set token or token_file in [autodeploy] "
+                             "(or $AUTODEPLOY_TOKEN, or a systemd credential 'token')" % config.path)
+        log.warning("INSECURE: no token configured and --insecure-no-token given: anyone who "
+                    "reaches this port can deploy")
     stop_event = stop_event or threading.Event()
+    tls = tls_context(config) if config.tls_cert else None
     service = build_service(config, make_engine(config))
-    server = WebhookServer((config.listen_host, config.listen_port), service)
+    server = WebhookServer((config.listen_host, config.listen_port), service, tls)
     service.start()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop_event.set())
     thread = threading.Thread(target=server.serve_forever, name="autodeploy-http", daemon=True)
     thread.start()
     host, port = server.server_address[:2]
-    log.info("autodeploy %s listening on http://%s:%d/deploy/<token> (%d apps, %d workers)",
-             __version__, host if ":" not in host else "[%s]" % host, port,
-             len(config.apps), config.workers)
-    while not stop_event.wait(3600):
-        pass
+    log.info("autodeploy %s listening on %s://%s:%d/deploy/<token> (%d apps, %d workers)",
+             __version__, "https" if tls else "http", host if ":" not in host else "[%s]" % host,
+             port, len(config.apps), config.workers)
+    sd_notify("READY=1\nSTATUS=listening on port %d" % port, environ)
+    interval = watchdog_interval(environ)
+    while not stop_event.wait(interval or 3600):
+        if interval and thread.is_alive() and service.alive():
+            sd_notify("WATCHDOG=1", environ)
+    sd_notify("STOPPING=1", environ)
     log.info("stopping: finishing running deploys")
     server.shutdown()
     server.server_close()
     service.stop()
     log.info("stopped")
     return 0
+
+
+def tls_context(config: Config) -> Any:
+    """A server-side SSLContext for the configured certificate: TLS 1.2 or newer."""
+    import ssl
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(config.tls_cert, config.tls_key)
+    except (OSError, ssl.SSLError) as exc:
+        raise SystemExit("%s: tls_cert %s / tls_key %s: %s"
+                         % (config.path, config.tls_cert, config.tls_key, exc)) from None
+    return context
+
+
+def sd_notify(message: str, environ: Mapping[str, str]) -> bool:
+    """Send `message` to systemd over $NOTIFY_SOCKET; False when not run by
+    systemd with Type=notify (or the send failed, which is logged)."""
+    address = environ.get("NOTIFY_SOCKET")
+    if not address:
+        return False
+    if address.startswith("@"):  # an abstract socket
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.connect(address)
+            sock.sendall(message.encode("utf-8"))
+        return True
+    except OSError as exc:
+        log.warning("cannot notify systemd at %s: %s", environ.get("NOTIFY_SOCKET"), exc)
+        return False
+
+
+def watchdog_interval(environ: Mapping[str, str]) -> Optional[float]:
+    """Seconds between WATCHDOG=1 pings (half of WatchdogSec=), or None."""
+    try:
+        usec = int(environ.get("WATCHDOG_USEC", ""))
+    except ValueError:
+        return None
+    pid = environ.get("WATCHDOG_PID")
+    if usec <= 0 or (pid and pid != str(os.getpid())):
+        return None
+    return usec / 2e6
 
 
 def deploy_once(config: Config, target: str) -> int:
@@ -1547,7 +1932,10 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
-    commands.add_parser("serve", help="receive webhooks and deploy")
+    serve_command = commands.add_parser("serve", help="receive webhooks and deploy")
+    serve_command.add_argument("--insecure-no-token", action="store_true",
+                               help="serve even with no token configured: anyone who reaches "
+                                    "the port can deploy (for a private network only)")
     deploy = commands.add_parser("deploy", help="deploy one repository now, in the foreground")
     deploy.add_argument("target", metavar="REPO[:TAG]")
     commands.add_parser("check", help="validate the config and reach the Docker Engine")
@@ -1571,7 +1959,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print("autodeploy: %s" % exc, file=sys.stderr)
         return 2
     if args.command == "serve":
-        return serve(config)
+        return serve(config._replace(insecure_no_token=args.insecure_no_token))
     if args.command == "deploy":
         return deploy_once(config, args.target)
     return check(config)
