@@ -1822,8 +1822,9 @@ def serve(config: Config, stop_event: Optional[threading.Event] = None,
     service = build_service(config, make_engine(config))
     server = WebhookServer((config.listen_host, config.listen_port), service, tls)
     service.start()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop_event.set())
+    if threading.current_thread() is threading.main_thread():  # only it may set handlers
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda *_: stop_event.set())
     thread = threading.Thread(target=server.serve_forever, name="autodeploy-http", daemon=True)
     thread.start()
     host, port = server.server_address[:2]
