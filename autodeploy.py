@@ -65,6 +65,8 @@ CALLBACK_TIMEOUT = 5.0
 CALLBACK_RETRY_DELAYS = (1.0, 5.0, 30.0)  # seconds before the 2nd, 3rd and 4th attempt
 CALLBACK_THREADS = 4
 KEPT_JOBS = 1000
+ENGINE_WAIT = 120.0  # seconds a job waits for a Docker Engine that is down or restarting
+MAX_JOB_LINES = 200  # log lines kept per job
 MAX_SUPERSEDED = 100  # callbacks kept waiting for one container's next outcome
 # Docker's reference grammar, simplified: what may stand in a tag.
 TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
@@ -151,6 +153,12 @@ class Config(NamedTuple):
     tls_cert: Optional[str] = None
     tls_key: Optional[str] = None
     insecure_no_token: bool = False  # serve --insecure-no-token
+    engine_wait: float = ENGINE_WAIT
+    journal: bool = True
+    keep_jobs: int = 200
+    keep_days: float = 30.0
+    admin_tokens: Tuple[str, ...] = ()
+    metrics_public: bool = False
 
     def app_for(self, repository: str) -> Optional[AppConfig]:
         """The app configured for a pushed repository, if any."""
@@ -160,7 +168,8 @@ class Config(NamedTuple):
 MAIN_KEYS = {"listen", "token", "token_file", "workers", "state_dir", "callback_allow",
              "max_body", "max_queue", "docker_host", "docker_config", "signing_secret",
              "signing_secret_file", "allow_from", "trusted_proxies", "max_connections",
-             "request_timeout", "tls_cert", "tls_key"}
+             "request_timeout", "tls_cert", "tls_key", "engine_wait", "journal", "keep_jobs",
+             "keep_days", "admin_token", "metrics_public"}
 APP_KEYS = {"image", "tag", "container", "stop_timeout", "order", "health_url", "health_tcp",
             "health_timeout", "settle", "cooldown", "remove_old_image", "ports", "env", "volumes",
             "labels", "restart", "network", "command", "token", "token_file", "signing_secret",
@@ -206,7 +215,7 @@ def load_config(path: str, environ: Optional[Mapping[str, str]] = None) -> Confi
         path=path, listen_host=host, listen_port=port,
         tokens=_read_tokens(main, where, base) + _tokens_from_environment(environ, where),
         workers=_int_option(main, "workers", DEFAULT_WORKERS, where, 1, 64),
-        state_dir=main.get("state_dir", "/var/lib/autodeploy"),
+        state_dir=os.path.join(base, main.get("state_dir") or default_state_dir(environ)),
         callback_allow=[_parse_origin(o, where) for o in _split_list(
             main.get("callback_allow", DEFAULT_CALLBACK_ALLOW))],
         max_body=_int_option(main, "max_body", DEFAULT_MAX_BODY, where, 1024, 16 * 1024 * 1024),
@@ -220,7 +229,13 @@ def load_config(path: str, environ: Optional[Mapping[str, str]] = None) -> Confi
         max_connections=_int_option(main, "max_connections", DEFAULT_MAX_CONNECTIONS, where, 1, 10000),
         request_timeout=_float_option(main, "request_timeout", DEFAULT_REQUEST_TIMEOUT, where, 0.5, 600),
         tls_cert=tls_cert and os.path.join(base, tls_cert),
-        tls_key=tls_key and os.path.join(base, tls_key))
+        tls_key=tls_key and os.path.join(base, tls_key),
+        engine_wait=_float_option(main, "engine_wait", ENGINE_WAIT, where, 0, 3600),
+        journal=_bool_option(main, "journal", True, where),
+        keep_jobs=_int_option(main, "keep_jobs", 200, where, 1, 1000000),
+        keep_days=_float_option(main, "keep_days", 30, where, 0.001, 36500),
+        admin_tokens=tuple(_checked_tokens(_split_list(main.get("admin_token", "")), where)),
+        metrics_public=_bool_option(main, "metrics_public", False, where))
 
 
 def _parse_app(repository: str, section: configparser.SectionProxy, where: str,
@@ -302,6 +317,21 @@ def _read_tokens(main: configparser.SectionProxy, where: str, base: str) -> List
     return tokens
 
 
+def default_state_dir(environ: Mapping[str, str]) -> str:
+    """$STATE_DIRECTORY under systemd (StateDirectory=), else
+    /var/lib/autodeploy for root, else ./state."""
+    if environ.get("STATE_DIRECTORY"):
+        return environ["STATE_DIRECTORY"].split(":")[0]
+    return "/var/lib/autodeploy" if os.geteuid() == 0 else "state"
+
+
+def _bool_option(section: configparser.SectionProxy, key: str, default: bool, where: str) -> bool:
+    try:
+        return section.getboolean(key, default)
+    except ValueError:
+        raise ConfigError("%s %s: use yes or no" % (where, key)) from None
+
+
 def _tokens_from_environment(environ: Mapping[str, str], where: str) -> List[str]:
     """Tokens from $AUTODEPLOY_TOKEN and systemd's LoadCredential=token:..."""
     tokens = _split_list(environ.get("AUTODEPLOY_TOKEN", ""))
@@ -315,6 +345,12 @@ def _tokens_from_environment(environ: Mapping[str, str], where: str) -> List[str
                               % (where, exc.strerror or exc)) from exc
     for token in tokens:
         _check_token(token, where + " (AUTODEPLOY_TOKEN or credential 'token')")
+    return tokens
+
+
+def _checked_tokens(tokens: List[str], where: str) -> List[str]:
+    for token in tokens:
+        _check_token(token, where)
     return tokens
 
 
@@ -499,7 +535,7 @@ FINAL_STATES = ("succeeded", "up_to_date", "failed", "rolled_back", "error", "su
 class Job:
     """One accepted webhook and what became of it."""
     __slots__ = ("id", "app", "tag", "callback_url", "source", "received", "started",
-                 "finished", "state", "description", "superseded")
+                 "finished", "state", "description", "superseded", "lines", "resume")
 
     def __init__(self, id: str, app: AppConfig, tag: str, callback_url: Optional[str] = None,
                  source: str = "dockerhub", received: float = 0.0) -> None:
@@ -515,6 +551,8 @@ class Job:
         self.description = ""
         # Jobs this one replaced while they waited: they hear its outcome.
         self.superseded: List[Job] = []
+        self.lines: List[str] = []  # its log lines, for the journal (at most MAX_JOB_LINES)
+        self.resume: Optional[Dict[str, Any]] = None  # its journal row, when a crash interrupted it
 
     def __repr__(self) -> str:
         return "<Job %s %s:%s %s>" % (self.id, self.app.repository, self.tag, self.state)
@@ -533,10 +571,6 @@ class Job:
 def new_job_id() -> str:
     """A short unique id for log lines and answers."""
     return os.urandom(6).hex()
-
-
-def _end_superseded(job: Job) -> None:
-    job.state, job.description = "superseded", "superseded by a newer push"
 
 
 class QueueFull(AutodeployError):
@@ -566,14 +600,17 @@ class JobQueue:
         self._running: Set[str] = set()
         self._cool_until: Dict[str, float] = {}
         self._closed = False
+        # Told of a job that ends in the queue, replaced and with no callback to wait for.
+        self.on_superseded: Callable[[Job], None] = lambda job: None
 
-    def put(self, job: Job) -> Optional[Job]:
+    def put(self, job: Job, force: bool = False) -> Optional[Job]:
         """Queue `job`; returns the waiting job it replaced, if any.
-        QueueFull when `limit` jobs already wait and none is replaced."""
+        QueueFull when `limit` jobs already wait and none is replaced
+        (unless `force`: recovery must queue every job it finds)."""
         key = job.app.container
         with self._cond:
             replaced = self._waiting.get(key)
-            if replaced is None and len(self._waiting) >= self.limit:
+            if replaced is None and len(self._waiting) >= self.limit and not force:
                 raise QueueFull("%d jobs are waiting already" % len(self._waiting))
             if replaced is not None:
                 job.superseded, replaced.superseded = replaced.superseded, []
@@ -584,8 +621,7 @@ class JobQueue:
             self._cond.notify()
         return replaced
 
-    @staticmethod
-    def _supersede(waiting: List[Job], replaced: Job) -> None:
+    def _supersede(self, waiting: List[Job], replaced: Job) -> None:
         """Add `replaced` to the jobs that await the outcome of the job that
         replaced it, if it has a callback to hear it; keep the newest
         MAX_SUPERSEDED (a flood must not grow memory). Jobs not kept end
@@ -593,9 +629,13 @@ class JobQueue:
         if replaced.callback_url:
             waiting.append(replaced)
         else:
-            _end_superseded(replaced)
+            self._end_superseded(replaced)
         while len(waiting) > MAX_SUPERSEDED:
-            _end_superseded(waiting.pop(0))
+            self._end_superseded(waiting.pop(0))
+
+    def _end_superseded(self, job: Job) -> None:
+        job.state, job.description = "superseded", "superseded by a newer push"
+        self.on_superseded(job)
 
     def get(self, timeout: Optional[float] = None) -> Optional[Job]:
         """The next job whose container is free; None once closed (or on timeout)."""
@@ -830,7 +870,19 @@ def first_create_body(app: AppConfig, reference: str) -> Dict[str, Any]:
 ############################################################################
 
 class JobLog(logging.LoggerAdapter):
-    """Prefixes every line with the job id and repository."""
+    """Prefixes every line with the job id and repository, and keeps the
+    job's own lines on the job (for the journal and /jobs)."""
+
+    def __init__(self, logger: logging.Logger, job: Job):
+        super().__init__(logger, {"job": job.id, "repo": job.app.repository})
+        self.job = job
+
+    def log(self, level: int, msg: Any, *args: Any, **kwargs: Any) -> None:
+        if len(self.job.lines) < MAX_JOB_LINES and level >= logging.INFO:
+            text = msg % args if args else str(msg)
+            self.job.lines.append("%s %s %s" % (time.strftime("%H:%M:%S"),
+                                                logging.getLevelName(level), text))
+        super().log(level, msg, *args, **kwargs)
 
     def process(self, msg: str, kwargs: Any) -> Tuple[str, Any]:
         return "job=%s repo=%s %s" % (self.extra["job"], self.extra["repo"], msg), kwargs
@@ -857,11 +909,21 @@ class Deployer:
         self.clock = clock
         self.sleep = sleep
         self.probe = probe or probe_endpoint
+        # Told each step that recovery after a crash must know about:
+        # on_step(job, old_container=..., new_container=..., ...).
+        self.on_step: Callable[..., None] = lambda job, **fields: None
+        self.engine_wait = ENGINE_WAIT
 
     def run(self, job: Job) -> None:
         """Deploy `job`, setting its state and description; never raises."""
-        jlog = JobLog(log, {"job": job.id, "repo": job.app.repository})
+        jlog = JobLog(log, job)
         try:
+            self.wait_for_engine(jlog)
+            if job.resume is not None:
+                self.converge(job, job.resume, jlog)
+                job.resume = None
+                if job.state in FINAL_STATES:
+                    return
             job.state, job.description = self.deploy(job, jlog)
             jlog.info("%s: %s", job.state, job.description)
         except RolledBack as exc:
@@ -877,6 +939,23 @@ class Deployer:
             job.state, job.description = "error", "internal error: %r" % exc
             jlog.exception("internal error")
 
+    def wait_for_engine(self, jlog: logging.LoggerAdapter) -> None:
+        """Return once the Engine answers; while it is down or restarting,
+        retry with backoff for up to engine_wait seconds, then raise."""
+        deadline = self.clock() + self.engine_wait
+        delay = 1.0
+        while True:
+            try:
+                self.engine.ping()
+                return
+            except DockerError as exc:
+                if exc.status is not None or self.clock() + delay > deadline:
+                    raise
+                jlog.warning("the Docker Engine does not answer (%s); trying again in %gs",
+                             exc, delay)
+            self.sleep(delay)
+            delay = min(delay * 2, 15.0)
+
     def deploy(self, job: Job, jlog: logging.LoggerAdapter) -> Tuple[str, str]:
         """Pull and replace; returns (state, description) or raises."""
         app = job.app
@@ -890,6 +969,7 @@ class Deployer:
                 raise
             raise DeployFailed("pull failed: %s" % exc.message) from exc
         new_image = self.engine.inspect_image(reference)
+        self.on_step(job, new_image=new_image.get("Id"))
         try:
             old = self.engine.inspect_container(app.container)
         except NotFound:
@@ -943,6 +1023,7 @@ class Deployer:
         old_id = old["Id"]
         aside = "%s-autodeploy-old-%s" % (app.container, job.id)
         was_running = bool((old.get("State") or {}).get("Running"))
+        self.on_step(job, old_container=old_id, old_image=old.get("Image"), was_running=was_running)
         self.engine.rename_container(old_id, aside)
         jlog.info("renamed old container %s to %s", _short(old_id), aside)
         new_id = None
@@ -956,6 +1037,7 @@ class Deployer:
             self.engine.rename_container(old_id, app.container)
             raise DeployFailed("cannot create the new container: %s" % exc.message) from exc
         jlog.info("created new container %s", _short(new_id))
+        self.on_step(job, new_container=new_id)
         order = choose_order(app, old) if was_running else "stop-first"
         if order == "start-first":
             how = self.start_first(app, old_id, new_id, jlog)
@@ -1121,6 +1203,54 @@ class Deployer:
             if not (self.engine.inspect_container(old_id).get("State") or {}).get("Running"):
                 raise DockerError("the old container %s did not start again" % _short(old_id))
         jlog.warning("rolled back to old container %s", _short(old_id))
+
+    def converge(self, job: Job, row: Dict[str, Any], jlog: logging.LoggerAdapter) -> None:
+        """Put in order what a crash left of `job`'s swap, from the Engine's
+        real state. The new container, when it runs, gets the health gate
+        again: passing, the job succeeded and the old one goes; else the old
+        one is put back under its name (running if it was) and the job is
+        rolled back. With no new container yet, the old one is put back and
+        the job stays unfinished, to run again. Either way one container
+        keeps the app's name and nothing named *-autodeploy-old-* remains."""
+        app = job.app
+        aside = "%s-autodeploy-old-%s" % (app.container, job.id)
+        old = self._inspect_or_none(aside)
+        if old is None:
+            jlog.info("resuming: no container was set aside; running the job again")
+            return
+        was_running = bool(row.get("was_running"))
+        current = self._inspect_or_none(app.container)
+        if current is None or current["Id"] == old["Id"]:
+            self.engine.rename_container(old["Id"], app.container)
+            if was_running and not (old.get("State") or {}).get("Running"):
+                self.engine.start_container(old["Id"])
+            jlog.info("resuming: old container %s is back; running the job again", _short(old["Id"]))
+            return
+        new_id = current["Id"]
+        try:
+            if not (current.get("State") or {}).get("Running"):
+                raise DeployFailed("the new container was not running after the restart")
+            jlog.info("resuming: gating new container %s again", _short(new_id))
+            how = self.wait_healthy(new_id, app, self.clock(), jlog)
+        except (DockerError, DeployFailed) as exc:
+            logs = self.last_logs(new_id)
+            self.restore_old(old["Id"], new_id, app.container, was_running, jlog)
+            job.state = "rolled_back"
+            job.description = ("interrupted by a restart; the new container failed: %s; the old "
+                               "one runs again%s" % (_reason_of(exc), logs))
+            return
+        self.retire(old["Id"], app, jlog)
+        self.remove_quietly(old["Id"], jlog, force=False)
+        job.state = "succeeded"
+        job.description = "%s now runs %s (%s), %s; finished after a restart" % (
+            app.container, job.reference, _short(current.get("Image")), how)
+        jlog.info("%s: %s", job.state, job.description)
+
+    def _inspect_or_none(self, name: str) -> Optional[Dict[str, Any]]:
+        try:
+            return self.engine.inspect_container(name)
+        except NotFound:
+            return None
 
     def remove_unused_image(self, image_id: Optional[str], jlog: logging.LoggerAdapter) -> None:
         """Remove the previous image unless a container (any state) still uses it."""
@@ -1374,6 +1504,176 @@ def _mask_url(url: str) -> str:
 
 
 ############################################################################
+# The journal: every accepted job, on disk
+############################################################################
+
+class JournalError(AutodeployError):
+    """The journal cannot be read or written (disk full, read-only, corrupt)."""
+
+
+JOURNAL_COLUMNS = ("id", "app", "container", "tag", "source", "callback_url", "received",
+                   "started", "finished", "state", "description", "old_image", "new_image",
+                   "old_container", "new_container", "was_running", "superseded_by", "log")
+
+
+class Journal:
+    """Jobs in SQLite (WAL mode) in the state directory: each accepted job is
+    written before its 202, and every change of state after. On start, the
+    jobs it holds unfinished are what recovery resumes.
+
+    One connection behind a lock: a write is tens of microseconds. With
+    synchronous=NORMAL a commit survives the process being killed; a power
+    cut may lose the last ones (synchronous=FULL would fsync each webhook).
+    """
+
+    def __init__(self, path: str, keep_per_app: int = 200, keep_days: float = 30.0,
+                 clock: Callable[[], float] = time.time):
+        self.path = path
+        self.keep_per_app = keep_per_app
+        self.keep_days = keep_days
+        self.clock = clock
+        self.error: Optional[str] = None  # the last write error, until a write succeeds
+        self._lock = threading.Lock()
+        self._db: Any = None
+        self._last_open = 0.0
+        self._closed = False
+        self._writes = 0
+
+    def open(self) -> "Journal":
+        """Open (creating it and its folder if need be). When it cannot be
+        opened, the error is logged and kept, and every use tries again (at
+        most once a second): a disk that recovers brings the journal back."""
+        try:
+            self._open()
+        except JournalError as exc:
+            self.error = str(exc)
+            log.error("%s", exc)
+        return self
+
+    def _open(self) -> None:
+        import sqlite3  # loaded here: `check`, `deploy` and the tests without a journal skip it
+        self._sqlite3 = sqlite3
+        self._last_open = time.monotonic()
+        try:
+            os.makedirs(os.path.dirname(self.path) or ".", mode=0o700, exist_ok=True)
+            db = sqlite3.connect(self.path, timeout=5, check_same_thread=False,
+                                 isolation_level=None)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.execute("CREATE TABLE IF NOT EXISTS jobs (id TEXT PRIMARY KEY, app TEXT, "
+                       "container TEXT, tag TEXT, source TEXT, callback_url TEXT, received REAL, "
+                       "started REAL, finished REAL, state TEXT, description TEXT, "
+                       "old_image TEXT, new_image TEXT, old_container TEXT, new_container TEXT, "
+                       "was_running INTEGER, superseded_by TEXT, log TEXT)")
+            db.execute("CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state)")
+            db.execute("CREATE INDEX IF NOT EXISTS jobs_by_app ON jobs (app, received)")
+            db.execute("SELECT count(*) FROM jobs").fetchone()
+        except (OSError, sqlite3.Error) as exc:
+            raise JournalError("cannot open the journal %s: %s" % (self.path, exc)) from exc
+        self._db = db
+        self.error = None
+
+    def _ensure_open(self) -> None:
+        """Under the lock: the connection, reopened when it was lost."""
+        if self._db is None:
+            if time.monotonic() - self._last_open < 1.0:
+                raise JournalError(self.error or "the journal is closed")
+            self._open()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+
+    def add(self, job: Job) -> None:
+        """Record an accepted job; JournalError when it cannot be written
+        (the webhook then gets a 503, not a 202 that could be lost)."""
+        self._write("INSERT INTO jobs (id, app, container, tag, source, callback_url, received, "
+                    "state, description) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (job.id, job.app.repository, job.app.container, job.tag, job.source,
+                     job.callback_url, job.received, job.state, job.description))
+
+    def forget(self, job: Job) -> None:
+        """Remove a job that was recorded but then refused (queue full)."""
+        self._write("DELETE FROM jobs WHERE id = ?", (job.id,))
+
+    def save(self, job: Job, **extra: Any) -> None:
+        """Write the job's state, times, description and log, and `extra`
+        columns (old_container, new_container, was_running, ...)."""
+        fields = {"started": job.started, "finished": job.finished, "state": job.state,
+                  "description": job.description, "log": "\n".join(job.lines)}
+        fields.update(extra)
+        assignments = ", ".join("%s = ?" % key for key in fields if key in JOURNAL_COLUMNS)
+        values = [value for key, value in fields.items() if key in JOURNAL_COLUMNS]
+        self._write("UPDATE jobs SET %s WHERE id = ?" % assignments, tuple(values) + (job.id,))
+
+    def _write(self, sql: str, args: Tuple[Any, ...]) -> None:
+        with self._lock:
+            if self._closed:
+                raise JournalError("the journal is closed")
+            self._ensure_open()
+            try:
+                self._db.execute(sql, args)
+            except self._sqlite3.Error as exc:
+                if self.error is None:
+                    log.error("journal %s: cannot write: %s", self.path, exc)
+                self.error = str(exc)
+                raise JournalError("the journal cannot be written: %s" % exc) from exc
+            if self.error is not None:
+                log.info("journal %s: writable again", self.path)
+                self.error = None
+            self._writes += 1
+            if self._writes % 1000 == 0:
+                self._prune()
+
+    def _prune(self) -> None:
+        """Keep the newest `keep_per_app` finished jobs of each app, none older than `keep_days`."""
+        try:
+            self._db.execute(
+                "DELETE FROM jobs WHERE state IN (%s) AND (received < ? OR id IN (SELECT id FROM "
+                "(SELECT id, row_number() OVER (PARTITION BY app ORDER BY received DESC) AS n "
+                "FROM jobs) WHERE n > ?))" % ",".join("?" * len(FINAL_STATES)),
+                FINAL_STATES + (self.clock() - self.keep_days * 86400, self.keep_per_app))
+        except self._sqlite3.Error as exc:
+            log.warning("journal %s: pruning failed: %s", self.path, exc)
+
+    def rows(self, where: str = "", args: Tuple[Any, ...] = (), limit: int = 100) -> List[Dict[str, Any]]:
+        """Jobs as dicts, newest first; JournalError when unreadable."""
+        with self._lock:
+            if self._closed:
+                raise JournalError("the journal is closed")
+            self._ensure_open()
+            try:
+                cursor = self._db.execute("SELECT %s FROM jobs %s ORDER BY received DESC LIMIT ?"
+                                          % (", ".join(JOURNAL_COLUMNS), where), args + (limit,))
+                return [dict(zip(JOURNAL_COLUMNS, row)) for row in cursor.fetchall()]
+            except self._sqlite3.Error as exc:
+                raise JournalError("the journal cannot be read: %s" % exc) from exc
+
+    def unfinished(self) -> List[Dict[str, Any]]:
+        """Jobs left queued or running, oldest first."""
+        return list(reversed(self.rows("WHERE state IN ('queued', 'running')", (), 100000)))
+
+    def recent(self, app: Optional[str] = None, state: Optional[str] = None,
+               limit: int = 100) -> List[Dict[str, Any]]:
+        conditions, args = [], []  # type: List[str], List[Any]
+        if app:
+            conditions.append("app = ?")
+            args.append(app)
+        if state:
+            conditions.append("state = ?")
+            args.append(state)
+        where = "WHERE " + " AND ".join(conditions) if conditions else ""
+        return self.rows(where, tuple(args), limit)
+
+    def get(self, job_id: str) -> Optional[Dict[str, Any]]:
+        found = self.rows("WHERE id = ?", (job_id,), 1)
+        return found[0] if found else None
+
+
+############################################################################
 # The service: queue, workers, callbacks
 ############################################################################
 
@@ -1381,12 +1681,15 @@ class Service:
     """Accepted jobs, the workers that run them, and the callbacks."""
 
     def __init__(self, config: Config, deployer: Deployer, callbacks: CallbackSender,
-                 clock: Callable[[], float] = time.time):
+                 clock: Callable[[], float] = time.time, journal: Optional[Journal] = None):
         self.config = config
         self.deployer = deployer
         self.callbacks = callbacks
         self.clock = clock
+        self.journal = journal
+        self.deployer.on_step = self.save
         self.queue = JobQueue(config.max_queue)
+        self.queue.on_superseded = self.save
         self.jobs: "collections.OrderedDict[str, Job]" = collections.OrderedDict()
         self._jobs_lock = threading.Lock()
         self._workers: List[threading.Thread] = []
@@ -1401,9 +1704,15 @@ class Service:
                                % (push.tag, push.repository, ", ".join(app.tags)))
         job = Job(id=new_job_id(), app=app, tag=push.tag, callback_url=push.callback_url,
                   source=push.source, received=self.clock())
+        if self.journal is not None:
+            try:
+                self.journal.add(job)  # on disk before the 202
+            except JournalError as exc:
+                raise PayloadError(503, "cannot record the job (%s); retry later" % exc) from exc
         try:
             replaced = self.queue.put(job)
         except QueueFull as exc:
+            self._forget(job)
             raise PayloadError(503, "too many deploys waiting (%s); retry later" % exc) from exc
         self._remember(job)
         log.info("job=%s repo=%s queued %s%s", job.id, app.repository, job.reference,
@@ -1417,7 +1726,12 @@ class Service:
                 self.jobs.popitem(last=False)
 
     def start(self) -> None:
-        """Start the callback thread and the workers."""
+        """Resume what the journal holds unfinished, then start the callback
+        threads and the workers."""
+        try:
+            self.recover()
+        except JournalError as exc:
+            log.error("cannot resume unfinished jobs: %s", exc)
         self.callbacks.start()
         for n in range(self.config.workers):
             thread = threading.Thread(target=self._work, name="autodeploy-worker-%d" % (n + 1),
@@ -1450,19 +1764,72 @@ class Service:
     def run_job(self, job: Job) -> None:
         """Run one job to a final state and report it."""
         job.state, job.started = "running", self.clock()
+        self.save(job)
         self.deployer.run(job)
         job.finished = self.clock()
         self.report(job)
 
     def report(self, job: Job) -> None:
-        """Send the outcome to the job's callback and to those of the jobs it replaced."""
+        """Record the outcome and send it to the job's callback and to those
+        of the jobs it replaced."""
+        self.save(job)
         self.callbacks.send(job, job.callback_url, callback_body(job))
         for older in job.superseded:
             older.state, older.finished = "superseded", job.finished
             older.description = "superseded by job %s" % job.id
+            self.save(older, superseded_by=job.id)
             self.callbacks.send(older, older.callback_url,
                                 callback_body(job, "(superseded by job %s)" % job.id))
         job.superseded = []
+
+    def save(self, job: Job, **extra: Any) -> None:
+        """Write the job to the journal; a failure is logged (by the journal),
+        never raised: the deploy goes on, and /healthz reports the journal."""
+        if self.journal is not None:
+            try:
+                self.journal.save(job, **extra)
+            except JournalError:
+                pass
+
+    def _forget(self, job: Job) -> None:
+        if self.journal is not None:
+            try:
+                self.journal.forget(job)
+            except JournalError:
+                pass
+
+    def recover(self) -> int:
+        """Queue again the jobs the journal holds unfinished (a crash or a
+        stop left them); a job that was mid-swap first has its containers
+        put in order. Returns how many jobs were resumed."""
+        if self.journal is None:
+            return 0
+        rows = self.journal.unfinished()
+        for row in rows:
+            job = self._job_from_row(row)
+            if job is None:
+                continue
+            if row["state"] == "running":
+                job.resume = row  # the worker puts its containers in order first
+            job.state = "queued"
+            self._remember(job)
+            self.queue.put(job, force=True)
+        if rows:
+            log.info("recovered %d unfinished job(s) from the journal", len(rows))
+        return len(rows)
+
+    def _job_from_row(self, row: Dict[str, Any]) -> Optional[Job]:
+        app = self.config.app_for(row["app"])
+        job = Job(id=row["id"], app=app or AppConfig(row["app"], row["app"], (), row["container"]),
+                  tag=row["tag"], callback_url=row["callback_url"], source=row["source"],
+                  received=row["received"] or 0.0)
+        job.lines = (row["log"] or "").split("\n") if row["log"] else []
+        if app is None or row["tag"] not in app.tags:
+            job.state, job.finished = "error", self.clock()
+            job.description = "%s:%s is no longer configured; not resumed" % (row["app"], row["tag"])
+            self.report(job)
+            return None
+        return job
 
 
 ############################################################################
@@ -1803,7 +2170,13 @@ def build_service(config: Config, engine: DockerClient,
                   urlopen: Optional[Callable[..., Any]] = None) -> Service:
     """Wire the deployer, callbacks and queue for `config`."""
     deployer = Deployer(engine, config.docker_config)
-    return Service(config, deployer, CallbackSender(config.callback_allow, urlopen))
+    deployer.engine_wait = config.engine_wait
+    journal = None
+    if config.journal:
+        journal = Journal(os.path.join(config.state_dir, "journal.sqlite3"),
+                          config.keep_jobs, config.keep_days).open()
+    return Service(config, deployer, CallbackSender(config.callback_allow, urlopen),
+                   journal=journal)
 
 
 def serve(config: Config, stop_event: Optional[threading.Event] = None,

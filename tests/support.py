@@ -769,7 +769,8 @@ class ServiceProcess:
         with open(self.config, "w") as fh:
             fh.write(config_text)
         self.log_path = os.path.join(self.folder, "service.log")
-        self.env = env
+        # As systemd's StateDirectory= would: the journal lives in the test's folder.
+        self.env = dict(env, STATE_DIRECTORY=os.path.join(self.folder, "state"))
 
     def start(self, port: int) -> "ServiceProcess":
         self.port = port
