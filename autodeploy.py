@@ -1494,6 +1494,28 @@ class CallbackSender:
             return "retry"
 
 
+def job_row(job: Job) -> Dict[str, Any]:
+    """An in-memory job as a journal row."""
+    return {"id": job.id, "app": job.app.repository, "container": job.app.container,
+            "tag": job.tag, "source": job.source, "callback_url": job.callback_url,
+            "received": job.received, "started": job.started, "finished": job.finished,
+            "state": job.state, "description": job.description, "log": "\n".join(job.lines)}
+
+
+def public_row(row: Dict[str, Any], with_log: bool = False) -> Dict[str, Any]:
+    """A job row as /jobs shows it: no callback URL (it is a secret of the
+    registry's), durations in seconds, log lines only in the detail."""
+    out = {key: row.get(key) for key in ("id", "app", "container", "tag", "source", "state",
+                                         "description", "received", "started", "finished",
+                                         "old_image", "new_image", "superseded_by")}
+    out["waited"] = round(row["started"] - row["received"], 3) if row.get("started") else None
+    out["took"] = round(row["finished"] - row["started"], 3) \
+        if row.get("finished") and row.get("started") else None
+    if with_log:
+        out["log"] = (row.get("log") or "").split("\n") if row.get("log") else []
+    return out
+
+
 def _mask_url(url: str) -> str:
     """Scheme and host only: paths of webhook URLs carry secrets."""
     try:
@@ -1674,6 +1696,89 @@ class Journal:
 
 
 ############################################################################
+# Metrics
+############################################################################
+
+DURATION_BUCKETS = (0.5, 1, 2, 5, 10, 30, 60, 120, 300)
+
+
+class Metrics:
+    """Counters for GET /metrics, in Prometheus' text exposition format."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.webhooks: Dict[int, int] = collections.Counter()
+        self.deploys: Dict[Tuple[str, str], int] = collections.Counter()
+        self.durations: Dict[str, List[int]] = {}  # app -> bucket counts, then +Inf
+        self.duration_sums: Dict[str, float] = collections.Counter()
+        self.last_success: Dict[str, float] = {}
+
+    def count_webhook(self, status: int) -> None:
+        with self._lock:
+            self.webhooks[status] += 1
+
+    def count_deploy(self, job: Job) -> None:
+        app = job.app.repository
+        with self._lock:
+            self.deploys[app, job.state] += 1
+            if job.state == "succeeded" and job.finished:
+                self.last_success[app] = job.finished
+            if job.started and job.finished and job.state != "superseded":
+                took = job.finished - job.started
+                counts = self.durations.setdefault(app, [0] * (len(DURATION_BUCKETS) + 1))
+                for n, bound in enumerate(DURATION_BUCKETS):
+                    if took <= bound:
+                        counts[n] += 1
+                counts[-1] += 1
+                self.duration_sums[app] += took
+
+    def render(self, queue_depth: int) -> str:
+        """The exposition text."""
+        out = []
+
+        def family(name: str, kind: str, help_text: str) -> None:
+            out.append("# HELP %s %s" % (name, help_text))
+            out.append("# TYPE %s %s" % (name, kind))
+
+        with self._lock:
+            family("autodeploy_webhooks_total", "counter", "Webhook requests answered, by HTTP status.")
+            for status, count in sorted(self.webhooks.items()):
+                out.append('autodeploy_webhooks_total{code="%d"} %d' % (status, count))
+            family("autodeploy_deploys_total", "counter", "Jobs that reached a final state, by app and outcome.")
+            for (app, state), count in sorted(self.deploys.items()):
+                out.append('autodeploy_deploys_total{app="%s",outcome="%s"} %d'
+                           % (_label(app), state, count))
+            family("autodeploy_rollbacks_total", "counter", "Deploys rolled back to the old container.")
+            for (app, state), count in sorted(self.deploys.items()):
+                if state == "rolled_back":
+                    out.append('autodeploy_rollbacks_total{app="%s"} %d' % (_label(app), count))
+            family("autodeploy_deploy_duration_seconds", "histogram",
+                   "Time from a job's start to its end.")
+            for app, counts in sorted(self.durations.items()):
+                for bound, count in zip(DURATION_BUCKETS, counts):
+                    out.append('autodeploy_deploy_duration_seconds_bucket{app="%s",le="%s"} %d'
+                               % (_label(app), bound, count))
+                out.append('autodeploy_deploy_duration_seconds_bucket{app="%s",le="+Inf"} %d'
+                           % (_label(app), counts[-1]))
+                out.append('autodeploy_deploy_duration_seconds_sum{app="%s"} %s'
+                           % (_label(app), repr(float(self.duration_sums[app]))))
+                out.append('autodeploy_deploy_duration_seconds_count{app="%s"} %d'
+                           % (_label(app), counts[-1]))
+            family("autodeploy_last_success_timestamp_seconds", "gauge",
+                   "When each app last deployed successfully (Unix time).")
+            for app, when in sorted(self.last_success.items()):
+                out.append('autodeploy_last_success_timestamp_seconds{app="%s"} %s'
+                           % (_label(app), repr(float(when))))
+        family("autodeploy_queue_depth", "gauge", "Jobs waiting to run.")
+        out.append("autodeploy_queue_depth %d" % queue_depth)
+        return "\n".join(out) + "\n"
+
+
+def _label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+############################################################################
 # The service: queue, workers, callbacks
 ############################################################################
 
@@ -1687,6 +1792,7 @@ class Service:
         self.callbacks = callbacks
         self.clock = clock
         self.journal = journal
+        self.metrics = Metrics()
         self.deployer.on_step = self.save
         self.queue = JobQueue(config.max_queue)
         self.queue.on_superseded = self.save
@@ -1739,6 +1845,53 @@ class Service:
             thread.start()
             self._workers.append(thread)
 
+    def health(self) -> Tuple[bool, str]:
+        """(healthy, reason) for GET /healthz: the threads run, the Engine
+        answers, the journal can be written."""
+        if not self.alive():
+            return False, "a worker or callback thread has stopped"
+        if self.journal is not None and self.journal.error:
+            return False, "journal: %s" % self.journal.error
+        try:
+            self.deployer.engine.ping()
+        except DockerError as exc:
+            return False, "docker engine: %s" % exc
+        return True, "ok"
+
+    def job_list(self, app: Optional[str] = None, state: Optional[str] = None,
+                 limit: int = 100) -> List[Dict[str, Any]]:
+        """Recent jobs, newest first: from the journal, else from memory."""
+        if self.journal is not None:
+            return [public_row(row) for row in self.journal.recent(app, state, limit)]
+        with self._jobs_lock:
+            jobs = list(self.jobs.values())
+        rows = [job_row(job) for job in reversed(jobs)
+                if (not app or job.app.repository == app) and (not state or job.state == state)]
+        return [public_row(row) for row in rows[:limit]]
+
+    def job_detail(self, job_id: str) -> Optional[Dict[str, Any]]:
+        if self.journal is not None:
+            row = self.journal.get(job_id)
+        else:
+            with self._jobs_lock:
+                job = self.jobs.get(job_id)
+            row = job_row(job) if job else None
+        return public_row(row, with_log=True) if row else None
+
+    def reload(self, config: Config) -> None:
+        """Use a new configuration (SIGHUP): apps, tokens and limits change at
+        once; the listen address and the worker count need a restart."""
+        old = self.config
+        if (config.listen_host, config.listen_port, config.tls_cert) != \
+                (old.listen_host, old.listen_port, old.tls_cert):
+            log.warning("reload: listen and TLS settings change only with a restart")
+        if config.workers != old.workers:
+            log.warning("reload: workers changes only with a restart")
+        self.config = config
+        self.queue.limit = config.max_queue
+        self.callbacks.allow = config.callback_allow
+        self.deployer.engine_wait = config.engine_wait
+
     def alive(self) -> bool:
         """Every worker and callback thread still runs (for the watchdog)."""
         return all(t.is_alive() for t in self._workers) and self.callbacks.alive()
@@ -1773,6 +1926,7 @@ class Service:
         """Record the outcome and send it to the job's callback and to those
         of the jobs it replaced."""
         self.save(job)
+        self.metrics.count_deploy(job)
         self.callbacks.send(job, job.callback_url, callback_body(job))
         for older in job.superseded:
             older.state, older.finished = "superseded", job.finished
@@ -2077,9 +2231,63 @@ class WebhookHandler(http.server.BaseHTTPRequestHandler):
                           "tag": job.tag})
 
     def do_GET(self) -> None:
+        path, _, query = self.path.partition("?")
+        service = self.server.service
+        if path == "/healthz":
+            healthy, reason = service.health()
+            return self.answer(200 if healthy else 503, {"status": "ok" if healthy else "unhealthy",
+                                                         "reason": reason})
+        if path == "/metrics" and service.config.metrics_public or \
+                (path == "/metrics" or path == "/jobs" or path.startswith("/jobs/")) and self._admin_ok():
+            try:
+                return self._status_page(path, urllib.parse.parse_qs(query))
+            except JournalError as exc:
+                return self.answer(503, {"error": str(exc)})
+        if path in ("/metrics", "/jobs") or path.startswith("/jobs/"):
+            return  # _admin_ok() answered
         self._not_allowed()
 
-    do_HEAD = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_GET
+    do_HEAD = do_GET
+
+    def do_PUT(self) -> None:
+        self._not_allowed()
+
+    do_DELETE = do_PATCH = do_OPTIONS = do_PUT
+
+    def _admin_ok(self) -> bool:
+        """An admin token as 'Authorization: Bearer <token>'; answers 404 (no
+        admin token configured) or 401 itself when there is none."""
+        tokens = self.server.service.config.admin_tokens
+        if not tokens:
+            self.answer(404, {"error": "not found (set admin_token to use this)"})
+            return False
+        given = self.headers.get("Authorization", "")
+        given = given[7:].strip() if given[:7].lower() == "bearer " else ""
+        ok = False
+        for token in tokens:
+            ok |= hmac.compare_digest(given.encode("utf-8", "replace"), token.encode("utf-8"))
+        if not ok:
+            self.answer(401, {"error": "an admin token is needed: Authorization: Bearer <token>"},
+                        {"WWW-Authenticate": 'Bearer realm="autodeploy"'})
+        return ok
+
+    def _status_page(self, path: str, query: Dict[str, List[str]]) -> None:
+        service = self.server.service
+        if path == "/metrics":
+            text = service.metrics.render(service.queue.depth()).encode("utf-8")
+            return self.answer_bytes(200, text, "text/plain; version=0.0.4; charset=utf-8")
+        if path == "/jobs":
+            first = {key: values[0] for key, values in query.items() if values}
+            try:
+                limit = max(1, min(1000, int(first.get("limit", "100"))))
+            except ValueError:
+                return self.answer(400, {"error": "limit must be a number"})
+            return self.answer(200, {"jobs": service.job_list(first.get("app"), first.get("state"),
+                                                              limit)})
+        job = service.job_detail(path[len("/jobs/"):])
+        if job is None:
+            return self.answer(404, {"error": "no such job"})
+        self.answer(200, job)
 
     def _not_allowed(self) -> None:
         if self._deploy_path():
@@ -2125,9 +2333,16 @@ class WebhookHandler(http.server.BaseHTTPRequestHandler):
                close: bool = False) -> None:
         """Send a JSON answer."""
         data = (json.dumps(doc) + "\n").encode("utf-8")
+        self.answer_bytes(status, data, "application/json", headers, close)
+
+    def answer_bytes(self, status: int, data: bytes, content_type: str,
+                     headers: Optional[Dict[str, str]] = None, close: bool = False) -> None:
+        """Send an answer with `data` as its body."""
+        if self.command == "POST" and self.path.startswith("/deploy"):
+            self.server.service.metrics.count_webhook(status)
         self.connection.settimeout(self.timeout)  # reads may have left it shorter
         self.send_response(status)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
         for key, value in (headers or {}).items():
             self.send_header(key, value)
@@ -2198,6 +2413,7 @@ def serve(config: Config, stop_event: Optional[threading.Event] = None,
     if threading.current_thread() is threading.main_thread():  # only it may set handlers
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: stop_event.set())
+        signal.signal(signal.SIGHUP, lambda *_: reload_config(service, environ))
     thread = threading.Thread(target=server.serve_forever, name="autodeploy-http", daemon=True)
     thread.start()
     host, port = server.server_address[:2]
@@ -2216,6 +2432,20 @@ def serve(config: Config, stop_event: Optional[threading.Event] = None,
     service.stop()
     log.info("stopped")
     return 0
+
+
+def reload_config(service: Service, environ: Mapping[str, str]) -> bool:
+    """SIGHUP: read the config file again; a bad one is logged and the
+    configuration in force stays."""
+    path = service.config.path
+    try:
+        config = load_config(path, environ)
+    except ConfigError as exc:
+        log.error("reload refused, the configuration in force stays: %s", exc)
+        return False
+    service.reload(config._replace(insecure_no_token=service.config.insecure_no_token))
+    log.info("reloaded %s: %d apps", path, len(config.apps))
+    return True
 
 
 def tls_context(config: Config) -> Any:
@@ -2276,6 +2506,59 @@ def deploy_once(config: Config, target: str) -> int:
     return 0 if job.state in ("succeeded", "up_to_date") else 1
 
 
+def print_history(config: Config, args: argparse.Namespace) -> int:
+    """The `history` and `show` commands: the journal, for a terminal."""
+    path = os.path.join(config.state_dir, "journal.sqlite3")
+    if not os.path.exists(path):
+        print("no journal at %s (nothing deployed yet, or another state_dir)" % path, file=sys.stderr)
+        return 1
+    journal = Journal(path)
+    try:
+        journal._open()
+        if args.command == "show":
+            row = journal.get(args.job_id)
+            if row is None:
+                print("no job %s in %s" % (args.job_id, path), file=sys.stderr)
+                return 1
+            print(format_job(public_row(row, with_log=True)))
+            return 0
+        rows = [public_row(row) for row in journal.recent(args.app, args.state, args.limit)]
+    except JournalError as exc:
+        print("autodeploy: %s" % exc, file=sys.stderr)
+        return 1
+    finally:
+        journal.close()
+    print("%-19s  %-12s  %-24s  %-12s  %7s  %s" % ("RECEIVED", "JOB", "APP:TAG", "STATE", "TOOK", "DESCRIPTION"))
+    for row in rows:
+        print("%-19s  %-12s  %-24s  %-12s  %7s  %s" % (
+            _when(row["received"]), row["id"], "%s:%s" % (row["app"], row["tag"]), row["state"],
+            "%.1fs" % row["took"] if row["took"] is not None else "-",
+            (row["description"] or "")[:100]))
+    return 0
+
+
+def format_job(row: Dict[str, Any]) -> str:
+    """One job, as `show` prints it."""
+    lines = ["job          %s" % row["id"],
+             "app          %s:%s -> container %s" % (row["app"], row["tag"], row["container"]),
+             "state        %s" % row["state"],
+             "description  %s" % (row["description"] or "-"),
+             "received     %s (from %s)" % (_when(row["received"]), row["source"]),
+             "started      %s" % _when(row["started"]),
+             "finished     %s" % _when(row["finished"])]
+    if row.get("old_image") or row.get("new_image"):
+        lines.append("images       %s -> %s" % (_short(row.get("old_image")), _short(row.get("new_image"))))
+    if row.get("superseded_by"):
+        lines.append("superseded   by job %s" % row["superseded_by"])
+    lines.append("log:")
+    lines += ["  " + line for line in row.get("log") or []] or ["  (none)"]
+    return "\n".join(lines)
+
+
+def _when(timestamp: Optional[float]) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp)) if timestamp else "-"
+
+
 def check(config: Config) -> int:
     """The `check` command: the config is valid and the Engine answers."""
     print("config %s: OK, %d app(s), listening on %s:%d"
@@ -2313,6 +2596,12 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     deploy = commands.add_parser("deploy", help="deploy one repository now, in the foreground")
     deploy.add_argument("target", metavar="REPO[:TAG]")
     commands.add_parser("check", help="validate the config and reach the Docker Engine")
+    history = commands.add_parser("history", help="recent jobs, from the journal")
+    history.add_argument("--app", help="only this repository")
+    history.add_argument("--state", choices=FINAL_STATES + ("queued", "running"))
+    history.add_argument("--limit", type=int, default=30)
+    show = commands.add_parser("show", help="one job, with its log lines")
+    show.add_argument("job_id", metavar="JOB_ID")
     for sub in commands.choices.values():
         sub.add_argument("--config", "-c", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -2336,6 +2625,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return serve(config._replace(insecure_no_token=args.insecure_no_token))
     if args.command == "deploy":
         return deploy_once(config, args.target)
+    if args.command in ("history", "show"):
+        return print_history(config, args)
     return check(config)
 
 

@@ -23,7 +23,8 @@ def make_config(**overrides) -> autodeploy.Config:
             "team/api": AppConfig("team/api", "team/api", ("latest",), "api")}
     values = dict(path="test.conf", listen_host="127.0.0.1", listen_port=0, tokens=[TOKEN],
                   workers=1, state_dir="", callback_allow=[], max_body=1024, max_queue=1,
-                  docker_host="unix:///nonexistent.sock", docker_config=None, apps=apps)
+                  docker_host="unix:///nonexistent.sock", docker_config=None, apps=apps,
+                  journal=False, engine_wait=0)
     values.update(overrides)
     return autodeploy.Config(**values)
 
