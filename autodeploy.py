@@ -499,14 +499,24 @@ def parse_push(body: bytes) -> Push:
         raise PayloadError(400, "no repository.repo_name in the payload")
     if not isinstance(tag, str) or not tag:
         raise PayloadError(400, "no push_data.tag in the payload")
-    if not REPOSITORY_RE.match(repository) or len(repository) > 255:
+    if not REPOSITORY_RE.fullmatch(repository) or len(repository) > 255:
         raise PayloadError(400, "repository.repo_name is not a valid repository name")
-    if not TAG_RE.match(tag):
+    if not TAG_RE.fullmatch(tag):
         raise PayloadError(400, "push_data.tag is not a valid tag")
     callback = doc.get("callback_url")
     if callback is not None and not isinstance(callback, str):
         raise PayloadError(400, "callback_url is not a string")
+    if callback and not _encodable(callback):  # "\ud800": the journal could not store it
+        raise PayloadError(400, "callback_url is not valid Unicode")
     return Push(repository=repository, tag=tag, callback_url=callback or None)
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _object_without_duplicates(pairs: List[Tuple[str, Any]]) -> Dict[str, Any]:
@@ -535,7 +545,7 @@ FINAL_STATES = ("succeeded", "up_to_date", "failed", "rolled_back", "error", "su
 class Job:
     """One accepted webhook and what became of it."""
     __slots__ = ("id", "app", "tag", "callback_url", "source", "received", "started",
-                 "finished", "state", "description", "superseded", "lines", "resume")
+                 "finished", "state", "description", "superseded", "lines", "resume", "swap")
 
     def __init__(self, id: str, app: AppConfig, tag: str, callback_url: Optional[str] = None,
                  source: str = "dockerhub", received: float = 0.0) -> None:
@@ -553,6 +563,7 @@ class Job:
         self.superseded: List[Job] = []
         self.lines: List[str] = []  # its log lines, for the journal (at most MAX_JOB_LINES)
         self.resume: Optional[Dict[str, Any]] = None  # its journal row, when a crash interrupted it
+        self.swap: Optional[Dict[str, Any]] = None  # what converge() needs, once the old one is set aside
 
     def __repr__(self) -> str:
         return "<Job %s %s:%s %s>" % (self.id, self.app.repository, self.tag, self.state)
@@ -642,6 +653,8 @@ class JobQueue:
         deadline = None if timeout is None else self.clock() + timeout
         with self._cond:
             while True:
+                if self._closed:
+                    return None  # what waits stays queued (in the journal) for the next start
                 now = self.clock()
                 key, wake = self._first_ready(now)
                 if key is not None:
@@ -681,7 +694,7 @@ class JobQueue:
                 self._cond.notify()
 
     def close(self) -> None:
-        """Wake every waiting worker; get() returns None once nothing is ready."""
+        """Wake every waiting worker; get() returns None from now on."""
         with self._cond:
             self._closed = True
             self._cond.notify_all()
@@ -920,11 +933,29 @@ class Deployer:
         try:
             self.wait_for_engine(jlog)
             if job.resume is not None:
+                own = job.resume.get("id") in (None, job.id)
                 self.converge(job, job.resume, jlog)
                 job.resume = None
                 if job.state in FINAL_STATES:
-                    return
-            job.state, job.description = self.deploy(job, jlog)
+                    if own:
+                        return
+                    # That was the swap of a job this one superseded: now deploy this one.
+                    job.state, job.description = "running", ""
+            try:
+                job.state, job.description = self.deploy(job, jlog)
+            except DockerError as exc:
+                if exc.status is not None or self.engine_answers():
+                    raise
+                # The Engine went away mid-job (restarting?): wait for it, put in
+                # order what the swap left, as after a crash of ours, then run once more.
+                jlog.warning("lost the Docker Engine: %s", exc)
+                self.wait_for_engine(jlog)
+                if job.swap is not None:
+                    self.converge(job, job.swap, jlog)
+                    job.swap = None
+                    if job.state in FINAL_STATES:
+                        return
+                job.state, job.description = self.deploy(job, jlog)
             jlog.info("%s: %s", job.state, job.description)
         except RolledBack as exc:
             job.state, job.description = "rolled_back", str(exc)
@@ -955,6 +986,12 @@ class Deployer:
                              exc, delay)
             self.sleep(delay)
             delay = min(delay * 2, 15.0)
+
+    def engine_answers(self) -> bool:
+        try:
+            return self.engine.ping()
+        except DockerError:
+            return False
 
     def deploy(self, job: Job, jlog: logging.LoggerAdapter) -> Tuple[str, str]:
         """Pull and replace; returns (state, description) or raises."""
@@ -1024,6 +1061,7 @@ class Deployer:
         aside = "%s-autodeploy-old-%s" % (app.container, job.id)
         was_running = bool((old.get("State") or {}).get("Running"))
         self.on_step(job, old_container=old_id, old_image=old.get("Image"), was_running=was_running)
+        job.swap = {"id": job.id, "was_running": was_running}
         self.engine.rename_container(old_id, aside)
         jlog.info("renamed old container %s to %s", _short(old_id), aside)
         new_id = None
@@ -1213,7 +1251,7 @@ class Deployer:
         the job stays unfinished, to run again. Either way one container
         keeps the app's name and nothing named *-autodeploy-old-* remains."""
         app = job.app
-        aside = "%s-autodeploy-old-%s" % (app.container, job.id)
+        aside = "%s-autodeploy-old-%s" % (app.container, row.get("id") or job.id)
         old = self._inspect_or_none(aside)
         if old is None:
             jlog.info("resuming: no container was set aside; running the job again")
@@ -1351,7 +1389,7 @@ def callback_allowed(url: str, allow: List[Tuple[str, str, int]]) -> bool:
         port = parts.port or (443 if parts.scheme == "https" else 80)
     except ValueError:
         return False
-    if parts.username or parts.password or not parts.hostname:
+    if "@" in parts.netloc or not parts.hostname:  # credentials, even empty ones
         return False
     return (parts.scheme, parts.hostname, port) in allow
 
@@ -1795,7 +1833,7 @@ class Service:
         self.metrics = Metrics()
         self.deployer.on_step = self.save
         self.queue = JobQueue(config.max_queue)
-        self.queue.on_superseded = self.save
+        self.queue.on_superseded = self._superseded_in_queue
         self.jobs: "collections.OrderedDict[str, Job]" = collections.OrderedDict()
         self._jobs_lock = threading.Lock()
         self._workers: List[threading.Thread] = []
@@ -1932,9 +1970,16 @@ class Service:
             older.state, older.finished = "superseded", job.finished
             older.description = "superseded by job %s" % job.id
             self.save(older, superseded_by=job.id)
+            self.metrics.count_deploy(older)
             self.callbacks.send(older, older.callback_url,
                                 callback_body(job, "(superseded by job %s)" % job.id))
         job.superseded = []
+
+    def _superseded_in_queue(self, job: Job) -> None:
+        """A waiting job replaced by a newer push, with no callback to wait for."""
+        job.finished = self.clock()
+        self.save(job)
+        self.metrics.count_deploy(job)
 
     def save(self, job: Job, **extra: Any) -> None:
         """Write the job to the journal; a failure is logged (by the journal),
@@ -1967,7 +2012,11 @@ class Service:
                 job.resume = row  # the worker puts its containers in order first
             job.state = "queued"
             self._remember(job)
-            self.queue.put(job, force=True)
+            replaced = self.queue.put(job, force=True)
+            if replaced is not None and replaced.resume is not None and job.resume is None:
+                # A newer push replaces a job a crash cut short mid-swap: the
+                # newer one must put that swap in order before its own.
+                job.resume = replaced.resume
         if rows:
             log.info("recovered %d unfinished job(s) from the journal", len(rows))
         return len(rows)
@@ -2006,7 +2055,8 @@ def token_scope(config: Config, given: str) -> Optional[FrozenSet[str]]:
         for token in app.tokens:
             if hmac.compare_digest(given_bytes, token.encode("utf-8")):
                 apps.add(app.repository)
-    if globally or (config.insecure_no_token and not config.tokens):
+    if globally or (config.insecure_no_token and not config.tokens
+                    and not any(app.tokens for app in config.apps.values())):
         return ANY_APP
     return frozenset(apps) if apps else None
 
@@ -2038,19 +2088,28 @@ def client_address(peer: str, headers: Any, trusted: Sequence[Network]) -> str:
     not one (headers from anyone else are ignored: they are trivial to forge)."""
     if not trusted or not in_networks(peer, trusted):
         return peer
-    hops = forwarded_for(headers)
-    for hop in reversed(hops):
-        if not in_networks(hop, trusted):
-            return hop
-    return hops[0] if hops else peer
+    # A proxy may keep one of the headers and pass the client's own copy of
+    # the other through untouched: when both name a client, it must be the same.
+    found, first = set(), None
+    for header in ("Forwarded", "X-Forwarded-For"):
+        hops = forwarded_for(headers, header)
+        untrusted = [hop for hop in hops if not in_networks(hop, trusted)]
+        if untrusted:
+            found.add(untrusted[-1])
+        first = first or (hops[0] if hops else None)
+    if len(found) > 1:
+        return "unknown"  # in no network: refused by allow_from
+    return found.pop() if found else first or peer
 
 
-def forwarded_for(headers: Any) -> List[str]:
-    """The client chain from RFC 7239 Forwarded (for=...), else X-Forwarded-For."""
-    forwarded = headers.get_all("Forwarded") if hasattr(headers, "get_all") else None
+def forwarded_for(headers: Any, only: Optional[str] = None) -> List[str]:
+    """The client chain from RFC 7239 Forwarded (for=...), else X-Forwarded-For
+    (`only`: from that header alone)."""
+    forwarded = headers.get_all("Forwarded") \
+        if hasattr(headers, "get_all") and only != "X-Forwarded-For" else None
     hops = []
-    if forwarded:
-        for element in ",".join(forwarded).split(","):
+    if forwarded or only == "Forwarded":
+        for element in ",".join(forwarded or []).split(","):
             for pair in element.split(";"):
                 key, _, value = pair.strip().partition("=")
                 if key.lower() == "for":
@@ -2174,6 +2233,8 @@ class WebhookHandler(http.server.BaseHTTPRequestHandler):
     """POST /deploy/<token> with a push payload; everything else is 404/405."""
     server: WebhookServer
     protocol_version = "HTTP/1.1"
+    # Not "HTTP/0.9": a request line the parser cannot read gets a status line with its 400.
+    default_request_version = "HTTP/1.0"
     server_version = "autodeploy/" + __version__
     sys_version = ""
     disable_nagle_algorithm = True
@@ -2191,6 +2252,14 @@ class WebhookHandler(http.server.BaseHTTPRequestHandler):
         self.reader = DeadlineReader(self.connection, self.timeout, config.request_timeout)
         self.rfile = io.BufferedReader(self.reader)
 
+    def finish(self) -> None:
+        try:
+            super().finish()
+        finally:
+            if self.server.tls is not None:
+                # wrap_socket() detached the socket socketserver will close: close ours
+                self.server.shutdown_request(self.request)
+
     def handle_one_request(self) -> None:
         self.reader.new_request()
         self._body_read = False
@@ -2207,6 +2276,16 @@ class WebhookHandler(http.server.BaseHTTPRequestHandler):
                 log.warning("%s refused: not in allow_from (peer %s)", source, self.client_address[0])
                 self.answer(403, {"error": "forbidden"}, close=True)
                 return False
+        if not hasattr(self, "do_" + self.command):  # http.server would answer 501
+            self._not_allowed()
+            self.wfile.flush()
+            return False
+        return True
+
+    def handle_expect_100(self) -> bool:
+        """Send the 100 Continue now: wfile is buffered until the final answer."""
+        super().handle_expect_100()
+        self.wfile.flush()
         return True
 
     def do_POST(self) -> None:
@@ -2310,16 +2389,20 @@ class WebhookHandler(http.server.BaseHTTPRequestHandler):
         if not raw:
             self.answer(411, {"error": "Content-Length required"}, close=True)
             return None
-        if len(raw) > 1 or not raw[0].strip().isdigit():
+        value = raw[0].strip() if len(raw) == 1 else ""
+        if not re.fullmatch(r"[0-9]+", value):
             self.answer(400, {"error": "bad Content-Length"}, close=True)
             return None
-        length = int(raw[0])
+        digits = value.lstrip("0") or "0"  # int() refuses over 4300 digits: over max_body anyway
+        length = int(digits) if len(digits) <= 18 else self.server.service.config.max_body + 1
         if length > self.server.service.config.max_body:
             self.answer(413, {"error": "body over %d bytes" % self.server.service.config.max_body},
                         close=True)
             return None
         body = self.rfile.read(length)
         if len(body) != length:
+            log.info("%s connection dropped: the body ended after %d of %d bytes",
+                     self.client_address[0], len(body), length)
             self.close_connection = True
             return None
         self._body_read = True
@@ -2327,7 +2410,8 @@ class WebhookHandler(http.server.BaseHTTPRequestHandler):
 
     def send_error(self, code: int, message: Optional[str] = None, explain: Optional[str] = None) -> None:
         """Errors found while parsing the request (400, 414, 431, 505...), as JSON."""
-        self.answer(code, {"error": message or self.responses.get(code, ("error",))[0]}, close=True)
+        message = _mask_path(message or self.responses.get(code, ("error",))[0])
+        self.answer(code, {"error": message}, close=True)
 
     def answer(self, status: int, doc: Dict[str, Any], headers: Optional[Dict[str, str]] = None,
                close: bool = False) -> None:

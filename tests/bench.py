@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Benchmark autodeploy against its performance targets.
 
-    python3 tests/bench.py [--seconds 5] [--warmup 1] [--deploys 5] [--launches 5]
+    python3 tests/bench.py [--seconds 5] [--warmup 1] [--deploys 5] [--launches 5] [--downtime-runs 3]
                            [--client auto|wrk|own] [--callbacks local|omit]
                            [--python PATH | --script]
                            [--json FILE] [--keep-logs DIR] [--profile [cpu|wall]]
@@ -23,7 +23,15 @@ registry:
 2. the service's resident memory at idle, after start-up and after the load;
 3. time from launching the process to its first answered HTTP request;
 4. time from the webhook POST to the app's published port answering the new
-   version, next to the same Engine calls made directly (the raw floor).
+   version, next to the same Engine calls made directly (the raw floor);
+5. downtime: the longest gap between two consecutive answers a client
+   polling the app every 50 ms (1 s timeout each) sees during one deploy:
+   stop-first through the service (fixed host port; the bench polls it),
+   the raw floor's same swap, and start-first through the service (no host
+   port; a client container on the app's network asks by alias, retrying
+   once); and the health gate's overhead: new container started -> old
+   one removed, less `settle`, and with a HEALTHCHECK the Engine's healthy
+   event -> old one removed.
 
 All traffic goes to 127.0.0.1; every loop is bounded in count and time.
 Everything created is labelled autodeploy.test=<run id> and removed at the
@@ -62,6 +70,9 @@ APP_PORT_IN_CONTAINER = 8080
 # A shell that traps SIGTERM in front of busybox httpd: stops at once.
 APP_CMD = ["/bin/sh", "-c", "trap 'exit 0' TERM; httpd -f -p %d -h /www & wait" % APP_PORT_IN_CONTAINER]
 STOP_TIMEOUT = 5
+# The apps' settle time (seconds): the health gate of an app without a
+# HEALTHCHECK or probe. Short, so deploys end quickly; whole seconds only.
+SETTLE = 1
 
 TARGETS = {
     "acks_per_s_8": 3000.0,     # at 8 keep-alive clients, at least
@@ -375,6 +386,7 @@ class ServiceProcess:
 
 def service_config(port: int, callback_port: int, registry: str, run: str, app_port: int,
                    state_dir: str) -> str:
+    """The service's config: the bench's apps, callbacks to the local receiver."""
     return """\
 [autodeploy]
 listen = 127.0.0.1:{port}
@@ -388,20 +400,48 @@ state_dir = {state}
 image = {reg}/bench/web
 tag = v1
 container = bench-idle-{run}
+settle = {settle}
 labels =
     autodeploy.test={run}
 
-# Redeployed v1 <-> v2 to time webhook -> new version answering.
+# Redeployed v1 <-> v2 to time webhook -> new version answering, and the
+# downtime of a stop-first swap (its fixed host port makes `order = auto`
+# stop-first).
 [bench/web]
 image = {reg}/bench/web
 tag = v1 v2
 container = bench-web-{run}
 stop_timeout = {stop}
+settle = {settle}
 ports = 127.0.0.1:{app_port}:{inner}
 labels =
     autodeploy.test={run}
+
+# Downtime of a start-first swap: no host port, on a network of its own
+# under the alias {alias} (the bench creates the first container, with the
+# alias; the service keeps network and alias when it replaces it).
+[bench/zero]
+image = {reg}/bench/web
+tag = v1 v2
+container = bench-zero-{run}
+network = {network}
+stop_timeout = {stop}
+settle = {settle}
+labels =
+    autodeploy.test={run}
+
+# The health gate with a HEALTHCHECK: healthy event -> old container removed.
+[bench/healthy]
+image = {reg}/bench/healthy
+tag = v1 v2
+container = bench-healthy-{run}
+order = stop-first
+stop_timeout = {stop}
+labels =
+    autodeploy.test={run}
 """.format(port=port, token=TOKEN, cb=callback_port, reg=registry, run=run, state=state_dir,
-           stop=STOP_TIMEOUT, app_port=app_port, inner=APP_PORT_IN_CONTAINER)
+           stop=STOP_TIMEOUT, app_port=app_port, inner=APP_PORT_IN_CONTAINER, settle=SETTLE,
+           alias=ALIAS, network=bench_network(run))
 
 
 ############################################################################
@@ -800,38 +840,46 @@ def floor_create_body(reference: str, app_port: int, run: str) -> Dict[str, Any]
                            "Binds": None, "RestartPolicy": {"Name": "", "MaximumRetryCount": 0}}}
 
 
-def floor_redeploy(engine: Any, name: str, image: str, tag: str, app_port: int, run: str,
-                   n: int) -> Dict[str, Any]:
+def floor_swap(engine: Any, name: str, image: str, tag: str, app_port: int, run: str, aside: str,
+               marks: Dict[str, float], t0: float) -> None:
     """The Engine calls Deployer.deploy + replace make, made directly:
     pull, inspect image, inspect container, inspect old image, rename old
-    aside, create new, stop old, start new, inspect new, remove old."""
+    aside, create new, stop old, start new, inspect new, remove old.
+    Puts in `marks` the ms after `t0` (monotonic) at which each step ended."""
     reference = "%s:%s" % (image, tag)
+
+    def mark(what: str) -> None:
+        marks[what] = (time.monotonic() - t0) * 1000
+    engine.pull_image(image, tag)
+    new_image = engine.inspect_image(reference)
+    old = engine.inspect_container(name)
+    engine.inspect_image(old["Image"])
+    if old["Image"] == new_image["Id"]:
+        raise BenchError("floor container already runs %s" % reference)
+    mark("pulled")
+    engine.rename_container(old["Id"], aside)
+    mark("renamed")
+    new_id = engine.create_container(floor_create_body(reference, app_port, run), name)
+    mark("created")
+    engine.stop_container(old["Id"], STOP_TIMEOUT)
+    mark("stopped")
+    engine.start_container(new_id)
+    engine.inspect_container(new_id)
+    mark("started")
+    engine.remove_container(old["Id"])
+    mark("removed")
+
+
+def floor_redeploy(engine: Any, name: str, image: str, tag: str, app_port: int, run: str,
+                   n: int) -> Dict[str, Any]:
+    """floor_swap in a thread, timed to the app's port answering `tag`."""
     marks = {}  # type: Dict[str, float]
     failure = []  # type: List[BaseException]
     t0 = time.monotonic()
 
     def sequence() -> None:
-        def mark(what: str) -> None:
-            marks[what] = (time.monotonic() - t0) * 1000
         try:
-            engine.pull_image(image, tag)
-            new_image = engine.inspect_image(reference)
-            old = engine.inspect_container(name)
-            engine.inspect_image(old["Image"])
-            if old["Image"] == new_image["Id"]:
-                raise BenchError("floor container already runs %s" % reference)
-            mark("pulled")
-            engine.rename_container(old["Id"], "%s-old-%d" % (name, n))
-            mark("renamed")
-            new_id = engine.create_container(floor_create_body(reference, app_port, run), name)
-            mark("created")
-            engine.stop_container(old["Id"], STOP_TIMEOUT)
-            mark("stopped")
-            engine.start_container(new_id)
-            engine.inspect_container(new_id)
-            mark("started")
-            engine.remove_container(old["Id"])
-            mark("removed")
+            floor_swap(engine, name, image, tag, app_port, run, "%s-old-%d" % (name, n), marks, t0)
         except BaseException as exc:  # reported by the main thread
             failure.append(exc)
 
@@ -849,6 +897,355 @@ def floor_redeploy(engine: Any, name: str, image: str, tag: str, app_port: int, 
         raise BenchError("raw floor deploy %d failed: %r" % (n, failure[0]))
     marks["answering"] = (t_answer - t0) * 1000
     return {"ms": (t_answer - t0) * 1000, "probes": probes, "marks": marks}
+
+
+############################################################################
+# 5. Downtime during a deploy: the longest gap between answers
+############################################################################
+
+VERSIONS = ("v1", "v2")
+ALIAS = "benchapp"  # the start-first app's network alias
+POLL_INTERVAL = 0.05  # a request every 50 ms ...
+POLL_TIMEOUT = 1.0  # ... each given up after 1 s (then it is just not an answer)
+POLL_MAX_REQUESTS = 1200
+POLL_MAX_SECONDS = 60.0
+CLIENT_MAX_REQUESTS = 600  # the start-first client container's bound (~40 s)
+# busybox httpd answering inside the container; checked every 0.25 s.
+HEALTHCHECK = {"test": "wget -q -O /dev/null http://127.0.0.1:%d/" % APP_PORT_IN_CONTAINER,
+               "interval": 0.25}
+
+
+def bench_network(run: str) -> str:
+    """The user-defined network of the start-first app and its client."""
+    return "autodeploy-bench-%s" % run
+
+
+def fetch_version(port: int, timeout: float = POLL_TIMEOUT) -> Optional[str]:
+    """GET http://127.0.0.1:port/ on a new connection, `timeout` in all;
+    the version the app answered with, or None (refused, reset, stalled,
+    not 200 or another body)."""
+    deadline = time.monotonic() + timeout
+    answer = b""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+            sock.sendall(b"GET / HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+            for _ in range(64):  # the answer is ~150 bytes
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return None
+                sock.settimeout(remaining)
+                chunk = sock.recv(4096)
+                if not chunk:
+                    break
+                answer += chunk
+    except OSError:
+        return None
+    head, _, body = answer.partition(b"\r\n\r\n")
+    version = body.decode("ascii", "replace").strip()
+    return version if head[9:12] == b"200" and version in VERSIONS else None
+
+
+class AnswerPoller:
+    """A client in a thread of its own asking 127.0.0.1:port every
+    POLL_INTERVAL (at once after a request that took longer), keeping the
+    monotonic time of each answer, and how long each request that got none
+    took (refused at once, or stalled up to POLL_TIMEOUT).
+    Bounded: POLL_MAX_REQUESTS requests, POLL_MAX_SECONDS."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.answers = []  # type: List[Tuple[float, str]]
+        self.failures = []  # type: List[float]
+        self.cond = threading.Condition()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="bench-poller", daemon=True)
+
+    def start(self) -> "AnswerPoller":
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        deadline = time.monotonic() + POLL_MAX_SECONDS
+        next_at = time.monotonic()
+        for _ in range(POLL_MAX_REQUESTS):
+            if self._stop.wait(max(0.0, next_at - time.monotonic())) or time.monotonic() > deadline:
+                break
+            sent = time.monotonic()
+            next_at = sent + POLL_INTERVAL
+            version = fetch_version(self.port)
+            with self.cond:
+                if version:
+                    self.answers.append((time.monotonic(), version))
+                else:
+                    self.failures.append(time.monotonic() - sent)
+                self.cond.notify_all()
+        with self.cond:
+            self.cond.notify_all()
+
+    def count(self) -> int:
+        with self.cond:
+            return len(self.answers)
+
+    def wait_answers(self, count: int, since: int = 0, version: Optional[str] = None,
+                     timeout: float = 15.0) -> None:
+        """Until `count` answers (of `version`, if given) came after the first `since`."""
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while sum(1 for _, v in self.answers[since:] if version in (None, v)) < count:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not self._thread.is_alive():
+                    raise BenchError("port %d: %d answers%s not seen within %.0f s (%d failed requests)"
+                                     % (self.port, count, " of " + version if version else "",
+                                        timeout, len(self.failures)))
+                self.cond.wait(min(remaining, 0.5))
+
+    def stop(self) -> Tuple[List[Tuple[float, str]], List[float]]:
+        """End the polling; (answers, seconds each failed request took)."""
+        self._stop.set()
+        self._thread.join(POLL_TIMEOUT + 5)
+        with self.cond:
+            return list(self.answers), list(self.failures)
+
+
+def poller_result(answers: List[Tuple[float, str]], failures: List[float], t0: float) -> Dict[str, Any]:
+    """gap_stats of a poller's answers, with its failed requests: how many,
+    and how many stalled (ran into the timeout, e.g. at the userland proxy)."""
+    result = gap_stats([t for t, _ in answers], t0)
+    result.update({"failed_requests": len(failures),
+                   "stalled_requests": sum(1 for f in failures if f >= 0.9 * POLL_TIMEOUT),
+                   "failed_request_ms": [f * 1000 for f in failures]})
+    return result
+
+
+def gap_stats(times: List[float], t0: Optional[float]) -> Dict[str, Any]:
+    """The longest gap between consecutive answers (ms), where it lies
+    (ms after t0, same clock; None when t0 is) and the median gap."""
+    gaps = [(b - a, a, b) for a, b in zip(times, times[1:])]
+    if not gaps:
+        raise BenchError("fewer than two answers: no gap to measure")
+    longest, start, end = max(gaps)
+    return {"longest_gap_ms": longest * 1000, "median_gap_ms": median([g[0] for g in gaps]) * 1000,
+            "gap_from_ms": None if t0 is None else (start - t0) * 1000,
+            "gap_to_ms": None if t0 is None else (end - t0) * 1000, "answers": len(times)}
+
+
+def webhook_deploy(service: ServiceProcess, receiver: CallbackReceiver, repo: str, tag: str,
+                   callback: str, t0_wall: float) -> Tuple[Dict[str, float], str]:
+    """POST the push of repo:tag and wait for its success callback;
+    (the job's log marks in ms after t0_wall, the job's description)."""
+    body = hub_payload(repo, tag, receiver.url(callback))
+    status, answer = http_post(service.port, "/deploy/" + TOKEN, body)
+    if status != 202:
+        raise BenchError("deploy webhook for %s:%s answered %s: %s" % (repo, tag, status, answer))
+    done = receiver.wait_for(callback, timeout=60)
+    if done.get("state") != "success":
+        raise BenchError("deploy of %s:%s failed: %s" % (repo, tag, done))
+    return log_milestones(service.log_text(), answer["job"], t0_wall), done.get("description", "")
+
+
+def order_used(description: str) -> str:
+    """The swap order a succeeded job's description tells."""
+    return "start-first" if "started before the old one stopped" in description else "stop-first"
+
+
+def stop_first_downtime(service: ServiceProcess, receiver: CallbackReceiver, app_port: int,
+                        tag: str, n: int) -> Dict[str, Any]:
+    """Redeploy [bench/web] (fixed host port: stop-first) to `tag` through
+    the service while the bench polls its published port."""
+    poller = AnswerPoller(app_port).start()
+    try:
+        poller.wait_answers(3)
+        t0, t0_wall = time.monotonic(), time.time()
+        marks, description = webhook_deploy(service, receiver, "bench/web", tag, "down-stop-%d" % n, t0_wall)
+        poller.wait_answers(3, since=poller.count(), version=tag)
+    finally:
+        answers, failures = poller.stop()
+    result = poller_result(answers, failures, t0)
+    result.update({"marks": marks, "order": order_used(description)})
+    return result
+
+
+def floor_downtime(engine: Any, name: str, image: str, tag: str, port: int, run: str,
+                   n: int) -> Dict[str, Any]:
+    """The raw floor's stop-first swap (floor_swap) while the bench polls its port."""
+    poller = AnswerPoller(port).start()
+    marks = {}  # type: Dict[str, float]
+    try:
+        poller.wait_answers(3)
+        t0 = time.monotonic()
+        floor_swap(engine, name, image, tag, port, run, "%s-down-%d" % (name, n), marks, t0)
+        poller.wait_answers(3, since=poller.count(), version=tag)
+    finally:
+        answers, failures = poller.stop()
+    result = poller_result(answers, failures, t0)
+    result["marks"] = marks
+    return result
+
+
+def start_aliased_app(engine: Any, name: str, network: str, reference: str, run: str) -> None:
+    """The start-first app's first container: no host port, on `network`
+    under the alias ALIAS (as `docker run --network N --network-alias A`)."""
+    from tests import support
+    body = {"Image": reference, "Labels": {support.TEST_LABEL: run}, "StopTimeout": STOP_TIMEOUT,
+            "HostConfig": {"NetworkMode": network, "RestartPolicy": {"Name": "", "MaximumRetryCount": 0}},
+            "NetworkingConfig": {"EndpointsConfig": {network: {"Aliases": [ALIAS]}}}}
+    engine.start_container(engine.create_container(body, name))
+
+
+def alias_client_script() -> str:
+    """The start-first client's shell loop (busybox), as
+    tests/test_e2e_health.py's: resolve ALIAS at Docker's DNS for every
+    request, GET / with a 1 s timeout, retry once (resolving again) on
+    failure as a reverse proxy does, print "TIME BODY [retried]" or "TIME
+    FAIL", sleep 50 ms; at most CLIENT_MAX_REQUESTS. TIME is $EPOCHREALTIME
+    (busybox ash, microseconds; busybox `date` has no %N), else
+    /proc/uptime (10 ms); the first line says which."""
+    fetch = ("ip=$(nslookup %s 127.0.0.11 2>/dev/null | awk '/^Address: /{print $2; exit}'); "
+             "body=$(printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 1 \"$ip\" %d 2>/dev/null | tail -n 1); "
+             % (ALIAS, APP_PORT_IN_CONTAINER))
+    return ("if [ -n \"$EPOCHREALTIME\" ]; then echo clock=epoch; else echo clock=uptime; fi; "
+            "i=0; while [ $i -lt %d ]; do retry=''; " % CLIENT_MAX_REQUESTS + fetch +
+            "if [ -z \"$body\" ]; then retry=retried; " + fetch + "fi; "
+            "t=$EPOCHREALTIME; [ -n \"$t\" ] || read t _ < /proc/uptime; "
+            "case \"$body\" in v1|v2) echo \"$t $body $retry\";; *) echo \"$t FAIL $retry\";; esac; "
+            "i=$((i+1)); sleep %g; done" % POLL_INTERVAL)
+
+
+def start_alias_client(name: str, network: str, reference: str, run: str) -> None:
+    """The client container on the app's network, running alias_client_script."""
+    from tests import support
+    support.docker("run", "-d", "--name", name, "--label", "%s=%s" % (support.TEST_LABEL, run),
+                   "--network", network, reference, "sh", "-c", alias_client_script(), timeout=30)
+
+
+def client_lines(engine: Any, name: str) -> Tuple[str, List[Tuple[float, str, bool]]]:
+    """The client's clock and its (time, body or FAIL, retried) lines so far."""
+    clock, lines = "?", []
+    for line in engine.container_logs(name, tail=CLIENT_MAX_REQUESTS + 10).splitlines():
+        words = line.split()
+        if line.startswith("clock="):
+            clock = line[len("clock="):].strip()
+        elif len(words) >= 2:
+            lines.append((float(words[0]), words[1], words[-1] == "retried"))
+    return clock, lines
+
+
+def wait_client_answers(engine: Any, name: str, count: int, version: Optional[str] = None,
+                        timeout: float = 15.0) -> List[Tuple[float, str, bool]]:
+    """The client's lines, once `count` answers (of `version`, if given) are among them."""
+    deadline = time.monotonic() + timeout
+    while True:
+        _, lines = client_lines(engine, name)
+        if sum(1 for _, body, _ in lines if body in VERSIONS and version in (None, body)) >= count:
+            return lines
+        if time.monotonic() > deadline:
+            raise BenchError("client %s: %d answers%s not seen within %.0f s; last lines %s"
+                             % (name, count, " of " + version if version else "", timeout, lines[-5:]))
+        time.sleep(0.1)
+
+
+def start_first_downtime(engine: Any, service: ServiceProcess, receiver: CallbackReceiver,
+                         network: str, reference: str, run: str, tag: str, n: int) -> Dict[str, Any]:
+    """Redeploy [bench/zero] (no host port: start-first) to `tag` through
+    the service while a client container on its network asks for it by alias."""
+    client = "bench-client-%s-%d" % (run, n)
+    start_alias_client(client, network, reference, run)
+    try:
+        before = len(wait_client_answers(engine, client, 3))
+        t0_wall = time.time()
+        marks, description = webhook_deploy(service, receiver, "bench/zero", tag, "down-zero-%d" % n, t0_wall)
+        clock, lines = client_lines(engine, client)
+        lines = wait_client_answers(engine, client, 3 + sum(1 for _, b, _ in lines if b == tag), version=tag)
+    finally:
+        engine.remove_container(client, force=True)
+    if len(lines) >= CLIENT_MAX_REQUESTS:
+        raise BenchError("client %s ran out of requests before the deploy was over" % client)
+    answered = [t for t, body, _ in lines if body in VERSIONS]
+    result = gap_stats(answered, t0_wall if clock == "epoch" else None)
+    result.update({"failed_requests": sum(1 for _, body, _ in lines if body not in VERSIONS),
+                   "retried": sum(1 for _, _, retried in lines if retried), "client_clock": clock,
+                   "requests_before_deploy": before, "marks": marks, "order": order_used(description)})
+    return result
+
+
+def healthy_event_time(engine: Any, container_id: str, since: float) -> Optional[float]:
+    """Unix time of the Engine's first 'health_status: healthy' event of the container since `since`."""
+    for event in engine.events(since, time.time(), {"type": ["container"], "container": [container_id]}):
+        if (event.get("Action") or event.get("status") or "").startswith("health_status: healthy"):
+            return event["timeNano"] / 1e9
+    return None
+
+
+def healthcheck_gate(engine: Any, service: ServiceProcess, receiver: CallbackReceiver, run: str,
+                     tag: str, n: int) -> Dict[str, Any]:
+    """Redeploy [bench/healthy] (image HEALTHCHECK, stop-first) to `tag`;
+    ms from the Engine's healthy event to the old container removed, and to
+    the job done (which also removes the previous image, remove_old_image)."""
+    t0_wall = time.time()
+    marks, _ = webhook_deploy(service, receiver, "bench/healthy", tag, "healthy-%d" % n, t0_wall)
+    healthy = healthy_event_time(engine, engine.inspect_container("bench-healthy-%s" % run)["Id"], t0_wall - 1)
+    if healthy is None or "removed" not in marks or "job done" not in marks:
+        raise BenchError("healthcheck deploy %d: no healthy event, or no 'removed'/'succeeded' log line" % n)
+    marks["healthy"] = (healthy - t0_wall) * 1000
+    return {"healthy_to_removed_ms": marks["removed"] - marks["healthy"],
+            "healthy_to_done_ms": marks["job done"] - marks["healthy"], "marks": marks}
+
+
+def gate_overheads(deploys: List[Dict[str, Any]], settle: float) -> List[float]:
+    """Per deploy: ms from the new container started to the old one removed,
+    less the settle time: what the health gate and the swap's end cost
+    beyond the wait (start-first: also taking the old one off its network
+    and stopping it). 'job done' comes later when the previous image is
+    removed too (remove_old_image)."""
+    return [d["marks"]["removed"] - d["marks"]["started"] - settle * 1000
+            for d in deploys if "started" in d["marks"] and "removed" in d["marks"]]
+
+
+def redeploy_tag(n: int) -> str:
+    """The tag an app's n-th redeploy deploys (from n = 0; every app starts at v1)."""
+    return "v2" if n % 2 == 0 else "v1"
+
+
+def prepare_downtime(engine: Any, service: ServiceProcess, receiver: CallbackReceiver, image: str,
+                     run: str, state: Dict[str, Any]) -> str:
+    """The start-first app's network and first container, and [bench/healthy]'s
+    first container (through the service); returns the network."""
+    from tests import support
+    network = bench_network(run)
+    support.docker("network", "create", "--label", "%s=%s" % (support.TEST_LABEL, run), network)
+    state["networks"].append(network)
+    start_aliased_app(engine, "bench-zero-%s" % run, network, image + ":v1", run)
+    webhook_deploy(service, receiver, "bench/healthy", "v1", "first-healthy", time.time())
+    return network
+
+
+def measure_downtime(engine: Any, service: ServiceProcess, receiver: CallbackReceiver,
+                     ports: Dict[str, int], image: str, run: str, runs: int, first_n: int,
+                     state: Dict[str, Any]) -> Dict[str, Any]:
+    """`runs` rounds of: stop-first via the service, the raw floor's swap,
+    start-first via the service, and a HEALTHCHECK-gated deploy.
+    ports: "web" and "floor", the published ports; first_n: the next
+    number of the web/floor redeploy sequence (their current tag follows it)."""
+    from dockerapi import DockerError
+    out = {"runs": runs, "poll_interval_ms": POLL_INTERVAL * 1000, "request_timeout_ms": POLL_TIMEOUT * 1000,
+           "stop_first": [], "floor": [], "start_first": [], "healthcheck": []}  # type: Dict[str, Any]
+    try:
+        network = prepare_downtime(engine, service, receiver, image, run, state)
+        for k in range(runs):
+            n = first_n + k
+            tag = redeploy_tag(n)
+            log("downtime %d/%d: stop-first, raw floor, start-first, HEALTHCHECK gate" % (k + 1, runs))
+            out["stop_first"].append(stop_first_downtime(service, receiver, ports["web"], tag, n))
+            out["floor"].append(floor_downtime(engine, "bench-floor-%s" % run, image, tag, ports["floor"], run, n))
+            out["start_first"].append(start_first_downtime(engine, service, receiver, network, image + ":v1",
+                                                           run, redeploy_tag(k), k))
+            out["healthcheck"].append(healthcheck_gate(engine, service, receiver, run, redeploy_tag(k), k))
+    except DockerError as exc:
+        raise BenchError("downtime measurement: the Engine refused a call: %s" % exc) from exc
+    for key, wanted in (("stop_first", "stop-first"), ("start_first", "start-first")):
+        if any(r["order"] != wanted for r in out[key]):
+            log("warning: the %s runs did not all use %s: %s" % (key, wanted, [r["order"] for r in out[key]]))
+    return out
 
 
 ############################################################################
@@ -1035,6 +1432,11 @@ def bench(args: argparse.Namespace, state: Dict[str, Any]) -> Dict[str, Any]:
         state["images"].append(ref)
         state["images"].append(support.make_image(ref, version, cmd=APP_CMD, port=APP_PORT_IN_CONTAINER,
                                                   labels={support.TEST_LABEL: run}))
+        if args.downtime_runs:
+            ref = "%s/bench/healthy:%s" % (registry.host, version)
+            state["images"].append(ref)
+            state["images"].append(support.make_image(ref, version, cmd=APP_CMD, port=APP_PORT_IN_CONTAINER,
+                                                      labels={support.TEST_LABEL: run}, healthcheck=HEALTHCHECK))
     log("images pushed to %s" % registry.host)
 
     receiver = state["receiver"] = CallbackReceiver()
@@ -1103,12 +1505,22 @@ def bench(args: argparse.Namespace, state: Dict[str, Any]) -> Dict[str, Any]:
     # 4. Redeploys through the service, and the raw Engine floor, interleaved.
     results["deploy"] = {"service": [], "floor": []}
     for n in range(args.deploys):
-        tag = "v2" if n % 2 == 0 else "v1"
+        tag = redeploy_tag(n)
         log("redeploy %d/%d to %s: service, then raw floor" % (n + 1, args.deploys, tag))
         results["deploy"]["service"].append(service_redeploy(service, receiver, app_port, tag, n))
         time.sleep(0.3)
         results["deploy"]["floor"].append(floor_redeploy(engine, floor_name, image, tag, floor_port, run, n))
         time.sleep(0.3)
+
+    # 5. Downtime during a deploy, and what the health gate costs beyond the settle time.
+    if args.downtime_runs:
+        results["downtime"] = measure_downtime(engine, service, receiver, {"web": app_port, "floor": floor_port},
+                                               image, run, args.downtime_runs, args.deploys, state)
+    results["gate_overhead"] = {
+        "settle_s": SETTLE,
+        "stop_first_ms": gate_overheads(results["deploy"]["service"], SETTLE),
+        "start_first_ms": gate_overheads(results.get("downtime", {}).get("start_first", []), SETTLE),
+    }
 
     if args.profile:
         log("profiling the service under 8 clients")
@@ -1134,6 +1546,7 @@ def cleanup(state: Dict[str, Any]) -> None:
         ("service", lambda: state["service"] and state["service"].stop()),
         ("callback receiver", lambda: state["receiver"] and state["receiver"].close()),
         ("containers", lambda: support.cleanup_containers(support.run_id())),
+        ("networks", lambda: [support.docker("network", "rm", name, check=False) for name in state["networks"]]),
         ("images", lambda: support.cleanup_images(state["images"])),
         ("registry", lambda: state["registry"] and state["registry"].stop()),
         ("logs", lambda: keep_logs(state)),
@@ -1152,6 +1565,68 @@ def cleanup(state: Dict[str, Any]) -> None:
 
 def verdict(ok: Optional[bool]) -> str:
     return "" if ok is None else ("yes" if ok else "NO")
+
+
+def runs_cell(values: List[float], unit: str = " ms") -> str:
+    """'12 15 11 ms', or '-' when there are none."""
+    return " ".join("%.0f" % v for v in values) + unit if values else "-"
+
+
+def downtime_rows(results: Dict[str, Any]) -> List[Tuple[str, str, str, str]]:
+    """The table's downtime and health gate lines."""
+    rows = []  # type: List[Tuple[str, str, str, str]]
+    down = results.get("downtime")
+    if not down:
+        rows.append(("downtime during a deploy", "skipped (--downtime-runs 0)", "", ""))
+    else:
+        for key, label in (("stop_first", "stop-first via the service"), ("floor", "raw floor (stop old, start new)"),
+                           ("start_first", "start-first via the service")):
+            gaps = [r["longest_gap_ms"] for r in down[key]]
+            rows.append(("downtime, %s, med of %d" % (label, len(gaps)), "%.0f ms" % median(gaps), "", ""))
+            if key == "start_first":  # its client retries once, as a reverse proxy does
+                label, failed = "  runs; failed requests (retried)", " ".join(
+                    "%d(%d)" % (r["failed_requests"], r["retried"]) for r in down[key])
+            else:
+                label, failed = "  runs; failed requests (stalled 1 s)", " ".join(
+                    "%d(%d)" % (r["failed_requests"], r["stalled_requests"]) for r in down[key])
+            rows.append((label, "%s; %s" % (runs_cell(gaps), failed), "", ""))
+        rows.append(("  usual gap: stop-first; floor; start-first", "%.0f; %.0f; %.0f ms" % tuple(
+            median([r["median_gap_ms"] for r in down[key]]) for key in ("stop_first", "floor", "start_first")),
+            "", ""))
+    gate = results["gate_overhead"]
+    rows.append(("health gate overhead: started -> old removed - settle %gs" % gate["settle_s"],
+                 "%.0f ms" % median(gate["stop_first_ms"]), "", ""))
+    rows.append(("  runs: stop-first; start-first", "%s; %s" % (
+        runs_cell(gate["stop_first_ms"]), runs_cell(gate["start_first_ms"])), "", ""))
+    if down:
+        healthy = [r["healthy_to_removed_ms"] for r in down["healthcheck"]]
+        rows.append(("HEALTHCHECK healthy event -> old removed, med of %d" % len(healthy),
+                     "%.0f ms" % median(healthy), "", ""))
+        rows.append(("  runs; to job done (+ old image removed)", "%s; %s" % (
+            runs_cell(healthy), runs_cell([r["healthy_to_done_ms"] for r in down["healthcheck"]])), "", ""))
+    return rows
+
+
+def downtime_steps(results: Dict[str, Any]) -> List[str]:
+    """Where the longest gaps lie next to the deploy steps: medians of ms after t0."""
+    down = results.get("downtime")
+    if not down:
+        return []
+    names = ["gap from", "gap to", "stopped", "started", "job done"]
+    out = ["", "downtime: longest gap and deploy steps, median ms after t0 (service: after the POST;"
+               " floor: before the pull):", "  %-11s" % "" + "".join("%11s" % n for n in names)]
+    for key in ("stop_first", "floor", "start_first"):
+        cells = []
+        for name in names:
+            field = {"gap from": "gap_from_ms", "gap to": "gap_to_ms"}.get(name)
+            values = [r[field] if field else r["marks"].get(name) for r in down[key]]
+            values = [v for v in values if v is not None]
+            cells.append("%11s" % ("%.0f" % median(values) if values else "-"))
+        out.append("  %-11s" % key.replace("_", "-") + "".join(cells))
+    out.append("  (start-first 'stopped' is the old container's, after the gate; requests time out after"
+               " %.0f s; the bench polls every %.0f ms, the start-first client sleeps %.0f ms between"
+               " requests)" % (POLL_TIMEOUT, POLL_INTERVAL * 1000, POLL_INTERVAL * 1000))
+    return out
 
 
 def report(results: Dict[str, Any]) -> str:
@@ -1205,6 +1680,7 @@ def report(results: Dict[str, Any]) -> str:
     rows.append(("  runs", " ".join("%.0f" % t for t in floor) + " ms", "", ""))
     rows.append(("deploy time / raw floor", "%.2fx" % ratio, "<= %.1fx" % TARGETS["deploy_ratio"],
                  verdict(ratio <= TARGETS["deploy_ratio"])))
+    rows += downtime_rows(results)
 
     widths = [max(len(r[i]) for r in rows + [("metric", "value", "target", "ok")]) for i in range(4)]
     line = "  ".join("%%-%ds" % w for w in widths)
@@ -1228,6 +1704,7 @@ def report(results: Dict[str, Any]) -> str:
         out.append("  %-8s" % who + "".join(cells))
     out.append("  (service marks come from its log, to the millisecond; floor 'renamed' follows"
                " pull + 3 inspects, as the service's does)")
+    out += downtime_steps(results)
     if results.get("profile"):
         out += ["", "cProfile of the service under 8 clients (all its threads merged):", results["profile"]]
     return "\n".join(out)
@@ -1239,6 +1716,9 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     parser.add_argument("--warmup", type=float, default=1.0, help="warm-up seconds per load level (default 1)")
     parser.add_argument("--deploys", type=int, default=5, help="redeploys timed, each way (default 5)")
     parser.add_argument("--launches", type=int, default=5, help="launches timed (default 5)")
+    parser.add_argument("--downtime-runs", type=int, default=3, metavar="N",
+                        help="deploys per downtime measurement (stop-first, raw floor, start-first, "
+                             "HEALTHCHECK gate; default 3, 0 skips them)")
     parser.add_argument("--client", choices=("auto", "wrk", "own"), default="auto",
                         help="load client: wrk when installed (auto), or the bench's own")
     parser.add_argument("--callbacks", choices=("local", "omit"), default="local",
@@ -1262,6 +1742,8 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
         parser.error("--seconds must be 1..600 and --warmup 0..60")
     if not 1 <= args.deploys <= 100 or not 1 <= args.launches <= 100:
         parser.error("--deploys and --launches must be 1..100")
+    if not 0 <= args.downtime_runs <= 50:
+        parser.error("--downtime-runs must be 0..50")
     return args
 
 
@@ -1274,7 +1756,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     import unittest
     state = {"service": None, "receiver": None, "registry": None, "folder": None,
-             "images": [], "keep_logs": args.keep_logs}  # type: Dict[str, Any]
+             "images": [], "networks": [], "keep_logs": args.keep_logs}  # type: Dict[str, Any]
 
     def terminated(*_: Any) -> None:
         raise KeyboardInterrupt
