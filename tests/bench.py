@@ -1349,6 +1349,9 @@ def build_pyz(folder: str) -> str:
     os.makedirs(source)
     for name in ("autodeploy.py", "dockerapi.py"):
         shutil.copy(os.path.join(ROOT, name), source)
+    # Bytecode next to the sources, as README's build puts it (compiled by the
+    # service's interpreter): a zipapp without it compiles at every start.
+    subprocess.run(INTERPRETER[:1] + ["-m", "compileall", "-b", "-q", source], check=True, timeout=60)
     target = os.path.join(folder, "autodeploy.pyz")
     zipapp.create_archive(source, target, interpreter="/usr/bin/env python3", main="autodeploy:cli")
     return target
