@@ -1655,6 +1655,25 @@ class Journal:
                     (job.id, job.app.repository, job.app.container, job.tag, job.source,
                      job.callback_url, job.received, job.state, job.description))
 
+    def mark_superseded(self, rows: List[Tuple[float, str, str]]) -> None:
+        """(finished, description, id) of jobs superseded while waiting, in one commit."""
+        with self._lock:
+            if self._closed:
+                raise JournalError("the journal is closed")
+            self._ensure_open()
+            try:
+                self._db.execute("BEGIN")
+                self._db.executemany("UPDATE jobs SET state = 'superseded', finished = ?, "
+                                     "description = ? WHERE id = ?", rows)
+                self._db.execute("COMMIT")
+            except self._sqlite3.Error as exc:
+                try:
+                    self._db.execute("ROLLBACK")
+                except self._sqlite3.Error:
+                    pass
+                self.error = str(exc)
+                raise JournalError("the journal cannot be written: %s" % exc) from exc
+
     def forget(self, job: Job) -> None:
         """Remove a job that was recorded but then refused (queue full)."""
         self._write("DELETE FROM jobs WHERE id = ?", (job.id,))
@@ -1834,6 +1853,8 @@ class Service:
         self.deployer.on_step = self.save
         self.queue = JobQueue(config.max_queue)
         self.queue.on_superseded = self._superseded_in_queue
+        self._superseded_lock = threading.Lock()
+        self._unsaved_superseded: List[Tuple[float, str, str]] = []
         self.jobs: "collections.OrderedDict[str, Job]" = collections.OrderedDict()
         self._jobs_lock = threading.Lock()
         self._workers: List[threading.Thread] = []
@@ -1899,6 +1920,7 @@ class Service:
     def job_list(self, app: Optional[str] = None, state: Optional[str] = None,
                  limit: int = 100) -> List[Dict[str, Any]]:
         """Recent jobs, newest first: from the journal, else from memory."""
+        self.flush_superseded()
         if self.journal is not None:
             return [public_row(row) for row in self.journal.recent(app, state, limit)]
         with self._jobs_lock:
@@ -1908,6 +1930,7 @@ class Service:
         return [public_row(row) for row in rows[:limit]]
 
     def job_detail(self, job_id: str) -> Optional[Dict[str, Any]]:
+        self.flush_superseded()
         if self.journal is not None:
             row = self.journal.get(job_id)
         else:
@@ -1940,6 +1963,7 @@ class Service:
         deadline = time.monotonic() + timeout
         for thread in self._workers:
             thread.join(max(0.0, deadline - time.monotonic()))
+        self.flush_superseded()
         self.callbacks.stop()
 
     def _work(self) -> None:
@@ -1955,6 +1979,7 @@ class Service:
     def run_job(self, job: Job) -> None:
         """Run one job to a final state and report it."""
         job.state, job.started = "running", self.clock()
+        self.flush_superseded()
         self.save(job)
         self.deployer.run(job)
         job.finished = self.clock()
@@ -1976,10 +2001,34 @@ class Service:
         job.superseded = []
 
     def _superseded_in_queue(self, job: Job) -> None:
-        """A waiting job replaced by a newer push, with no callback to wait for."""
+        """A waiting job replaced by a newer push, with no callback to wait for.
+        Its journal row is updated in batches (one commit per webhook is what
+        the journal costs; two would halve a flood's throughput): a crash
+        before the batch is written leaves it 'queued', and recovery
+        queues it again, where the same newer push replaces it again."""
         job.finished = self.clock()
-        self.save(job)
         self.metrics.count_deploy(job)
+        with self._superseded_lock:
+            self._unsaved_superseded.append((job.finished, job.description, job.id))
+            batch = self._unsaved_superseded if len(self._unsaved_superseded) >= 256 else None
+            if batch:
+                self._unsaved_superseded = []
+        if batch:
+            self._save_superseded(batch)
+
+    def flush_superseded(self) -> None:
+        """Write the superseded jobs not yet written (when a job starts, and on stop)."""
+        with self._superseded_lock:
+            batch, self._unsaved_superseded = self._unsaved_superseded, []
+        if batch:
+            self._save_superseded(batch)
+
+    def _save_superseded(self, batch: List[Tuple[float, str, str]]) -> None:
+        if self.journal is not None:
+            try:
+                self.journal.mark_superseded(batch)
+            except JournalError:
+                pass
 
     def save(self, job: Job, **extra: Any) -> None:
         """Write the job to the journal; a failure is logged (by the journal),
