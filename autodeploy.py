@@ -312,9 +312,7 @@ def _read_tokens(main: configparser.SectionProxy, where: str, base: str) -> List
         except OSError as exc:
             raise ConfigError("%s token_file: cannot read %s: %s"
                               % (where, token_path, exc.strerror or exc)) from exc
-    for token in tokens:
-        _check_token(token, where)
-    return tokens
+    return _checked_tokens(tokens, where)
 
 
 def default_state_dir(environ: Mapping[str, str]) -> str:
@@ -343,9 +341,7 @@ def _tokens_from_environment(environ: Mapping[str, str], where: str) -> List[str
         except OSError as exc:
             raise ConfigError("%s: cannot read the systemd credential 'token': %s"
                               % (where, exc.strerror or exc)) from exc
-    for token in tokens:
-        _check_token(token, where + " (AUTODEPLOY_TOKEN or credential 'token')")
-    return tokens
+    return _checked_tokens(tokens, where + " (AUTODEPLOY_TOKEN or credential 'token')")
 
 
 def _checked_tokens(tokens: List[str], where: str) -> List[str]:
@@ -2095,19 +2091,21 @@ def token_scope(config: Config, given: str) -> Optional[FrozenSet[str]]:
     """Which repositories the token in the URL may deploy: ANY_APP for a
     global token, the apps naming it for a per-app token, None for no
     match. Compares against every token, in constant time each."""
-    given_bytes = given.encode("utf-8", "replace")
-    globally = False
-    apps = set()
-    for token in config.tokens:
-        globally |= hmac.compare_digest(given_bytes, token.encode("utf-8"))
-    for app in config.apps.values():
-        for token in app.tokens:
-            if hmac.compare_digest(given_bytes, token.encode("utf-8")):
-                apps.add(app.repository)
+    globally = token_matches(given, config.tokens)
+    apps = {app.repository for app in config.apps.values() if token_matches(given, app.tokens)}
     if globally or (config.insecure_no_token and not config.tokens
                     and not any(app.tokens for app in config.apps.values())):
         return ANY_APP
     return frozenset(apps) if apps else None
+
+
+def token_matches(given: str, tokens: Sequence[str]) -> bool:
+    """True when `given` is one of `tokens`; every one is compared, each in constant time."""
+    given_bytes = given.encode("utf-8", "replace")
+    found = False
+    for token in tokens:
+        found |= hmac.compare_digest(given_bytes, token.encode("utf-8"))
+    return found
 
 
 def check_sender(config: Config, push: Push, scope: FrozenSet[str], body: bytes,
@@ -2391,9 +2389,7 @@ class WebhookHandler(http.server.BaseHTTPRequestHandler):
             return False
         given = self.headers.get("Authorization", "")
         given = given[7:].strip() if given[:7].lower() == "bearer " else ""
-        ok = False
-        for token in tokens:
-            ok |= hmac.compare_digest(given.encode("utf-8", "replace"), token.encode("utf-8"))
+        ok = token_matches(given, tokens)
         if not ok:
             self.answer(401, {"error": "an admin token is needed: Authorization: Bearer <token>"},
                         {"WWW-Authenticate": 'Bearer realm="autodeploy"'})
