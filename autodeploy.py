@@ -121,6 +121,10 @@ class AppConfig(NamedTuple):
     tokens: Tuple[str, ...] = ()  # deploy tokens for this app only, besides the global ones
     signing_secret: str = ""  # when set, requests for this app must carry X-Hub-Signature-256
     remove_old_image: bool = True
+    # Outbound notifications (from [autodeploy] unless the section sets its own).
+    notify_url: str = ""   # generic JSON webhook
+    slack_url: str = ""    # Slack-compatible incoming webhook
+    notify_on: FrozenSet[str] = frozenset(("failure", "rollback"))
     # Used only for the first deploy, when no container exists yet.
     ports: Sequence[Tuple[str, str, str]] = ()
     env: Sequence[str] = ()
@@ -159,6 +163,7 @@ class Config(NamedTuple):
     keep_days: float = 30.0
     admin_tokens: Tuple[str, ...] = ()
     metrics_public: bool = False
+    stop_deadline: float = 30.0  # SIGTERM: seconds running deploys get before they roll back
 
     def app_for(self, repository: str) -> Optional[AppConfig]:
         """The app configured for a pushed repository, if any."""
@@ -169,11 +174,12 @@ MAIN_KEYS = {"listen", "token", "token_file", "workers", "state_dir", "callback_
              "max_body", "max_queue", "docker_host", "docker_config", "signing_secret",
              "signing_secret_file", "allow_from", "trusted_proxies", "max_connections",
              "request_timeout", "tls_cert", "tls_key", "engine_wait", "journal", "keep_jobs",
-             "keep_days", "admin_token", "metrics_public"}
+             "keep_days", "admin_token", "metrics_public", "notify_url", "slack_url",
+             "notify_on", "stop_deadline"}
 APP_KEYS = {"image", "tag", "container", "stop_timeout", "order", "health_url", "health_tcp",
             "health_timeout", "settle", "cooldown", "remove_old_image", "ports", "env", "volumes",
             "labels", "restart", "network", "command", "token", "token_file", "signing_secret",
-            "signing_secret_file"}
+            "signing_secret_file", "notify_url", "slack_url", "notify_on"}
 
 
 def load_config(path: str, environ: Optional[Mapping[str, str]] = None) -> Config:
@@ -199,10 +205,11 @@ def load_config(path: str, environ: Optional[Mapping[str, str]] = None) -> Confi
     base = os.path.dirname(os.path.abspath(path))
     _reject_unknown_keys(main, MAIN_KEYS, where)
     host, port = _parse_listen(main.get("listen", DEFAULT_LISTEN), where)
+    notify = _parse_notify(main, where, ("", "", AppConfig._field_defaults["notify_on"]))
     apps = {}
     for name in parser.sections():
         if name != "autodeploy":
-            apps[name] = _parse_app(name, parser[name], "%s: [%s]" % (path, name), base)
+            apps[name] = _parse_app(name, parser[name], "%s: [%s]" % (path, name), base, notify)
     containers = collections.Counter(app.container for app in apps.values())
     for container, count in containers.items():
         if count > 1:
@@ -235,11 +242,12 @@ def load_config(path: str, environ: Optional[Mapping[str, str]] = None) -> Confi
         keep_jobs=_int_option(main, "keep_jobs", 200, where, 1, 1000000),
         keep_days=_float_option(main, "keep_days", 30, where, 0.001, 36500),
         admin_tokens=tuple(_checked_tokens(_split_list(main.get("admin_token", "")), where)),
-        metrics_public=_bool_option(main, "metrics_public", False, where))
+        metrics_public=_bool_option(main, "metrics_public", False, where),
+        stop_deadline=_float_option(main, "stop_deadline", 30, where, 0, 3600))
 
 
 def _parse_app(repository: str, section: configparser.SectionProxy, where: str,
-               base: str) -> AppConfig:
+               base: str, notify: Tuple[str, str, FrozenSet[str]]) -> AppConfig:
     _reject_unknown_keys(section, APP_KEYS, where)
     tags = tuple(_split_list(section.get("tag", "latest")))
     for tag in tags:
@@ -292,7 +300,60 @@ def _parse_app(repository: str, section: configparser.SectionProxy, where: str,
                     for line in _lines(section.get("labels", ""))),
         restart=restart, network=section.get("network", ""), command=command,
         tokens=tuple(_read_tokens(section, where, base)),
-        signing_secret=_read_secret(section, where, base))
+        signing_secret=_read_secret(section, where, base),
+        **dict(zip(("notify_url", "slack_url", "notify_on"), _parse_notify(section, where, notify))))
+
+
+NOTIFY_EVENTS = {"succeeded": "success", "failed": "failure", "error": "failure",
+                 "rolled_back": "rollback"}
+
+
+def _parse_notify(section: configparser.SectionProxy, where: str,
+                  inherited: Tuple[str, str, FrozenSet[str]]) -> Tuple[str, str, FrozenSet[str]]:
+    """(notify_url, slack_url, notify_on): the section's own, else `inherited`.
+    An empty URL turns off one the [autodeploy] section set."""
+    urls = []
+    for key, default in zip(("notify_url", "slack_url"), inherited):
+        url = section.get(key, default).strip()
+        problem = url and outbound_url_problem(url)
+        if problem:
+            raise ConfigError("%s %s: %s (%s)" % (where, key, problem, _mask_url(url)))
+        urls.append(url)
+    events = inherited[2]
+    if "notify_on" in section:
+        events = frozenset(_split_list(section["notify_on"]))
+        unknown = events - set(NOTIFY_EVENTS.values())
+        if unknown:
+            raise ConfigError("%s notify_on: %s; use any of success, failure, rollback"
+                              % (where, ", ".join(sorted(unknown))))
+    return urls[0], urls[1], events
+
+
+def outbound_url_problem(url: str) -> Optional[str]:
+    """Why `url` may not receive notifications, or None: http(s) only, no
+    credentials in it, and https unless the receiver is on this host (the
+    URL of an incoming webhook is its password)."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # a ValueError for a port out of range
+    except ValueError as exc:
+        return "not a URL: %s" % exc
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return "use an http(s)://HOST/... URL"
+    if "@" in parts.netloc:
+        return "no user or password in the URL"
+    if parts.scheme == "http" and not _is_loopback(parts.hostname):
+        return "use https (plain http only to this host)"
+    return None
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _reject_unknown_keys(section: configparser.SectionProxy, known: Set[str], where: str) -> None:
@@ -901,6 +962,18 @@ class RolledBack(DeployFailed):
     """The new container failed after the old one was stopped; the old one runs again."""
 
 
+class CutOff(DeployFailed):
+    """The service is stopping and its stop_deadline passed mid-deploy."""
+
+
+def _cut_off(exc: BaseException) -> bool:
+    """True when `exc` comes from a shutdown's deadline (CutOff, or the rollback it caused)."""
+    return isinstance(exc, CutOff) or isinstance(exc.__cause__, CutOff)
+
+
+EVENT_WINDOW = 1.0  # seconds: the health gate watches events in slices, to notice a shutdown
+
+
 class Deployer:
     """Runs one job against the Engine: pull, then replace the container.
 
@@ -922,6 +995,14 @@ class Deployer:
         # on_step(job, old_container=..., new_container=..., ...).
         self.on_step: Callable[..., None] = lambda job, **fields: None
         self.engine_wait = ENGINE_WAIT
+        # Set on SIGTERM: the clock() time past which a running deploy stops
+        # waiting and puts back what it changed (its job then runs at the next start).
+        self.cut_off: Optional[float] = None
+
+    def check_cut_off(self) -> None:
+        """Raise CutOff once the service is stopping and its deadline passed."""
+        if self.cut_off is not None and self.clock() >= self.cut_off:
+            raise CutOff("the service is stopping and its stop_deadline passed")
 
     def run(self, job: Job) -> None:
         """Deploy `job`, setting its state and description; never raises."""
@@ -953,12 +1034,22 @@ class Deployer:
                         return
                 job.state, job.description = self.deploy(job, jlog)
             jlog.info("%s: %s", job.state, job.description)
-        except RolledBack as exc:
-            job.state, job.description = "rolled_back", str(exc)
-            jlog.warning("rolled back: %s", exc)
         except DeployFailed as exc:
-            job.state, job.description = "failed", str(exc)
-            jlog.warning("failed: %s", exc)
+            if _cut_off(exc):
+                # Not the new version's fault: the job runs again at the next
+                # start. What it changed is put back, unless the Engine could
+                # not be reached to do so: then the journal keeps it
+                # 'running', and the next start converges it first.
+                unresolved = job.resume is not None or job.swap is not None
+                job.state = "running" if unresolved else "queued"
+                job.description = "cut off by a shutdown (%s); runs again at the next start" % exc
+                jlog.warning("%s", job.description)
+            elif isinstance(exc, RolledBack):
+                job.state, job.description = "rolled_back", str(exc)
+                jlog.warning("rolled back: %s", exc)
+            else:
+                job.state, job.description = "failed", str(exc)
+                jlog.warning("failed: %s", exc)
         except DockerError as exc:
             job.state, job.description = "error", str(exc)
             jlog.error("error: %s", exc)
@@ -980,6 +1071,7 @@ class Deployer:
                     raise
                 jlog.warning("the Docker Engine does not answer (%s); trying again in %gs",
                              exc, delay)
+            self.check_cut_off()
             self.sleep(delay)
             delay = min(delay * 2, 15.0)
 
@@ -996,7 +1088,8 @@ class Deployer:
         jlog.info("pulling %s", reference)
         try:
             auth = dockerapi.load_registry_auth(app.image, self.docker_config)
-            self.engine.pull_image(app.image, job.tag, auth, on_progress=_pull_logger(jlog))
+            self.engine.pull_image(app.image, job.tag, auth,
+                                   on_progress=_pull_logger(jlog, self.check_cut_off))
         except DockerError as exc:
             if exc.status is None:
                 raise
@@ -1011,6 +1104,7 @@ class Deployer:
             return "up_to_date", "%s already runs %s (%s)" % (
                 app.container, reference, _short(new_image.get("Id")))
         body, later_networks = self.new_container_config(old, reference)
+        self.check_cut_off()  # the last moment to stop with nothing changed
         how = self.replace(job, old, body, later_networks, jlog)
         if app.remove_old_image:
             self.remove_unused_image(old.get("Image"), jlog)
@@ -1069,14 +1163,20 @@ class Deployer:
             if new_id:
                 self.remove_quietly(new_id, jlog)
             self.engine.rename_container(old_id, app.container)
+            job.swap = None
             raise DeployFailed("cannot create the new container: %s" % exc.message) from exc
         jlog.info("created new container %s", _short(new_id))
         self.on_step(job, new_container=new_id)
         order = choose_order(app, old) if was_running else "stop-first"
-        if order == "start-first":
-            how = self.start_first(app, old_id, new_id, jlog)
-        else:
-            how = self.stop_first(app, old_id, new_id, was_running, jlog)
+        try:
+            if order == "start-first":
+                how = self.start_first(app, old_id, new_id, jlog)
+            else:
+                how = self.stop_first(app, old_id, new_id, was_running, jlog)
+        except DeployFailed:
+            job.swap = None  # undone: the old container has its name back
+            raise
+        job.swap = None
         self.remove_quietly(old_id, jlog, force=False)
         jlog.info("removed old container %s", _short(old_id))
         return how
@@ -1188,6 +1288,7 @@ class Deployer:
 
     def wait_for_probe(self, container_id: str, app: AppConfig, deadline: float) -> str:
         while True:
+            self.check_cut_off()
             state = self.alive_state(container_id)
             target = self.probe_target(container_id, app)
             if self.probe(target, min(2.0, max(0.1, deadline - self.clock()))):
@@ -1213,10 +1314,19 @@ class Deployer:
         return "still running after %gs" % max(0.0, until - started)
 
     def container_events(self, container_id: str, since: float, until: float) -> Iterator[Dict[str, Any]]:
-        """The container's events from `since` (replayed) until `until` (live)."""
-        if until <= self.clock():
-            return iter(())
-        return self.engine.events(since, until, {"type": ["container"], "container": [container_id]})
+        """The container's events from `since` (replayed) until `until` (live),
+        a slice of EVENT_WINDOW seconds at a time, so that a shutdown's
+        deadline (CutOff) interrupts the wait."""
+        filters = {"type": ["container"], "container": [container_id]}
+        while True:
+            self.check_cut_off()
+            now = self.clock()
+            if until <= now:
+                return
+            window = min(until, now + EVENT_WINDOW)
+            yield from self.engine.events(since, window, filters)
+            # Slices overlap: an event at a seam comes twice (harmless), never not at all.
+            since = max(since, window - EVENT_WINDOW / 2)
 
     @staticmethod
     def fail_on_death(event: Dict[str, Any]) -> None:
@@ -1269,6 +1379,8 @@ class Deployer:
         except (DockerError, DeployFailed) as exc:
             logs = self.last_logs(new_id)
             self.restore_old(old["Id"], new_id, app.container, was_running, jlog)
+            if _cut_off(exc):
+                raise
             job.state = "rolled_back"
             job.description = ("interrupted by a restart; the new container failed: %s; the old "
                                "one runs again%s" % (_reason_of(exc), logs))
@@ -1356,9 +1468,12 @@ def _reason_of(exc: Exception) -> str:
     return exc.message if isinstance(exc, DockerError) else str(exc)
 
 
-def _pull_logger(jlog: logging.LoggerAdapter) -> Callable[[Dict[str, Any]], None]:
-    """Log the pull's summary lines (digest, outcome), not every progress tick."""
+def _pull_logger(jlog: logging.LoggerAdapter, check: Callable[[], None]
+                 ) -> Callable[[Dict[str, Any]], None]:
+    """Log the pull's summary lines (digest, outcome), not every progress
+    tick; `check` may raise to stop the pull (a shutdown's deadline)."""
     def on_progress(message: Dict[str, Any]) -> None:
+        check()
         status = str(message.get("status") or "")
         if status.startswith(("Digest:", "Status:")):
             jlog.info("pull: %s", status)
@@ -1397,6 +1512,29 @@ def callback_body(job: Job, note: str = "") -> Dict[str, str]:
             "description": description[:255], "context": "autodeploy"}
 
 
+def notification_body(job: Job, event: str, host: str) -> Dict[str, Any]:
+    """The JSON a notify_url receives about a finished job."""
+    took = job.finished - job.started if job.finished and job.started else None
+    return {"event": event, "state": job.state, "app": job.app.repository,
+            "container": job.app.container, "image": job.reference, "job": job.id,
+            "description": job.description, "host": host, "source": job.source,
+            "received": job.received, "started": job.started, "finished": job.finished,
+            "took": round(took, 3) if took is not None else None}
+
+
+SLACK_WORDS = {"success": "deployed", "failure": "FAILED to deploy", "rollback": "ROLLED BACK"}
+
+
+def slack_body(job: Job, event: str, host: str) -> Dict[str, str]:
+    """A Slack-compatible incoming-webhook message (Mattermost and Rocket.Chat
+    take the same) about a finished job."""
+    def escape(text: str) -> str:  # Slack's markup characters
+        return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return {"text": "autodeploy on %s: %s %s (job %s): %s" % (
+        escape(host), escape(job.reference), SLACK_WORDS[event], job.id,
+        escape(job.description[:1000]))}
+
+
 def no_redirects_opener(use_proxy_env: bool = True) -> Callable[..., Any]:
     """urlopen that reports a redirect as an HTTPError instead of following
     it; without `use_proxy_env` it never goes through an http_proxy."""
@@ -1413,11 +1551,11 @@ def no_redirects_opener(use_proxy_env: bool = True) -> Callable[..., Any]:
 
 
 class CallbackSender:
-    """Posts outcomes to callback URLs from threads of its own, so a slow or
-    dead callback host never holds up a deploy. A failed POST (no answer,
-    5xx, 429) is tried again after each of `retry_delays`; the queue is
-    bounded, and a host that never answers holds one thread for `timeout`
-    per attempt, not the others."""
+    """Posts outcomes to callback URLs (and notifications to the configured
+    URLs) from threads of its own, so a slow or dead host never holds up a
+    deploy. A failed POST (no answer, 5xx, 429) is tried again after each of
+    `retry_delays`; the queue is bounded, and a host that never answers
+    holds one thread for `timeout` per attempt, not the others."""
 
     def __init__(self, allow: List[Tuple[str, str, int]], urlopen: Optional[Callable[..., Any]] = None,
                  timeout: float = CALLBACK_TIMEOUT, max_pending: int = 1000,
@@ -1430,8 +1568,8 @@ class CallbackSender:
         self.retry_delays = tuple(retry_delays)
         self.clock = clock
         self._threads_wanted = threads
-        # (due, sequence, who, url, body, attempt): a heap, earliest due first.
-        self._pending: List[Tuple[float, int, str, str, Dict[str, str], int]] = []
+        # (due, sequence, who, what, url, body, attempt): a heap, earliest due first.
+        self._pending: List[Tuple[float, int, str, str, str, Dict[str, Any], int]] = []
         self._sequence = 0
         self._cond = threading.Condition()
         self._threads: List[threading.Thread] = []
@@ -1441,21 +1579,27 @@ class CallbackSender:
         """Queue one callback (dropped, with a log line, when not allowed)."""
         if not url:
             return
-        who = "%s repo=%s" % (job.id, job.app.repository)
         if not callback_allowed(url, self.allow):
-            log.warning("job=%s callback to %s not sent: not an allowed callback origin",
-                        who, _mask_url(url))
+            log.warning("job=%s repo=%s callback to %s not sent: not an allowed callback origin",
+                        job.id, job.app.repository, _mask_url(url))
             return
-        self._queue(who, url, body, 1, self.clock())
+        self.post_later(job, "callback " + body["state"], url, body)
 
-    def _queue(self, who: str, url: str, body: Dict[str, str], attempt: int, due: float) -> None:
+    def post_later(self, job: Job, what: str, url: str, body: Dict[str, Any]) -> None:
+        """Queue a POST of `body` to `url` with no origin check: for URLs
+        from the configuration (checked when it was loaded)."""
+        who = "%s repo=%s" % (job.id, job.app.repository)
+        self._queue(who, what, url, body, 1, self.clock())
+
+    def _queue(self, who: str, what: str, url: str, body: Dict[str, Any], attempt: int,
+               due: float) -> None:
         with self._cond:
             if len(self._pending) >= self.max_pending:
-                log.warning("job=%s callback to %s dropped: %d callbacks are waiting already",
-                            who, _mask_url(url), len(self._pending))
+                log.warning("job=%s %s to %s dropped: %d posts are waiting already",
+                            who, what, _mask_url(url), len(self._pending))
                 return
             self._sequence += 1
-            heapq.heappush(self._pending, (due, self._sequence, who, url, body, attempt))
+            heapq.heappush(self._pending, (due, self._sequence, who, what, url, body, attempt))
             self._cond.notify()
 
     def start(self) -> None:
@@ -1479,7 +1623,7 @@ class CallbackSender:
         if self._pending:
             log.warning("%d callback(s) not sent: stopping", len(self._pending))
 
-    def _next(self) -> Optional[Tuple[float, int, str, str, Dict[str, str], int]]:
+    def _next(self) -> Optional[Tuple[float, int, str, str, str, Dict[str, Any], int]]:
         """The next callback due, waiting for it; None when stopping."""
         with self._cond:
             while True:
@@ -1495,16 +1639,16 @@ class CallbackSender:
             item = self._next()
             if item is None:
                 return
-            _, _, who, url, body, attempt = item
-            if self.post(who, url, body) == "retry" and attempt <= len(self.retry_delays):
+            _, _, who, what, url, body, attempt = item
+            if self.post(who, what, url, body) == "retry" and attempt <= len(self.retry_delays):
                 delay = self.retry_delays[attempt - 1]
-                log.info("job=%s callback to %s: attempt %d failed, next in %gs",
-                         who, _mask_url(url), attempt, delay)
-                self._queue(who, url, body, attempt + 1, self.clock() + delay)
+                log.info("job=%s %s to %s: attempt %d failed, next in %gs",
+                         who, what, _mask_url(url), attempt, delay)
+                self._queue(who, what, url, body, attempt + 1, self.clock() + delay)
 
-    def post(self, who: str, url: str, body: Dict[str, str]) -> str:
-        """POST one callback now and log the outcome: 'sent', 'failed', or
-        'retry' (no answer, 5xx or 429: another attempt may pass)."""
+    def post(self, who: str, what: str, url: str, body: Dict[str, Any]) -> str:
+        """POST `body` now and log the outcome: 'sent', 'failed', or 'retry'
+        (no answer, 5xx or 429: another attempt may pass)."""
         import urllib.error
         import urllib.request
         if self.urlopen is None:
@@ -1515,15 +1659,14 @@ class CallbackSender:
         try:
             with self.urlopen(request, timeout=self.timeout) as response:
                 response.read(4096)
-                log.info("job=%s callback %s sent to %s: HTTP %s",
-                         who, body["state"], _mask_url(url), response.status)
+                log.info("job=%s %s sent to %s: HTTP %s", who, what, _mask_url(url), response.status)
                 return "sent"
         except urllib.error.HTTPError as exc:
-            log.warning("job=%s callback to %s refused: HTTP %s", who, _mask_url(url), exc.code)
+            log.warning("job=%s %s to %s refused: HTTP %s", who, what, _mask_url(url), exc.code)
             # A redirect or another 4xx will not change; 5xx and 429 may.
             return "retry" if exc.code >= 500 or exc.code == 429 else "failed"
         except Exception as exc:  # no answer, or any other failure: logged, never raised
-            log.warning("job=%s callback to %s failed: %s", who, _mask_url(url),
+            log.warning("job=%s %s to %s failed: %s", who, what, _mask_url(url),
                         getattr(exc, "reason", None) or exc)
             return "retry"
 
@@ -1580,6 +1723,10 @@ class Journal:
     One connection behind a lock: a write is tens of microseconds. With
     synchronous=NORMAL a commit survives the process being killed; a power
     cut may lose the last ones (synchronous=FULL would fsync each webhook).
+    The fsyncs left are the WAL checkpoints (every 1000 pages), and they
+    stall the webhooks writing meanwhile; so the pages are small (1 KiB)
+    and an accepted job touches few of them (no index on state, which
+    every job changes): a few KiB of WAL per webhook instead of 18.
     """
 
     def __init__(self, path: str, keep_per_app: int = 200, keep_days: float = 30.0,
@@ -1614,6 +1761,7 @@ class Journal:
             os.makedirs(os.path.dirname(self.path) or ".", mode=0o700, exist_ok=True)
             db = sqlite3.connect(self.path, timeout=5, check_same_thread=False,
                                  isolation_level=None)
+            db.execute("PRAGMA page_size=1024")  # for a new file; must precede WAL mode
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
             db.execute("CREATE TABLE IF NOT EXISTS jobs (id TEXT PRIMARY KEY, app TEXT, "
@@ -1621,7 +1769,7 @@ class Journal:
                        "started REAL, finished REAL, state TEXT, description TEXT, "
                        "old_image TEXT, new_image TEXT, old_container TEXT, new_container TEXT, "
                        "was_running INTEGER, superseded_by TEXT, log TEXT)")
-            db.execute("CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state)")
+            db.execute("DROP INDEX IF EXISTS jobs_by_state")  # older journals had it
             db.execute("CREATE INDEX IF NOT EXISTS jobs_by_app ON jobs (app, received)")
             db.execute("SELECT count(*) FROM jobs").fetchone()
         except (OSError, sqlite3.Error) as exc:
@@ -1835,6 +1983,11 @@ def _label(value: str) -> str:
 # The service: queue, workers, callbacks
 ############################################################################
 
+# Seconds a deploy cut off by a shutdown gets to put the old container back
+# (stop the new one, start the old one) before the process exits anyway.
+ROLLBACK_GRACE = 30.0
+
+
 class Service:
     """Accepted jobs, the workers that run them, and the callbacks."""
 
@@ -1845,6 +1998,7 @@ class Service:
         self.callbacks = callbacks
         self.clock = clock
         self.journal = journal
+        self.hostname = socket.gethostname()  # named in notifications
         self.metrics = Metrics()
         self.deployer.on_step = self.save
         self.queue = JobQueue(config.max_queue)
@@ -1953,12 +2107,17 @@ class Service:
         """Every worker and callback thread still runs (for the watchdog)."""
         return all(t.is_alive() for t in self._workers) and self.callbacks.alive()
 
-    def stop(self, timeout: float = 30.0) -> None:
-        """Let running jobs finish (within `timeout`), then stop the threads."""
+    def stop(self, deadline: Optional[float] = None) -> None:
+        """Stop taking jobs from the queue (they stay in the journal). Running
+        deploys get `deadline` seconds (the config's stop_deadline) to finish;
+        past it, each puts back what it changed and its job stays queued for
+        the next start. Then the threads stop."""
+        deadline = self.config.stop_deadline if deadline is None else deadline
         self.queue.close()
-        deadline = time.monotonic() + timeout
+        self.deployer.cut_off = self.deployer.clock() + deadline
+        give_up = time.monotonic() + deadline + ROLLBACK_GRACE
         for thread in self._workers:
-            thread.join(max(0.0, deadline - time.monotonic()))
+            thread.join(max(0.0, give_up - time.monotonic()))
         self.flush_superseded()
         self.callbacks.stop()
 
@@ -1978,6 +2137,9 @@ class Service:
         self.flush_superseded()
         self.save(job)
         self.deployer.run(job)
+        if job.state not in FINAL_STATES:  # cut off by a shutdown: for the next start
+            self.save(job)
+            return
         job.finished = self.clock()
         self.report(job)
 
@@ -1987,6 +2149,7 @@ class Service:
         self.save(job)
         self.metrics.count_deploy(job)
         self.callbacks.send(job, job.callback_url, callback_body(job))
+        self.notify(job)
         for older in job.superseded:
             older.state, older.finished = "superseded", job.finished
             older.description = "superseded by job %s" % job.id
@@ -1995,6 +2158,20 @@ class Service:
             self.callbacks.send(older, older.callback_url,
                                 callback_body(job, "(superseded by job %s)" % job.id))
         job.superseded = []
+
+    def notify(self, job: Job) -> None:
+        """Tell the app's notify_url and slack_url about the outcome, when
+        notify_on names its event (success, failure, rollback)."""
+        event = NOTIFY_EVENTS.get(job.state)
+        app = job.app
+        if event is None or event not in app.notify_on:
+            return
+        if app.notify_url:
+            self.callbacks.post_later(job, "notification " + event, app.notify_url,
+                                      notification_body(job, event, self.hostname))
+        if app.slack_url:
+            self.callbacks.post_later(job, "Slack notification " + event, app.slack_url,
+                                      slack_body(job, event, self.hostname))
 
     def _superseded_in_queue(self, job: Job) -> None:
         """A waiting job replaced by a newer push, with no callback to wait for.

@@ -122,6 +122,47 @@ command = httpd -f -p "80"
         self.assertConfigError("[autodeploy]\n[a/b]\ncommand = 'unclosed\n", "[a/b] command")
         self.assertConfigError("[autodeploy]\n[a/b]\ncontainer = x\n[c/d]\ncontainer = x\n", "same container")
 
+    def test_notifications_inherit_and_override(self):
+        config = self.load("""
+[autodeploy]
+token = {t}
+notify_url = https://hooks.example.com/autodeploy
+slack_url = https://hooks.slack.com/services/T0/B0/secret
+[a/inherits]
+[a/own]
+notify_url = http://127.0.0.1:9000/mine
+notify_on = success, rollback
+[a/quiet]
+notify_url =
+slack_url =
+""".format(t=TOKEN))
+        inherits, own, quiet = (config.app_for(name) for name in ("a/inherits", "a/own", "a/quiet"))
+        self.assertEqual(inherits.notify_url, "https://hooks.example.com/autodeploy")
+        self.assertEqual(inherits.slack_url, "https://hooks.slack.com/services/T0/B0/secret")
+        self.assertEqual(inherits.notify_on, frozenset(["failure", "rollback"]))
+        self.assertEqual(own.notify_url, "http://127.0.0.1:9000/mine")
+        self.assertEqual(own.slack_url, inherits.slack_url)
+        self.assertEqual(own.notify_on, frozenset(["success", "rollback"]))
+        self.assertEqual((quiet.notify_url, quiet.slack_url), ("", ""))
+        self.assertEqual(config.stop_deadline, 30)
+
+    def test_notification_urls_follow_the_outbound_rules(self):
+        for url, problem in (("http://hooks.example.com/x", "use https"),
+                             ("https://user:pw@hooks.example.com/x", "no user or password"),
+                             ("https://@hooks.example.com/x", "no user or password"),
+                             ("ftp://hooks.example.com/x", "http(s)"),
+                             ("https://hooks.example.com:99999/x", "not a URL")):
+            with self.subTest(url=url):
+                self.assertConfigError("[autodeploy]\nslack_url = %s\n" % url, "slack_url", problem)
+        self.assertConfigError("[autodeploy]\n[a/b]\nnotify_on = failure, always\n",
+                               "[a/b] notify_on", "always")
+        # The secret part of the URL stays out of the message.
+        with self.assertRaises(ConfigError) as caught:
+            self.load("[autodeploy]\nslack_url = http://hooks.slack.com/services/SECRET\n")
+        self.assertNotIn("SECRET", str(caught.exception))
+        for url in ("http://localhost:8080/x", "http://[::1]:8080/x", "https://10.0.0.1/x"):
+            self.assertEqual(self.load("[autodeploy]\nnotify_url = %s\n" % url).app_for("x"), None)
+
     def test_syntax_errors_carry_the_line(self):
         self.assertConfigError("[autodeploy]\nlisten = 1:2\n[autodeploy]\n", "line 3", "autodeploy")
         self.assertConfigError("[autodeploy]\nthis is not ini\n", "line 2")
@@ -209,6 +250,20 @@ class CallbackRulesTest(unittest.TestCase):
                          {"state": "failure", "description": "pull failed", "context": "autodeploy"})
         job.state = "up_to_date"
         self.assertEqual(autodeploy.callback_body(job)["state"], "success")
+
+    def test_notification_bodies(self):
+        app = autodeploy.AppConfig("a/b", "reg.example/a/b", ("latest",), "a-b")
+        job = autodeploy.Job(id="j1", app=app, tag="latest", received=100.0)
+        job.started, job.finished = 101.0, 103.5
+        job.state, job.description = "rolled_back", "it exited <code 3> & more"
+        body = autodeploy.notification_body(job, "rollback", "host1")
+        self.assertEqual({k: body[k] for k in ("event", "state", "app", "container", "image", "job",
+                                               "host", "took")},
+                         {"event": "rollback", "state": "rolled_back", "app": "a/b", "container": "a-b",
+                          "image": "reg.example/a/b:latest", "job": "j1", "host": "host1", "took": 2.5})
+        text = autodeploy.slack_body(job, "rollback", "host1")["text"]
+        self.assertIn("reg.example/a/b:latest ROLLED BACK (job j1)", text)
+        self.assertIn("it exited &lt;code 3&gt; &amp; more", text)
 
 
 if __name__ == "__main__":

@@ -894,7 +894,7 @@ class CallbackTest(BoundedTestCase):
         hole = BlackHole(self)
         receiver = Receiver(self)
         sender = self.sender([hole.origin, receiver.origin], timeout=1.0, threads=4)
-        failed = "callback to http://127.0.0.1/... failed"
+        failed = "callback success to http://127.0.0.1/... failed"
         started = time.monotonic()
         sender.send(a_job(1), hole.url, BODY)
         self.assertTrue(wait_until(lambda: hole.accepted, 2))  # a thread is now stuck on it
@@ -945,7 +945,7 @@ class CallbackTest(BoundedTestCase):
         sender = CallbackSender([("http", "127.0.0.1", 9)], max_pending=2)  # not started
         for n in range(4):
             sender.send(a_job(n), "http://127.0.0.1:9/hook", BODY)
-        self.assertEqual(len(self.logs.matching("dropped: 2 callbacks are waiting already")), 2)
+        self.assertEqual(len(self.logs.matching("dropped: 2 posts are waiting already")), 2)
         sender.stop(0.1)
         self.assertTrue(self.logs.matching("2 callback(s) not sent"))
 
