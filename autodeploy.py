@@ -1250,7 +1250,15 @@ class Deployer:
         Dying at any point fails at once.
         """
         deadline = self.clock() + app.health_timeout
-        state = self.alive_state(container_id)
+        try:
+            state = self.alive_state(container_id)
+        except DeployFailed:
+            # Died already, and maybe restarted by its policy (exit code 0
+            # then): the events say how it died.
+            for event in self.engine.events(started, self.clock(), {
+                    "type": ["container"], "container": [container_id]}):
+                self.fail_on_death(event)
+            raise
         if state.get("Health") is not None:
             jlog.info("waiting for the HEALTHCHECK (up to %ss)", app.health_timeout)
             return self.wait_for_healthcheck(container_id, started, deadline)

@@ -800,12 +800,84 @@ class ServiceProcess:
         except urllib.error.HTTPError as exc:
             return exc.code, json.loads(exc.read() or b"null")
 
-    def stop(self):
-        self.process.terminate()
-        try:
-            self.process.wait(30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        self.log.close()
-        shutil.rmtree(self.folder, ignore_errors=True)
+    def stop(self, keep_folder: bool = False):
+        """SIGTERM (SIGKILL after 30 s), close the log, delete the folder; safe on a dead or unstarted one."""
+        process = getattr(self, "process", None)
+        if process is not None:
+            if process.poll() is None:
+                process.terminate()
+                try:
+                    process.wait(30)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+            self.log.close()
+        if not keep_folder:
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------
+# Shared by the e2e test classes
+# ---------------------------------------------------------------------------
+
+ADMIN_TOKEN = "admin-" + "0f1e2d3c4b5a6978" * 3
+FINAL_STATES = ("succeeded", "up_to_date", "failed", "rolled_back", "error", "superseded")
+
+
+def main_section(port: int, callbacks: CallbackReceiver, workers: int = 2,
+                 admin_token: Optional[str] = ADMIN_TOKEN, extra: str = "") -> str:
+    """The [autodeploy] section of a test config (admin_token=None leaves that line out)."""
+    return """
+[autodeploy]
+listen = 127.0.0.1:{port}
+token = {token}
+{admin}workers = {workers}
+callback_allow = http://127.0.0.1:{cb}
+{extra}
+""".format(port=port, token=TOKEN, workers=workers, cb=callbacks.port, extra=extra,
+           admin="admin_token = %s\n" % admin_token if admin_token else "")
+
+
+def http_get(port: int, path: str, token: str = ADMIN_TOKEN, timeout: float = 10.0):
+    """GET on the service with a bearer token; (status, headers dict, body bytes). No proxy."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        headers = {"Authorization": "Bearer " + token} if token else {}
+        conn.request("GET", path, headers=headers)
+        response = conn.getresponse()
+        return response.status, dict(response.getheaders()), response.read()
+    finally:
+        conn.close()
+
+
+def get_json(port: int, path: str, token: str = ADMIN_TOKEN):
+    """http_get with the body decoded as JSON; (status, document)."""
+    status, _, body = http_get(port, path, token)
+    return status, json.loads(body or b"null")
+
+
+def start_class_fixture(cls) -> None:
+    """Give a test class env, label, images (removed by stop_class_fixture), a registry and callbacks."""
+    cls.env = engine_env()
+    cls.label = run_id()
+    cls.images = []
+    cls.registry = Registry().start()
+    cls.callbacks = CallbackReceiver()
+
+
+def stop_class_fixture(cls) -> None:
+    """Close the callbacks, remove the run's containers and cls.images, stop the registry."""
+    cls.callbacks.close()
+    cleanup_containers(cls.label)
+    cleanup_images(cls.images)
+    cls.registry.stop()
+
+
+def make_versions(images: List[str], ref: str, versions: Iterable[str], **image) -> Dict[str, str]:
+    """make_image("<ref>:<version>", version) for each version, noted in `images`; version -> ID."""
+    ids = {}
+    for version in versions:
+        tagged = "%s:%s" % (ref, version)
+        ids[version] = make_image(tagged, version, **image)
+        images += [tagged, ids[version]]
+    return ids

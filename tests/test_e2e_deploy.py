@@ -13,8 +13,8 @@ import threading
 import unittest
 
 from tests import support
-from tests.support import (TOKEN, CallbackReceiver, ServiceProcess, app_cmd, containers_named,
-                           hub_payload, inspect)
+from tests.support import (TOKEN, ServiceProcess, app_cmd, containers_named, hub_payload, inspect,
+                           main_section)
 
 
 class DeployEndToEndTest(unittest.TestCase):
@@ -22,25 +22,15 @@ class DeployEndToEndTest(unittest.TestCase):
 
     @classmethod
     def setUpClass(cls):
-        cls.env = support.engine_env()
-        cls.registry = support.Registry().start()
-        cls.callbacks = CallbackReceiver()
-        cls.label = support.run_id()
+        support.start_class_fixture(cls)
         cls.app_port = support.free_port()
         cls.race_port = support.free_port()
         cls.bind_dir = tempfile.mkdtemp(prefix="autodeploy-bind-")
         with open(os.path.join(cls.bind_dir, "bind.txt"), "w") as fh:
             fh.write("from the host\n")
         cls.volume = "autodeploy-test-%s-data" % cls.label
-        cls.images = []
-        reg = cls.registry.host
-        config = """
-[autodeploy]
-listen = 127.0.0.1:{port}
-token = {token}
-workers = 3
-callback_allow = http://127.0.0.1:{cb}
-
+        cls.service_port = support.free_port()
+        config = main_section(cls.service_port, cls.callbacks, workers=3, admin_token=None) + """
 [e2e/web]
 image = {reg}/e2e/web
 tag = latest missing
@@ -64,20 +54,16 @@ settle = 1
 ports = 127.0.0.1:{race_port}:8080
 labels =
     autodeploy.test={run}
-""".format(port="{port}", token=TOKEN, cb=cls.callbacks.port, reg=reg, run=cls.label,
-           app_port=cls.app_port, race_port=cls.race_port, bind=cls.bind_dir, volume=cls.volume)
-        cls.service_port = support.free_port()
-        cls.service = ServiceProcess(config.replace("{port}", str(cls.service_port)), cls.env)
+""".format(reg=cls.registry.host, run=cls.label, app_port=cls.app_port, race_port=cls.race_port,
+           bind=cls.bind_dir, volume=cls.volume)
+        cls.service = ServiceProcess(config, cls.env)
         cls.service.start(cls.service_port)
 
     @classmethod
     def tearDownClass(cls):
         cls.service.stop()
-        cls.callbacks.close()
-        support.cleanup_containers(cls.label)
-        support.cleanup_images(cls.images)
+        support.stop_class_fixture(cls)
         support.docker("volume", "rm", "-f", cls.volume, check=False)
-        cls.registry.stop()
         shutil.rmtree(cls.bind_dir, ignore_errors=True)
 
     def push(self, repo: str, version: str) -> str:

@@ -953,6 +953,27 @@ def exchange(port, data, head=False, pieces=None, pause=0.0, expect_100=False, r
     return result
 
 
+def read_answer(sock, timeout):
+    """Read an open connection until the server closes it (or an error); its first answer as a Result."""
+    sock.settimeout(timeout)
+    result = Result()
+    try:
+        while True:
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            result.raw += chunk
+    except OSError:
+        pass
+    answers, _ = parse_answers(result.raw, False)
+    if answers:
+        result.first, result.headers, result.body = answers[0]
+        result.statuses = [a[0] for a in answers]
+    else:
+        result.first = "drop"
+    return result
+
+
 def check(result, exp):
     """Problems with one answer, as strings (empty: fine)."""
     problems = []
@@ -1285,49 +1306,14 @@ labels = autodeploy.test={run}
                 extra = socket.create_connection(("127.0.0.1", self.service_port), timeout=3)
                 extras.append(extra)
             for n, extra in enumerate(extras):
-                extra.settimeout(3)
-                raw = b""
-                try:
-                    while True:
-                        chunk = extra.recv(4096)
-                        if not chunk:
-                            break
-                        raw += chunk
-                except OSError:
-                    pass
-                answers, _ = parse_answers(raw, False)
-                result = Result()
-                result.raw = raw
-                if answers:
-                    result.first, result.headers, result.body = answers[0]
-                    result.statuses = [a[0] for a in answers]
-                else:
-                    result.first = "drop"
-                record(n, "burst-extra", b"(connect only)", Expectation({503}), result)
+                record(n, "burst-extra", b"(connect only)", Expectation({503}), read_answer(extra, 3))
             body = json.dumps(hub_doc("fuzz/app", "nightly")).encode()
             request = gen.request(b"POST", "/deploy/" + TOKEN, [b"Host: x"], body)
             for holder in holders:
                 holder.sendall(request)
                 holder.shutdown(socket.SHUT_WR)
             for n, holder in enumerate(holders):
-                holder.settimeout(5)
-                raw = b""
-                try:
-                    while True:
-                        chunk = holder.recv(4096)
-                        if not chunk:
-                            break
-                        raw += chunk
-                except OSError:
-                    pass
-                answers, _ = parse_answers(raw, False)
-                result = Result()
-                result.raw = raw
-                result.first = answers[0][0] if answers else "drop"
-                if answers:
-                    result.headers, result.body = answers[0][1], answers[0][2]
-                    result.statuses = [a[0] for a in answers]
-                record(n, "burst-holder", request, Expectation({422}), result)
+                record(n, "burst-holder", request, Expectation({422}), read_answer(holder, 5))
         finally:
             for sock in holders + extras:
                 sock.close()

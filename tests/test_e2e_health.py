@@ -7,8 +7,8 @@ import time
 import unittest
 
 from tests import support
-from tests.support import (CallbackReceiver, ServiceProcess, app_cmd, containers_named,
-                           hub_payload, inspect)
+from tests.support import (ServiceProcess, app_cmd, containers_named, hub_payload, inspect,
+                           main_section)
 
 BURST_APPS = ("burst-a", "burst-b", "burst-c")
 BURST_TAGS = ["t%d" % n for n in range(1, 8)]
@@ -19,11 +19,7 @@ class HealthGateTest(unittest.TestCase):
 
     @classmethod
     def setUpClass(cls):
-        cls.env = support.engine_env()
-        cls.label = support.run_id()
-        cls.registry = support.Registry().start()
-        cls.callbacks = CallbackReceiver()
-        cls.images = []
+        support.start_class_fixture(cls)
         cls.ports = {name: support.free_port() for name in ("crash", "unhealthy", "healthy", "loop", "probe")}
         cls.network = "autodeploy-test-%s-zero" % cls.label
         support.docker("network", "create", "--label", "autodeploy.test=" + cls.label, cls.network)
@@ -58,23 +54,14 @@ settle = 1
 labels = autodeploy.test={run}
 """.format(app=app, reg=cls.registry.host, run=cls.label, tags=" ".join(BURST_TAGS)))
         cls.service_port = support.free_port()
-        config = """
-[autodeploy]
-listen = 127.0.0.1:{port}
-token = {token}
-workers = 3
-callback_allow = http://127.0.0.1:{cb}
-""".format(port=cls.service_port, token=support.TOKEN, cb=cls.callbacks.port) + "".join(sections)
+        config = main_section(cls.service_port, cls.callbacks, workers=3, admin_token=None) + "".join(sections)
         cls.service = ServiceProcess(config, cls.env).start(cls.service_port)
 
     @classmethod
     def tearDownClass(cls):
         cls.service.stop()
-        cls.callbacks.close()
-        support.cleanup_containers(cls.label)
-        support.cleanup_images(cls.images)
+        support.stop_class_fixture(cls)
         support.docker("network", "rm", cls.network, check=False)
-        cls.registry.stop()
 
     # -- helpers -------------------------------------------------------------
 

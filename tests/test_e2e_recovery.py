@@ -17,7 +17,6 @@ bridge (or the host network of the private Engine).
 
 import errno
 import http.client
-import json
 import os
 import shutil
 import signal
@@ -29,11 +28,8 @@ import time
 import unittest
 
 from tests import support
-from tests.support import (TOKEN, CallbackReceiver, ServiceProcess, containers_named, hub_payload,
-                           inspect)
-
-ADMIN_TOKEN = "admin-" + "0f1e2d3c4b5a6978" * 3
-FINAL_STATES = ("succeeded", "up_to_date", "failed", "rolled_back", "error", "superseded")
+from tests.support import (FINAL_STATES, CallbackReceiver, ServiceProcess, containers_named,
+                           get_json, hub_payload, inspect, main_section)
 
 
 def slow_stop_cmd(port: int = 8080, delay: float = 1) -> list:
@@ -46,23 +42,6 @@ def slow_stop_cmd(port: int = 8080, delay: float = 1) -> list:
 # ---------------------------------------------------------------------------
 # Helpers shared by the tests of this file
 # ---------------------------------------------------------------------------
-
-def http_get(port: int, path: str, token: str = ADMIN_TOKEN, timeout: float = 10.0):
-    """GET on the service; (status, headers dict, body bytes). No proxy."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        headers = {"Authorization": "Bearer " + token} if token else {}
-        conn.request("GET", path, headers=headers)
-        response = conn.getresponse()
-        return response.status, dict(response.getheaders()), response.read()
-    finally:
-        conn.close()
-
-
-def get_json(port: int, path: str, token: str = ADMIN_TOKEN):
-    status, _, body = http_get(port, path, token)
-    return status, json.loads(body or b"null")
-
 
 def wait_final(service: ServiceProcess, job_id: str, timeout: float = 60.0) -> dict:
     """Poll /jobs/<id> until the job is in a final state; return it."""
@@ -143,30 +122,17 @@ def restart(service: ServiceProcess) -> None:
         raise AssertionError("the restart took %.1fs" % (time.monotonic() - started))
 
 
-def stop_quietly(service: ServiceProcess) -> None:
-    """ServiceProcess.stop(), also for a process that is already dead."""
+def start_job(service: ServiceProcess, app: str, tag: str, callback_url: str, trigger: str) -> str:
+    """POST a push of e2e/<app>:<tag> (202 expected) and wait for the job's log line with `trigger`; its id."""
+    watcher = LogWatcher(service)
     try:
-        if service.process.poll() is not None:
-            service.log.close()
-            shutil.rmtree(service.folder, ignore_errors=True)
-            return
-    except AttributeError:  # never started
-        shutil.rmtree(service.folder, ignore_errors=True)
-        return
-    service.stop()
-
-
-def main_section(port: int, callbacks: CallbackReceiver, workers: int = 2, extra: str = "") -> str:
-    return """
-[autodeploy]
-listen = 127.0.0.1:{port}
-token = {token}
-admin_token = {admin}
-workers = {workers}
-callback_allow = http://127.0.0.1:{cb}
-{extra}
-""".format(port=port, token=TOKEN, admin=ADMIN_TOKEN, workers=workers, cb=callbacks.port,
-           extra=extra)
+        status, answer = service.post(hub_payload("e2e/" + app, tag, callback_url))
+        if status != 202:
+            raise AssertionError("%s != 202 : %r" % (status, answer))
+        watcher.wait_for("job=%s " % answer["job"], trigger)
+    finally:
+        watcher.close()
+    return answer["job"]
 
 
 def journal_rows(service: ServiceProcess) -> dict:
@@ -223,25 +189,14 @@ class KillDuringDeployTest(unittest.TestCase):
 
     @classmethod
     def setUpClass(cls):
-        cls.env = support.engine_env()
-        cls.label = support.run_id()
-        cls.registry = support.Registry().start()
-        cls.callbacks = CallbackReceiver()
-        cls.images = []
-        ref = "%s/e2e/kill" % cls.registry.host
-        cls.image = ref
-        cls.ids = {}
-        for version in ("v1", "v2", "v3"):
-            cls.ids[version] = support.make_image("%s:%s" % (ref, version), version,
-                                                  cmd=slow_stop_cmd(delay=1))
-            cls.images += ["%s:%s" % (ref, version), cls.ids[version]]
+        support.start_class_fixture(cls)
+        cls.image = "%s/e2e/kill" % cls.registry.host
+        cls.ids = support.make_versions(cls.images, cls.image, ("v1", "v2", "v3"),
+                                        cmd=slow_stop_cmd(delay=1))
 
     @classmethod
     def tearDownClass(cls):
-        cls.callbacks.close()
-        support.cleanup_containers(cls.label)
-        support.cleanup_images(cls.images)
-        cls.registry.stop()
+        support.stop_class_fixture(cls)
 
     def setUp(self):
         self.logs = []
@@ -266,7 +221,7 @@ settle = 3
 remove_old_image = no
 """.format(app=app, image=self.image, tags=tags, name=name)
         service = ServiceProcess(config, self.env)
-        self.addCleanup(stop_quietly, service)
+        self.addCleanup(service.stop)
         service.start(service_port)
         return name, port, service
 
@@ -296,12 +251,7 @@ remove_old_image = no
         trigger, delay, determined = KILL_STEPS[step]
         app = "kill-" + step
         name, port, service = self.start_app_and_service(app)
-        watcher = LogWatcher(service)
-        self.addCleanup(watcher.close)
-        status, answer = service.post(hub_payload("e2e/" + app, "v2", self.callbacks.url(app)))
-        self.assertEqual(status, 202, answer)
-        job_id = answer["job"]
-        watcher.wait_for("job=%s " % job_id, trigger)
+        job_id = start_job(service, app, "v2", self.callbacks.url(app), trigger)
         if delay:
             time.sleep(delay)
         self.logs.append(kill9(service))
@@ -387,24 +337,13 @@ class KillAfterBurstTest(unittest.TestCase):
 
     @classmethod
     def setUpClass(cls):
-        cls.env = support.engine_env()
-        cls.label = support.run_id()
-        cls.registry = support.Registry().start()
-        cls.callbacks = CallbackReceiver()
-        ref = "%s/e2e/burst" % cls.registry.host
-        cls.images = []
-        for version in ("b1", "b2"):
-            image_id = support.make_image("%s:%s" % (ref, version), version,
-                                          cmd=support.app_cmd())
-            cls.images += ["%s:%s" % (ref, version), image_id]
-        cls.ref = ref
+        support.start_class_fixture(cls)
+        cls.ref = "%s/e2e/burst" % cls.registry.host
+        support.make_versions(cls.images, cls.ref, ("b1", "b2"), cmd=support.app_cmd())
 
     @classmethod
     def tearDownClass(cls):
-        cls.callbacks.close()
-        support.cleanup_containers(cls.label)
-        support.cleanup_images(cls.images)
-        cls.registry.stop()
+        support.stop_class_fixture(cls)
 
     def test_50_accepted_jobs_all_end_after_a_kill(self):
         port = support.free_port()
@@ -419,7 +358,7 @@ remove_old_image = no
 labels = autodeploy.test={run}
 """.format(app=app, ref=self.ref, run=self.label) for app in self.APPS)
         service = ServiceProcess(main_section(port, self.callbacks, workers=3) + sections, self.env)
-        self.addCleanup(stop_quietly, service)
+        self.addCleanup(service.stop)
         service.start(port)
         accepted = {}
         for n in range(50):
@@ -725,15 +664,9 @@ settle = 2
 remove_old_image = no
 """.format(step=step, ref=self.ref, name=name)
         service = ServiceProcess(config, self.env)
-        self.addCleanup(stop_quietly, service)
+        self.addCleanup(service.stop)
         service.start(port)
-        watcher = LogWatcher(service)
-        self.addCleanup(watcher.close)
-        status, answer = service.post(hub_payload("e2e/engine-" + step, "v2",
-                                                  self.callbacks.url("engine-" + step)))
-        self.assertEqual(status, 202, answer)
-        job_id = answer["job"]
-        watcher.wait_for("job=%s " % job_id, trigger)
+        job_id = start_job(service, "engine-" + step, "v2", self.callbacks.url("engine-" + step), trigger)
         took = engine.stop()
         self.assertLess(took, 30)
         time.sleep(2)
@@ -800,7 +733,7 @@ cooldown = 0
         if mounted.returncode != 0:
             self.skipTest("mount -t tmpfs refused: %s" % mounted.stdout.decode().strip())
         self.addCleanup(subprocess.run, ["umount", "-l", state])
-        self.addCleanup(self.stop_process, service)
+        self.addCleanup(service.stop, keep_folder=True)
         service.start(port)
         status, first = service.post(hub_payload("e2e/full", "latest"))
         self.assertEqual(status, 202, first)
@@ -845,19 +778,6 @@ cooldown = 0
                          "202 answered for jobs the journal does not hold")
         self.assertIn("cannot write", service.log_text())
 
-    @staticmethod
-    def stop_process(service: ServiceProcess) -> None:
-        if getattr(service, "process", None) is None:
-            return
-        if service.process.poll() is None:
-            service.process.terminate()
-            try:
-                service.process.wait(30)
-            except subprocess.TimeoutExpired:
-                service.process.kill()
-                service.process.wait(10)
-        service.log.close()
-
 
 def fill(path: str) -> None:
     """Write `path` until the file system has not one byte left."""
@@ -882,20 +802,10 @@ class SignalsTest(unittest.TestCase):
 
     @classmethod
     def setUpClass(cls):
-        cls.env = support.engine_env()
-        cls.label = support.run_id()
-        cls.registry = support.Registry().start()
-        cls.addClassCleanup(cls.registry.stop)
-        cls.callbacks = CallbackReceiver()
-        cls.addClassCleanup(cls.callbacks.close)
-        cls.addClassCleanup(support.cleanup_containers, cls.label)
+        support.start_class_fixture(cls)
+        cls.addClassCleanup(support.stop_class_fixture, cls)
         cls.ref = "%s/e2e/term" % cls.registry.host
-        cls.ids = {}
-        for version in ("v1", "v2"):
-            cls.ids[version] = support.make_image("%s:%s" % (cls.ref, version), version,
-                                                  cmd=support.app_cmd())
-            cls.addClassCleanup(support.cleanup_images, ["%s:%s" % (cls.ref, version),
-                                                         cls.ids[version]])
+        cls.ids = support.make_versions(cls.images, cls.ref, ("v1", "v2"), cmd=support.app_cmd())
         cls.name_a = "e2e-term-a-%s" % cls.label
         cls.name_b = "e2e-term-b-%s" % cls.label
         cls.port_a = support.free_port()
@@ -920,7 +830,7 @@ remove_old_image = no
 labels = autodeploy.test={run}
 """.format(ref=cls.ref, a=cls.name_a, b=cls.name_b, run=cls.label)
         cls.service = service = ServiceProcess(config, cls.env)
-        cls.addClassCleanup(stop_quietly, service)
+        cls.addClassCleanup(service.stop)
         service.start(port)
         watcher = LogWatcher(service)
         try:
@@ -991,7 +901,7 @@ image = 127.0.0.1:{closed}/e2e/hup-b
 container = e2e-hup-b-{run}
 """.format(closed=closed, run=support.run_id())
         service = ServiceProcess(base, env)
-        self.addCleanup(stop_quietly, service)
+        self.addCleanup(service.stop)
         service.start(port)
         watcher = LogWatcher(service)
         self.addCleanup(watcher.close)

@@ -20,10 +20,8 @@ import unittest
 import http.client
 
 from tests import support
-from tests.support import TOKEN, CallbackReceiver, ServiceProcess, hub_payload
-
-ADMIN_TOKEN = "admin-" + "89abcdef01234567" * 3
-FINAL_STATES = ("succeeded", "up_to_date", "failed", "rolled_back", "error", "superseded")
+from tests.support import (ADMIN_TOKEN, FINAL_STATES, TOKEN, ServiceProcess, get_json, http_get,
+                           hub_payload, main_section)
 JOB_FIELDS = ("id", "app", "tag", "state", "description", "received", "started", "finished",
               "took", "waited")
 
@@ -296,49 +294,17 @@ class ExpositionParserTest(unittest.TestCase):
 # The service
 # ---------------------------------------------------------------------------
 
-def http_get(port: int, path: str, token=ADMIN_TOKEN, method: str = "GET"):
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    try:
-        headers = {"Authorization": "Bearer " + token} if token else {}
-        conn.request(method, path, headers=headers)
-        response = conn.getresponse()
-        return response.status, dict(response.getheaders()), response.read()
-    finally:
-        conn.close()
-
-
-def get_json(port: int, path: str, token=ADMIN_TOKEN):
-    status, headers, body = http_get(port, path, token)
-    return status, json.loads(body)
-
-
 class StatusTest(unittest.TestCase):
 
     @classmethod
     def setUpClass(cls):
-        cls.env = support.engine_env()
-        cls.label = support.run_id()
-        cls.registry = support.Registry().start()
-        cls.addClassCleanup(cls.registry.stop)
-        cls.callbacks = CallbackReceiver()
-        cls.addClassCleanup(cls.callbacks.close)
-        cls.addClassCleanup(support.cleanup_containers, cls.label)
+        support.start_class_fixture(cls)
+        cls.addClassCleanup(support.stop_class_fixture, cls)
         ref = "%s/e2e/stat" % cls.registry.host
-        images = []
-        cls.addClassCleanup(support.cleanup_images, images)
-        for version, cmd in (("v1", support.app_cmd()), ("v2", support.app_cmd()),
-                             ("bad", ["/bin/sh", "-c", "echo boom; exit 3"])):
-            images += ["%s:%s" % (ref, version), support.make_image("%s:%s" % (ref, version), version,
-                                                                    cmd=cmd)]
+        support.make_versions(cls.images, ref, ("v1", "v2"), cmd=support.app_cmd())
+        support.make_versions(cls.images, ref, ("bad",), cmd=["/bin/sh", "-c", "echo boom; exit 3"])
         port = support.free_port()
-        config = """
-[autodeploy]
-listen = 127.0.0.1:{port}
-token = {token}
-admin_token = {admin}
-workers = 2
-callback_allow = http://127.0.0.1:{cb}
-
+        config = main_section(port, cls.callbacks) + """
 [e2e/stat-ok]
 image = {ref}
 tag = v1 v2
@@ -357,8 +323,7 @@ cooldown = 0
 remove_old_image = no
 ports = 127.0.0.1:{bad_port}:8080
 labels = autodeploy.test={run}
-""".format(port=port, token=TOKEN, admin=ADMIN_TOKEN, cb=cls.callbacks.port, ref=ref,
-           run=cls.label, bad_port=support.free_port())
+""".format(ref=ref, run=cls.label, bad_port=support.free_port())
         cls.service = ServiceProcess(config, cls.env)
         cls.addClassCleanup(cls.service.stop)
         cls.service.start(port)
