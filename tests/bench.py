@@ -31,7 +31,13 @@ registry:
    port; a client container on the app's network asks by alias, retrying
    once); and the health gate's overhead: new container started -> old
    one removed, less `settle`, and with a HEALTHCHECK the Engine's healthy
-   event -> old one removed.
+   event -> old one removed;
+6. the journal's cost: acks/s and latency at 8 clients from a service with
+   `journal = no`, next to (1), which runs with the journal;
+7. recovery after kill -9: a deploy is killed mid-swap (the new container
+   just started), the service started again; the time from the restart to
+   its first answer, to the job's final callback (the new container gated
+   again, `settle` seconds) and to the app answering the pushed version.
 
 All traffic goes to 127.0.0.1; every loop is bounded in count and time.
 Everything created is labelled autodeploy.test=<run id> and removed at the
@@ -1395,6 +1401,92 @@ def wait_settled(receiver: CallbackReceiver, quiet: float = 1.0, timeout: float 
             return
 
 
+############################################################################
+# 6. The journal's cost, and 7. recovery after kill -9
+############################################################################
+
+def measure_without_journal(client: str, wrk: Optional[str], folder: str, config_for_port: Any,
+                            env: Dict[str, str], body: bytes, seconds: float,
+                            warmup: float) -> Dict[str, Any]:
+    """acks at 8 clients from a second service, the same but for `journal = no`."""
+    port = free_port()
+    config = config_for_port(port).replace("[autodeploy]\n", "[autodeploy]\njournal = no\n", 1)
+    service = ServiceProcess(folder, config, port, env, name="no-journal")
+    try:
+        service.launch()
+        service.wait_answer()
+        return measure_acks(client, wrk, folder, service, body, 8, seconds, warmup)
+    finally:
+        service.stop()
+
+
+def recovery_config(port: int, callback_port: int, registry: str, run: str, app_port: int,
+                    state_dir: str) -> str:
+    """A service of its own for the kill -9 runs: one app, its own journal."""
+    return """\
+[autodeploy]
+listen = 127.0.0.1:{port}
+token = {token}
+workers = 1
+callback_allow = http://127.0.0.1:{cb}
+state_dir = {state}
+
+[bench/rec]
+image = {reg}/bench/web
+tag = v1 v2
+container = bench-rec-{run}
+stop_timeout = {stop}
+settle = {settle}
+ports = 127.0.0.1:{app_port}:{inner}
+labels =
+    autodeploy.test={run}
+""".format(port=port, token=TOKEN, cb=callback_port, reg=registry, run=run, state=state_dir,
+           stop=STOP_TIMEOUT, settle=SETTLE, app_port=app_port, inner=APP_PORT_IN_CONTAINER)
+
+
+def wait_log(service: ServiceProcess, fragments: Tuple[str, ...], timeout: float = 60.0) -> None:
+    """Until one line of the service's log holds every fragment."""
+    deadline = time.monotonic() + timeout
+    while not any(all(f in line for f in fragments) for line in service.log_text().splitlines()):
+        if time.monotonic() > deadline:
+            raise BenchError("no log line with %r within %.0f s:\n%s" % (fragments, timeout, service.log_tail()))
+        time.sleep(0.005)
+
+
+def measure_recovery(folder: str, receiver: CallbackReceiver, registry: str, env: Dict[str, str],
+                     run: str, runs: int, state: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """Kill -9 mid-swap and restart, `runs` times; ms from the restart's launch."""
+    port, app_port = free_port(), free_port()
+    config = recovery_config(port, receiver.port, registry, run, app_port,
+                             os.path.join(folder, "recovery-state"))
+    service = state["recovery"] = ServiceProcess(folder, config, port, env, name="recovery")
+    service.launch()
+    service.wait_answer()
+    status, answer = http_post(port, "/deploy/" + TOKEN, hub_payload("bench/rec", "v1", receiver.url("rec-first")))
+    if status != 202 or receiver.wait_for("rec-first", timeout=120).get("state") != "success":
+        raise BenchError("first deploy of bench/rec failed: %s %s" % (status, answer))
+    results = []
+    for n in range(runs):
+        tag = "v2" if n % 2 == 0 else "v1"
+        name = "rec-%d" % n
+        status, answer = http_post(port, "/deploy/" + TOKEN, hub_payload("bench/rec", tag, receiver.url(name)))
+        if status != 202:
+            raise BenchError("recovery deploy answered %s: %s" % (status, answer))
+        wait_log(service, ("job=%s " % answer["job"], "started new container"))
+        service.process.kill()
+        service.process.wait(10)
+        t0 = service.launch()
+        t_answer = service.wait_answer()
+        done = receiver.wait_for(name, timeout=120)
+        t_final = time.perf_counter()
+        wait_for_version(app_port, tag.encode() + b"\n", time.monotonic(), timeout=30)
+        t_version = time.perf_counter()
+        results.append({"answer_ms": (t_answer - t0) * 1000, "final_ms": (t_final - t0) * 1000,
+                        "version_ms": (t_version - t0) * 1000, "state": done.get("state")})
+    service.stop()
+    return results
+
+
 def bench(args: argparse.Namespace, state: Dict[str, Any]) -> Dict[str, Any]:
     from tests import support
     import dockerapi
@@ -1493,6 +1585,9 @@ def bench(args: argparse.Namespace, state: Dict[str, Any]) -> Dict[str, Any]:
             % (clients, args.seconds, args.warmup, client))
         results["acks"].append(measure_acks(client, wrk, folder, service, body, clients,
                                             args.seconds, args.warmup))
+    log("acks without the journal: 8 keep-alive clients, a second service with journal = no")
+    results["acks_no_journal"] = measure_without_journal(client, wrk, folder, config_for_port, env, body,
+                                                         args.seconds, args.warmup)
     sent = sum(level["requests"] for level in results["acks"])
     wait_settled(receiver, quiet=1.0, timeout=30)
     time.sleep(1.0)
@@ -1525,6 +1620,11 @@ def bench(args: argparse.Namespace, state: Dict[str, Any]) -> Dict[str, Any]:
         "start_first_ms": gate_overheads(results.get("downtime", {}).get("start_first", []), SETTLE),
     }
 
+    if args.recovery_runs:
+        log("recovery after kill -9 mid-swap, %d runs" % args.recovery_runs)
+        results["recovery"] = measure_recovery(folder, receiver, registry.host, env, run,
+                                               args.recovery_runs, state)
+
     if args.profile:
         log("profiling the service under 8 clients")
         results["profile"] = run_profile(client, wrk, folder, config_for_port, env, body, args.seconds,
@@ -1547,6 +1647,7 @@ def cleanup(state: Dict[str, Any]) -> None:
     from tests import support
     steps = [
         ("service", lambda: state["service"] and state["service"].stop()),
+        ("recovery service", lambda: state.get("recovery") and state["recovery"].stop()),
         ("callback receiver", lambda: state["receiver"] and state["receiver"].close()),
         ("containers", lambda: support.cleanup_containers(support.run_id())),
         ("networks", lambda: [support.docker("network", "rm", name, check=False) for name in state["networks"]]),
@@ -1607,6 +1708,27 @@ def downtime_rows(results: Dict[str, Any]) -> List[Tuple[str, str, str, str]]:
                      "%.0f ms" % median(healthy), "", ""))
         rows.append(("  runs; to job done (+ old image removed)", "%s; %s" % (
             runs_cell(healthy), runs_cell([r["healthy_to_done_ms"] for r in down["healthcheck"]])), "", ""))
+    return rows
+
+
+def journal_and_recovery_rows(results: Dict[str, Any]) -> List[Tuple[str, str, str, str]]:
+    rows = []
+    off = results["acks_no_journal"]
+    on = [level for level in results["acks"] if level["clients"] == 8][0]
+    rows.append(("acks/s, 8 clients, journal = no", "%.0f /s (journal on: %.0f, %+.0f%%)" % (
+        off["acks_per_s"], on["acks_per_s"], 100.0 * (on["acks_per_s"] / off["acks_per_s"] - 1)), "", ""))
+    rows.append(("  latency p50 / p99 (max), journal = no", "%.2f / %.2f ms (%.1f)" % (
+        off["p50_ms"], off["p99_ms"], off["max_ms"]), "", ""))
+    rows.append(("  journal cost per webhook (1/on - 1/off)", "%.0f us" % (
+        1e6 / on["acks_per_s"] - 1e6 / off["acks_per_s"]), "", ""))
+    runs = results.get("recovery")
+    if runs:
+        rows.append(("kill -9 mid-swap, restart -> first answer", "%.0f ms (median of %d)" % (
+            median([r["answer_ms"] for r in runs]), len(runs)), "", ""))
+        rows.append(("  restart -> job final, callback received", "%.0f ms (settle %d s inside)" % (
+            median([r["final_ms"] for r in runs]), SETTLE), "", ""))
+        rows.append(("  outcomes", " ".join(r["state"] or "?" for r in runs), "all success",
+                     verdict(all(r["state"] == "success" for r in runs))))
     return rows
 
 
@@ -1684,6 +1806,7 @@ def report(results: Dict[str, Any]) -> str:
     rows.append(("deploy time / raw floor", "%.2fx" % ratio, "<= %.1fx" % TARGETS["deploy_ratio"],
                  verdict(ratio <= TARGETS["deploy_ratio"])))
     rows += downtime_rows(results)
+    rows += journal_and_recovery_rows(results)
 
     widths = [max(len(r[i]) for r in rows + [("metric", "value", "target", "ok")]) for i in range(4)]
     line = "  ".join("%%-%ds" % w for w in widths)
@@ -1722,6 +1845,8 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     parser.add_argument("--downtime-runs", type=int, default=3, metavar="N",
                         help="deploys per downtime measurement (stop-first, raw floor, start-first, "
                              "HEALTHCHECK gate; default 3, 0 skips them)")
+    parser.add_argument("--recovery-runs", type=int, default=3, metavar="N",
+                        help="kill -9 mid-swap and restart, N times (default 3, 0 skips it)")
     parser.add_argument("--client", choices=("auto", "wrk", "own"), default="auto",
                         help="load client: wrk when installed (auto), or the bench's own")
     parser.add_argument("--callbacks", choices=("local", "omit"), default="local",
@@ -1745,8 +1870,8 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
         parser.error("--seconds must be 1..600 and --warmup 0..60")
     if not 1 <= args.deploys <= 100 or not 1 <= args.launches <= 100:
         parser.error("--deploys and --launches must be 1..100")
-    if not 0 <= args.downtime_runs <= 50:
-        parser.error("--downtime-runs must be 0..50")
+    if not 0 <= args.downtime_runs <= 50 or not 0 <= args.recovery_runs <= 20:
+        parser.error("--downtime-runs must be 0..50, --recovery-runs 0..20")
     return args
 
 
@@ -1789,7 +1914,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(report(results))
     print("\ntotal bench time %.0f s" % results["total_seconds"])
     if args.json:
-        for level in results["acks"]:
+        for level in results["acks"] + [results["acks_no_journal"]]:
             level.pop("wrk_output", None)
         with open(args.json, "w") as fh:
             json.dump(results, fh, indent=2, sort_keys=True, default=str)
