@@ -1,0 +1,103 @@
+"""Unit tests: the SQLite journal (records, unfinished jobs, retention, errors)."""
+
+import os
+import tempfile
+import unittest
+
+import autodeploy
+from autodeploy import AppConfig, Job, Journal, JournalError
+
+APP = AppConfig("team/api", "team/api", ("latest",), "team-api")
+OTHER = AppConfig("team/web", "team/web", ("latest",), "team-web")
+
+
+class FakeClock:
+    def __init__(self, now: float = 1_000_000.0):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class JournalTest(unittest.TestCase):
+
+    def setUp(self):
+        self.folder = tempfile.TemporaryDirectory(prefix="autodeploy-journal-")
+        self.addCleanup(self.folder.cleanup)
+        self.clock = FakeClock()
+        self.journal = self.open(keep_per_app=3, keep_days=1)
+
+    def open(self, **kwargs) -> Journal:
+        journal = Journal(os.path.join(self.folder.name, "state", "journal.sqlite3"),
+                          clock=self.clock, **kwargs).open()
+        self.addCleanup(journal.close)
+        return journal
+
+    def job(self, app: AppConfig = APP, received: float = 0.0, state: str = "queued") -> Job:
+        job = Job(id=autodeploy.new_job_id(), app=app, tag="latest", received=received or self.clock.now)
+        self.journal.add(job)
+        if state != "queued":
+            job.state, job.finished = state, job.received + 1
+            self.journal.save(job)
+        return job
+
+    def test_a_job_is_recorded_and_updated(self):
+        job = self.job()
+        job.state, job.started, job.description = "running", self.clock.now, "pulling"
+        job.lines = ["a", "b"]
+        self.journal.save(job, old_container="c1", was_running=1)
+        row = self.journal.get(job.id)
+        self.assertEqual((row["app"], row["container"], row["state"], row["old_container"], row["log"]),
+                         ("team/api", "team-api", "running", "c1", "a\nb"))
+        self.assertEqual([r["id"] for r in self.journal.unfinished()], [job.id])
+        self.assertIsNone(self.journal.get("nosuchjob"))
+
+    def test_unfinished_are_oldest_first_and_recent_newest_first(self):
+        jobs = [self.job(received=self.clock.now + n) for n in range(3)]
+        self.job(state="succeeded", received=self.clock.now + 5)
+        self.assertEqual([r["id"] for r in self.journal.unfinished()], [j.id for j in jobs])
+        self.assertEqual([r["id"] for r in self.journal.recent(state="queued")],
+                         [j.id for j in reversed(jobs)])
+        self.assertEqual(len(self.journal.recent(app="team/api", limit=2)), 2)
+
+    def test_superseded_jobs_are_marked_in_one_commit(self):
+        jobs = [self.job() for _ in range(3)]
+        self.journal.mark_superseded([(self.clock.now, "superseded by x", j.id) for j in jobs])
+        self.assertEqual({r["state"] for r in self.journal.recent()}, {"superseded"})
+
+    def test_retention_keeps_the_newest_finished_jobs_per_app_and_no_old_ones(self):
+        old = self.job(state="succeeded", received=self.clock.now - 2 * 86400)
+        finished = [self.job(state="failed", received=self.clock.now + n) for n in range(5)]
+        other = self.job(OTHER, state="succeeded")
+        waiting = self.job(received=self.clock.now - 3 * 86400)  # unfinished: never pruned
+        self.journal._prune()
+        kept = {r["id"] for r in self.journal.recent(limit=100)}
+        self.assertEqual(kept, {j.id for j in finished[-3:]} | {other.id, waiting.id})
+        self.assertNotIn(old.id, kept)
+
+    def test_small_pages_and_no_index_on_state(self):
+        db = self.journal._db
+        self.assertEqual(db.execute("PRAGMA page_size").fetchone()[0], 1024)
+        self.assertEqual(db.execute("PRAGMA journal_mode").fetchone()[0], "wal")
+        indexes = {row[1] for row in db.execute("PRAGMA index_list(jobs)")}
+        self.assertIn("jobs_by_app", indexes)
+        self.assertNotIn("jobs_by_state", indexes)
+
+    def test_an_unopenable_journal_reports_and_refuses(self):
+        blocker = os.path.join(self.folder.name, "file")
+        with open(blocker, "w"):
+            pass
+        journal = Journal(os.path.join(blocker, "journal.sqlite3")).open()  # its folder is a file
+        self.addCleanup(journal.close)
+        self.assertIn("cannot open the journal", journal.error)
+        with self.assertRaises(JournalError):
+            journal.add(Job(id="j1", app=APP, tag="latest"))
+
+    def test_a_closed_journal_refuses_writes(self):
+        self.journal.close()
+        with self.assertRaises(JournalError):
+            self.job()
+
+
+if __name__ == "__main__":
+    unittest.main()
