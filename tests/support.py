@@ -21,6 +21,7 @@ import os
 import secrets
 import shutil
 import socket
+import sqlite3
 import subprocess
 import sys
 import tarfile
@@ -836,6 +837,17 @@ callback_allow = http://127.0.0.1:{cb}
 {extra}
 """.format(port=port, token=TOKEN, workers=workers, cb=callbacks.port, extra=extra,
            admin="admin_token = %s\n" % admin_token if admin_token else "")
+
+
+def journal_rows(service: ServiceProcess) -> dict:
+    """The journal read directly (the service may be down): id -> row."""
+    path = os.path.join(service.env["STATE_DIRECTORY"], "journal.sqlite3")
+    db = sqlite3.connect("file:%s?mode=ro" % path, uri=True, timeout=5)
+    try:
+        db.row_factory = sqlite3.Row
+        return {row["id"]: dict(row) for row in db.execute("SELECT * FROM jobs")}
+    finally:
+        db.close()
 
 
 def http_get(port: int, path: str, token: str = ADMIN_TOKEN, timeout: float = 10.0):

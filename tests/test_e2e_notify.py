@@ -2,16 +2,14 @@
 Slack-compatible), and SIGTERM past its stop_deadline in the middle of a
 swap, on the real service, a real Docker Engine and a real registry."""
 
-import os
 import signal
-import sqlite3
 import subprocess
 import time
 import unittest
 
 from tests import support
 from tests.support import (CallbackReceiver, ServiceProcess, app_cmd, containers_named,
-                           hub_payload, inspect)
+                           hub_payload, inspect, journal_rows, main_section)
 
 
 def wait_for_log(service: ServiceProcess, *fragments: str, timeout: float = 60.0) -> str:
@@ -31,31 +29,15 @@ def posts_to(receiver: CallbackReceiver, name: str) -> list:
         return [body for path, body in receiver.received if path == "/cb/" + name]
 
 
-def journal_row(service: ServiceProcess, job_id: str) -> dict:
-    path = os.path.join(service.env["STATE_DIRECTORY"], "journal.sqlite3")
-    db = sqlite3.connect("file:%s?mode=ro" % path, uri=True, timeout=5)
-    try:
-        db.row_factory = sqlite3.Row
-        return dict(db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())
-    finally:
-        db.close()
-
-
 class NotificationTest(unittest.TestCase):
     """Apps that fail, roll back and succeed, each notifying its own URLs on
     the local receiver (which also takes the registry's callbacks)."""
 
     @classmethod
     def setUpClass(cls):
-        cls.env = support.engine_env()
-        cls.label = support.run_id()
-        cls.registry = support.Registry().start()
-        cls.addClassCleanup(cls.registry.stop)
-        cls.receiver = CallbackReceiver()
-        cls.addClassCleanup(cls.receiver.close)
-        cls.addClassCleanup(support.cleanup_containers, cls.label)
-        cls.images = []
-        cls.addClassCleanup(lambda: support.cleanup_images(cls.images))
+        support.start_class_fixture(cls)
+        cls.addClassCleanup(support.stop_class_fixture, cls)
+        cls.receiver = cls.callbacks
         cls.port = support.free_port()
         sections = []
         # n-crash stops the old container first, so that its failure is a rollback.
@@ -73,12 +55,7 @@ slack_url = {slack}
                   slack=cls.receiver.url("slack-" + app), extra=extra))
         # callback_allow names another port: notification URLs come from the
         # configuration, not from payloads, and need no allowlist entry.
-        config = """
-[autodeploy]
-listen = 127.0.0.1:{port}
-token = {token}
-callback_allow = http://127.0.0.1:{cb}
-""".format(port=cls.port, token=support.TOKEN, cb=cls.receiver.port) + "".join(sections)
+        config = main_section(cls.port, cls.receiver, admin_token=None) + "".join(sections)
         cls.service = ServiceProcess(config, cls.env).start(cls.port)
         cls.addClassCleanup(cls.service.stop)
 
@@ -136,38 +113,25 @@ class ShutdownDeadlineTest(unittest.TestCase):
     job runs again at the next start."""
 
     def test_sigterm_past_the_deadline_rolls_back_and_the_next_start_deploys(self):
-        env = support.engine_env()
-        label = support.run_id()
-        registry = support.Registry().start()
-        self.addCleanup(registry.stop)
-        receiver = CallbackReceiver()
-        self.addCleanup(receiver.close)
-        self.addCleanup(support.cleanup_containers, label)
-        ref = "%s/e2e/cut" % registry.host
-        ids = {}
-        for version in ("v1", "v2"):
-            ids[version] = support.make_image("%s:%s" % (ref, version), version, cmd=app_cmd())
-            self.addCleanup(support.cleanup_images, ["%s:%s" % (ref, version), ids[version]])
+        support.start_class_fixture(self)
+        self.addCleanup(support.stop_class_fixture, self)
+        env, label, receiver = self.env, self.label, self.callbacks
+        ref = "%s/e2e/cut" % self.registry.host
+        ids = support.make_versions(self.images, ref, ("v1", "v2"), cmd=app_cmd())
         name = "e2e-cut-%s" % label
         app_port = support.free_port()
         support.docker("run", "-d", "--name", name, "--label", "autodeploy.test=" + label,
                        "-p", "127.0.0.1:%d:8080" % app_port, ref + ":v1")
         support.wait_running(name)
         port = support.free_port()
-        config = """
-[autodeploy]
-listen = 127.0.0.1:{port}
-token = {token}
-callback_allow = http://127.0.0.1:{cb}
-stop_deadline = 1
-
+        config = main_section(port, receiver, admin_token=None, extra="stop_deadline = 1") + """
 [e2e/cut]
 image = {ref}
 tag = v2
 container = {name}
 settle = 60
 remove_old_image = no
-""".format(port=port, token=support.TOKEN, cb=receiver.port, ref=ref, name=name)
+""".format(ref=ref, name=name)
         service = ServiceProcess(config, env).start(port)
         self.addCleanup(service.stop)
         status, answer = service.post(hub_payload("e2e/cut", "v2", receiver.url("cut")))
@@ -189,7 +153,7 @@ remove_old_image = no
         self.assertEqual(containers_named(name), [name])
         self.assertEqual(inspect(name)["Image"], ids["v1"])
         self.assertEqual(support.wait_http("http://127.0.0.1:%d/" % app_port, expect_body="v1\n"), "v1\n")
-        row = journal_row(service, job)
+        row = journal_rows(service)[job]
         self.assertEqual(row["state"], "queued", row)
         self.assertEqual(posts_to(receiver, "cut"), [])  # no outcome yet: the job is not over
 

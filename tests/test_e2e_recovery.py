@@ -20,7 +20,6 @@ import http.client
 import os
 import shutil
 import signal
-import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -29,7 +28,7 @@ import unittest
 
 from tests import support
 from tests.support import (FINAL_STATES, CallbackReceiver, ServiceProcess, containers_named,
-                           get_json, hub_payload, inspect, main_section)
+                           get_json, hub_payload, inspect, journal_rows, main_section)
 
 
 def slow_stop_cmd(port: int = 8080, delay: float = 1) -> list:
@@ -133,17 +132,6 @@ def start_job(service: ServiceProcess, app: str, tag: str, callback_url: str, tr
     finally:
         watcher.close()
     return answer["job"]
-
-
-def journal_rows(service: ServiceProcess) -> dict:
-    """The journal read directly (the service may be down): id -> row."""
-    path = os.path.join(service.env["STATE_DIRECTORY"], "journal.sqlite3")
-    db = sqlite3.connect("file:%s?mode=ro" % path, uri=True, timeout=5)
-    try:
-        db.row_factory = sqlite3.Row
-        return {row["id"]: dict(row) for row in db.execute("SELECT * FROM jobs")}
-    finally:
-        db.close()
 
 
 # ---------------------------------------------------------------------------
