@@ -1731,10 +1731,12 @@ class Journal:
     One connection behind a lock: a write is tens of microseconds. With
     synchronous=NORMAL a commit survives the process being killed; a power
     cut may lose the last ones (synchronous=FULL would fsync each webhook).
-    The fsyncs left are the WAL checkpoints (every 1000 pages), and they
-    stall the webhooks writing meanwhile; so the pages are small (1 KiB)
-    and an accepted job touches few of them (no index on state, which
-    every job changes): a few KiB of WAL per webhook instead of 18.
+    The fsyncs left are the WAL checkpoints. Run by the committing
+    connection (SQLite's default, every 1000 pages), each would hold the
+    lock, and every webhook behind it, for its fsyncs; start_housekeeping()
+    moves them to a thread of its own, small and frequent. The pages are
+    small (1 KiB) and an accepted job touches few of them (no index on
+    state, which every job changes): a few KiB of WAL per webhook, not 18.
     """
 
     def __init__(self, path: str, keep_per_app: int = 200, keep_days: float = 30.0,
@@ -1749,6 +1751,8 @@ class Journal:
         self._last_open = 0.0
         self._closed = False
         self._writes = 0
+        self._written = threading.Event()  # set by writes, cleared by each checkpoint
+        self._housekeeper: Optional[threading.Thread] = None
 
     def open(self) -> "Journal":
         """Open (creating it and its folder if need be). When it cannot be
@@ -1772,6 +1776,8 @@ class Journal:
             db.execute("PRAGMA page_size=1024")  # for a new file; must precede WAL mode
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
+            if self._housekeeper is not None:
+                db.execute("PRAGMA wal_autocheckpoint=0")
             db.execute("CREATE TABLE IF NOT EXISTS jobs (id TEXT PRIMARY KEY, app TEXT, "
                        "container TEXT, tag TEXT, source TEXT, callback_url TEXT, received REAL, "
                        "started REAL, finished REAL, state TEXT, description TEXT, "
@@ -1796,8 +1802,50 @@ class Journal:
         with self._lock:
             self._closed = True
             if self._db is not None:
-                self._db.close()
+                self._db.close()  # the last connection to close checkpoints the WAL
                 self._db = None
+        self._written.set()  # wakes the housekeeper, which sees _closed
+        if self._housekeeper is not None:
+            self._housekeeper.join(10)
+
+    def start_housekeeping(self, interval: float = 0.05) -> None:
+        """Checkpoint the WAL from a thread of its own, at most every
+        `interval` seconds after writes, instead of in the commit of the
+        webhook that happens to fill 1000 pages."""
+        self._housekeeper = threading.Thread(target=self._checkpoints, args=(interval,),
+                                             name="autodeploy-journal", daemon=True)
+        with self._lock:
+            if self._db is not None:
+                self._db.execute("PRAGMA wal_autocheckpoint=0")
+        self._housekeeper.start()
+
+    def alive(self) -> bool:
+        """The housekeeping thread runs (or was never started)."""
+        return self._housekeeper is None or self._housekeeper.is_alive()
+
+    def _checkpoints(self, interval: float) -> None:
+        db, failed = None, None
+        while True:
+            self._written.wait()
+            time.sleep(interval if failed is None else 1.0)  # what arrives meanwhile joins in
+            if self._closed:
+                break
+            self._written.clear()
+            try:
+                db = db or self._sqlite3.connect(self.path, timeout=5, isolation_level=None)
+                # PASSIVE: copies what it can without waiting for the writer.
+                db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                failed = None
+            except self._sqlite3.Error as exc:
+                if str(exc) != failed:
+                    log.warning("journal %s: checkpoint failed: %s", self.path, exc)
+                failed = str(exc)
+                if db is not None:
+                    db.close()
+                db = None
+                self._written.set()  # try again
+        if db is not None:
+            db.close()
 
     def add(self, job: Job) -> None:
         """Record an accepted job; JournalError when it cannot be written
@@ -1818,6 +1866,7 @@ class Journal:
                 self._db.executemany("UPDATE jobs SET state = 'superseded', finished = ?, "
                                      "description = ? WHERE id = ?", rows)
                 self._db.execute("COMMIT")
+                self._written.set()
             except self._sqlite3.Error as exc:
                 try:
                     self._db.execute("ROLLBACK")
@@ -1856,6 +1905,8 @@ class Journal:
                 log.info("journal %s: writable again", self.path)
                 self.error = None
             self._writes += 1
+            if not self._written.is_set():
+                self._written.set()
             if self._writes % 1000 == 0:
                 self._prune()
 
@@ -2055,6 +2106,8 @@ class Service:
             self.recover()
         except JournalError as exc:
             log.error("cannot resume unfinished jobs: %s", exc)
+        if self.journal is not None:
+            self.journal.start_housekeeping()
         self.callbacks.start()
         for n in range(self.config.workers):
             thread = threading.Thread(target=self._work, name="autodeploy-worker-%d" % (n + 1),
@@ -2113,7 +2166,8 @@ class Service:
 
     def alive(self) -> bool:
         """Every worker and callback thread still runs (for the watchdog)."""
-        return all(t.is_alive() for t in self._workers) and self.callbacks.alive()
+        return (all(t.is_alive() for t in self._workers) and self.callbacks.alive()
+                and (self.journal is None or self.journal.alive()))
 
     def stop(self, deadline: Optional[float] = None) -> None:
         """Stop taking jobs from the queue (they stay in the journal). Running
@@ -2128,6 +2182,8 @@ class Service:
             thread.join(max(0.0, give_up - time.monotonic()))
         self.flush_superseded()
         self.callbacks.stop()
+        if self.journal is not None:
+            self.journal.close()
 
     def _work(self) -> None:
         while True:
