@@ -5,6 +5,8 @@ Engine is involved; deploying is covered end to end in test_e2e_deploy.
 """
 
 import http.client
+import http.server
+import io
 import json
 import logging
 import socket
@@ -161,6 +163,89 @@ def job(container: str, n: int, cooldown: float = 0.0) -> Job:
     app = AppConfig(container, container, ("latest",), container, cooldown=cooldown)
     return Job(id="%s-%d" % (container, n), app=app, tag="latest",
                callback_url="https://registry.hub.docker.com/u/x/hook/%d/" % n)
+
+
+class _StdlibHandler(http.server.BaseHTTPRequestHandler):
+    """http.server's handler with the protocol settings of WebhookHandler."""
+    protocol_version = autodeploy.WebhookHandler.protocol_version
+    default_request_version = autodeploy.WebhookHandler.default_request_version
+
+
+class _Parsed:
+    """The outcome of one parse: http.server's own, or WebhookHandler's."""
+
+    def __init__(self, handler_class, data: bytes, own: bool):
+        handler = handler_class.__new__(handler_class)  # no socket, no handle()
+        line, _, rest = data.partition(b"\n")
+        handler.raw_requestline = line + b"\n"
+        handler.rfile = io.BytesIO(rest)
+        handler.wfile = io.BytesIO()
+        handler.client_address = ("127.0.0.1", 0)
+        handler.errors = []
+        handler.send_error = lambda code, *args: handler.errors.append(code)
+        handler.handle_expect_100 = lambda: handler.errors.append(100) or True
+        handler.log_message = lambda *args: None
+        if own:
+            ok = handler._parse_plain_request()
+            self.plain = ok is not None
+            ok = ok if ok is not None else http.server.BaseHTTPRequestHandler.parse_request(handler)
+        else:
+            ok = http.server.BaseHTTPRequestHandler.parse_request(handler)
+        self.outcome = (ok, handler.errors, handler.command, getattr(handler, "path", None),
+                        handler.request_version, handler.close_connection, handler.rfile.read())
+        self.headers = getattr(handler, "headers", None)
+
+
+class PlainRequestParsingTest(unittest.TestCase):
+    """WebhookHandler parses plain requests itself: the outcome must be the
+    one http.server's parse_request() gives, header by header."""
+
+    NAMES = ("Host", "content-length", "CONTENT-TYPE", "Connection", "Expect", "X-Forwarded-For",
+             "Forwarded", "Authorization", "X-Hub-Signature-256", "Transfer-Encoding", "Missing")
+
+    def assertSameParse(self, data: bytes, plain: bool) -> None:
+        theirs = _Parsed(_StdlibHandler, data, own=False)
+        ours = _Parsed(autodeploy.WebhookHandler, data, own=True)
+        data = data[:120] if len(data) > 200 else data
+        self.assertEqual(ours.plain, plain, data)
+        self.assertEqual(ours.outcome, theirs.outcome, data)
+        if theirs.headers is not None:
+            for name in self.NAMES:
+                self.assertEqual(ours.headers.get(name), theirs.headers.get(name), (data, name))
+                self.assertEqual(ours.headers.get_all(name), theirs.headers.get_all(name), (data, name))
+                self.assertEqual(name in ours.headers, name in theirs.headers, (data, name))
+
+    def test_plain_requests_parse_as_http_server_parses_them(self):
+        body = b"{}"
+        for head in (b"POST /deploy/x HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\n",
+                     b"POST /deploy/x HTTP/1.1\nHost: a\nContent-Length:2\n\n",
+                     b"POST /deploy/x HTTP/1.0\r\nConnection: keep-alive\r\n\r\n",
+                     b"GET /jobs?app=a HTTP/1.1\r\nConnection: Close\r\nX-Forwarded-For: 1.2.3.4\r\n"
+                     b"x-forwarded-for: 5.6.7.8\r\n\r\n",
+                     b"POST /deploy/x HTTP/1.1\r\nExpect: 100-Continue\r\nContent-Length: 2  \r\n\r\n",
+                     b"POST /deploy/x HTTP/1.1\r\nContent-Length: 2\r\nContent-Length: 3\r\n"
+                     b"Authorization:\t Bearer t \t\r\nX-Empty:\r\n\r\n",
+                     b"POST /deploy/x HTTP/1.1\r\nHost: a",  # the headers end at end of file
+                     b"POST /deploy/x HTTP/1.1\r\n" + b"X-A: b\r\n" * 100 + b"\r\n",
+                     b"POST /deploy/x HTTP/1.1\r\n" + b"X-A: b\r\n" * 101 + b"\r\n",  # 431
+                     b"POST /deploy/x HTTP/1.1\r\nX-A: " + b"b" * 70000 + b"\r\n\r\n"):  # 431
+            with self.subTest(head=head[:80]):
+                self.assertSameParse(head + body, plain=True)
+
+    def test_anything_unusual_goes_to_http_server(self):
+        for head in (b"POST /deploy/x HTTP/1.1\r\nHost : a\r\n\r\n",         # blank before the colon
+                     b"POST /deploy/x HTTP/1.1\r\nHost: a\r\n folded\r\n\r\n",  # obs-fold
+                     b"POST /deploy/x HTTP/1.1\r\nno colon here\r\nHost: a\r\n\r\n",
+                     b"POST /deploy/x HTTP/1.1\r\nX-A: caf\xc3\xa9\r\n\r\n",   # not ASCII
+                     b"POST /deploy/x HTTP/1.1\r\nX-A: a\rb\r\n\r\n",           # a lone CR
+                     b"POST /deploy/x HTTP/1.1\r\nContent-Length: \x0b2\r\n\r\n"):
+            with self.subTest(head=head):
+                self.assertSameParse(head + b"{}", plain=True)
+        for line in (b"post /deploy/x HTTP/1.1", b"POST //deploy/x HTTP/1.1", b"POST /deploy/x HTTP/2.0",
+                     b"POST /deploy/x  HTTP/1.1", b"GET /", b"POST /deploy/x HTTP/1.1\r\r",
+                     b"POST /d\xc3\xa9ploy HTTP/1.1", b"POST /deploy/x HTTP/1.10"):
+            with self.subTest(line=line):
+                self.assertSameParse(line + b"\r\nHost: a\r\n\r\n{}", plain=False)
 
 
 class JobQueueTest(unittest.TestCase):
