@@ -685,8 +685,8 @@ class JobQueue:
                 self._supersede(job.superseded, replaced)
             elif key not in self._running:
                 self._ready.append(key)
+                self._cond.notify()  # only then: a worker woken for a replaced job finds nothing new
             self._waiting[key] = job
-            self._cond.notify()
         return replaced
 
     def _supersede(self, waiting: List[Job], replaced: Job) -> None:
