@@ -390,17 +390,38 @@ class ServiceProcess:
         return code
 
 
-def service_config(port: int, callback_port: int, registry: str, run: str, app_port: int,
-                   state_dir: str) -> str:
-    """The service's config: the bench's apps, callbacks to the local receiver."""
+def autodeploy_section(port: int, callback_port: int, state_dir: str, workers: int = 3) -> str:
+    """The [autodeploy] section: callbacks to the local receiver."""
     return """\
 [autodeploy]
 listen = 127.0.0.1:{port}
 token = {token}
-workers = 3
+workers = {workers}
 callback_allow = http://127.0.0.1:{cb}
 state_dir = {state}
+""".format(port=port, token=TOKEN, workers=workers, cb=callback_port, state=state_dir)
 
+
+def web_section(repo: str, registry: str, run: str, app_port: int) -> str:
+    """An app on the bench's web image, v1 <-> v2, its port published on 127.0.0.1."""
+    return """
+[{repo}]
+image = {reg}/bench/web
+tag = v1 v2
+container = {container}-{run}
+stop_timeout = {stop}
+settle = {settle}
+ports = 127.0.0.1:{app_port}:{inner}
+labels =
+    autodeploy.test={run}
+""".format(repo=repo, container=repo.replace("/", "-"), reg=registry, run=run, stop=STOP_TIMEOUT,
+           settle=SETTLE, app_port=app_port, inner=APP_PORT_IN_CONTAINER)
+
+
+def service_config(port: int, callback_port: int, registry: str, run: str, app_port: int,
+                   state_dir: str) -> str:
+    """The service's config: the bench's apps, callbacks to the local receiver."""
+    return autodeploy_section(port, callback_port, state_dir) + """
 # Already deployed and up to date: every webhook job is a cheap "already runs".
 [bench/idle]
 image = {reg}/bench/web
@@ -409,20 +430,10 @@ container = bench-idle-{run}
 settle = {settle}
 labels =
     autodeploy.test={run}
-
+""".format(reg=registry, run=run, settle=SETTLE) + """
 # Redeployed v1 <-> v2 to time webhook -> new version answering, and the
 # downtime of a stop-first swap (its fixed host port makes `order = auto`
-# stop-first).
-[bench/web]
-image = {reg}/bench/web
-tag = v1 v2
-container = bench-web-{run}
-stop_timeout = {stop}
-settle = {settle}
-ports = 127.0.0.1:{app_port}:{inner}
-labels =
-    autodeploy.test={run}
-
+# stop-first).""" + web_section("bench/web", registry, run, app_port) + """
 # Downtime of a start-first swap: no host port, on a network of its own
 # under the alias {alias} (the bench creates the first container, with the
 # alias; the service keeps network and alias when it replaces it).
@@ -445,9 +456,8 @@ order = stop-first
 stop_timeout = {stop}
 labels =
     autodeploy.test={run}
-""".format(port=port, token=TOKEN, cb=callback_port, reg=registry, run=run, state=state_dir,
-           stop=STOP_TIMEOUT, app_port=app_port, inner=APP_PORT_IN_CONTAINER, settle=SETTLE,
-           alias=ALIAS, network=bench_network(run))
+""".format(reg=registry, run=run, stop=STOP_TIMEOUT, settle=SETTLE, alias=ALIAS,
+           network=bench_network(run))
 
 
 ############################################################################
@@ -1423,25 +1433,8 @@ def measure_without_journal(client: str, wrk: Optional[str], folder: str, config
 def recovery_config(port: int, callback_port: int, registry: str, run: str, app_port: int,
                     state_dir: str) -> str:
     """A service of its own for the kill -9 runs: one app, its own journal."""
-    return """\
-[autodeploy]
-listen = 127.0.0.1:{port}
-token = {token}
-workers = 1
-callback_allow = http://127.0.0.1:{cb}
-state_dir = {state}
-
-[bench/rec]
-image = {reg}/bench/web
-tag = v1 v2
-container = bench-rec-{run}
-stop_timeout = {stop}
-settle = {settle}
-ports = 127.0.0.1:{app_port}:{inner}
-labels =
-    autodeploy.test={run}
-""".format(port=port, token=TOKEN, cb=callback_port, reg=registry, run=run, state=state_dir,
-           stop=STOP_TIMEOUT, settle=SETTLE, app_port=app_port, inner=APP_PORT_IN_CONTAINER)
+    return (autodeploy_section(port, callback_port, state_dir, workers=1)
+            + web_section("bench/rec", registry, run, app_port))
 
 
 def wait_log(service: ServiceProcess, fragments: Tuple[str, ...], timeout: float = 60.0) -> None:
