@@ -1,7 +1,10 @@
 """Unit tests: the SQLite journal (records, unfinished jobs, retention, errors)."""
 
 import os
+import shutil
+import sqlite3
 import tempfile
+import time
 import unittest
 
 import autodeploy
@@ -82,6 +85,25 @@ class JournalTest(unittest.TestCase):
         indexes = {row[1] for row in db.execute("PRAGMA index_list(jobs)")}
         self.assertIn("jobs_by_app", indexes)
         self.assertNotIn("jobs_by_state", indexes)
+
+    def test_checkpoints_run_on_the_housekeeping_thread(self):
+        self.journal.start_housekeeping(interval=0.01)
+        self.assertEqual(self.journal._db.execute("PRAGMA wal_autocheckpoint").fetchone()[0], 0)
+        for _ in range(50):
+            self.job()
+        deadline = time.monotonic() + 5
+        while self.journal._written.is_set() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.1)  # the checkpoint after the last wake-up
+        # The database file alone, without its WAL, holds the rows: they were checkpointed.
+        copy = os.path.join(self.folder.name, "copy.sqlite3")
+        shutil.copyfile(self.journal.path, copy)
+        db = sqlite3.connect(copy)
+        self.addCleanup(db.close)
+        self.assertEqual(db.execute("SELECT count(*) FROM jobs").fetchone()[0], 50)
+        self.assertTrue(self.journal.alive())
+        self.journal.close()
+        self.assertFalse(self.journal._housekeeper.is_alive())
 
     def test_an_unopenable_journal_reports_and_refuses(self):
         blocker = os.path.join(self.folder.name, "file")
