@@ -974,6 +974,11 @@ def _cut_off(exc: BaseException) -> bool:
 EVENT_WINDOW = 1.0  # seconds: the health gate watches events in slices, to notice a shutdown
 
 
+def _events_of(container_id: str) -> Dict[str, List[str]]:
+    """The /events filter for one container's events."""
+    return {"type": ["container"], "container": [container_id]}
+
+
 class Deployer:
     """Runs one job against the Engine: pull, then replace the container.
 
@@ -1255,8 +1260,7 @@ class Deployer:
         except DeployFailed:
             # Died already, and maybe restarted by its policy (exit code 0
             # then): the events say how it died.
-            for event in self.engine.events(started, self.clock(), {
-                    "type": ["container"], "container": [container_id]}):
+            for event in self.engine.events(started, self.clock(), _events_of(container_id)):
                 self.fail_on_death(event)
             raise
         if state.get("Health") is not None:
@@ -1325,7 +1329,7 @@ class Deployer:
         """The container's events from `since` (replayed) until `until` (live),
         a slice of EVENT_WINDOW seconds at a time, so that a shutdown's
         deadline (CutOff) interrupts the wait."""
-        filters = {"type": ["container"], "container": [container_id]}
+        filters = _events_of(container_id)
         while True:
             self.check_cut_off()
             now = self.clock()
@@ -2610,8 +2614,9 @@ class WebhookHandler(http.server.BaseHTTPRequestHandler):
 
     def _parse_plain_request(self) -> Optional[bool]:
         """Parse a request whose request line and headers are all plain (see
-        PLAIN_REQUEST_LINE) as http.server would; None when they are not,
-        after handing what was read of them back for http.server to parse."""
+        PLAIN_REQUEST_LINE) as http.server would. None when the request line
+        is not plain (http.server then parses it all); a header that is not
+        plain hands the header block read so far to http.server."""
         line = PLAIN_REQUEST_LINE.fullmatch(self.raw_requestline)
         if line is None or line.group(2).startswith(b"//"):
             return None
