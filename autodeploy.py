@@ -11,12 +11,19 @@ dockerapi.py.
     python3 autodeploy.py serve  --config /etc/autodeploy/autodeploy.conf
     python3 autodeploy.py deploy --config ... myname/myrepo[:tag]
     python3 autodeploy.py check  --config ...
+
+The module reads top to bottom, one section per concern: errors, config,
+sources (what a registry pushed), jobs, container recreation, targets (what
+a job deploys to), the health gate, running a job and recovery, outbound
+HTTP, the journal, metrics, the service, who may deploy, HTTP, lifecycle,
+and the command line.
 """
 
 import argparse
 import collections
 import configparser
 import copy
+import fcntl
 import hmac
 import http.client
 import heapq
@@ -47,7 +54,9 @@ __version__ = "0.1.0"
 __all__ = [
     "__version__", "AutodeployError", "ConfigError", "PayloadError", "DeployFailed",
     "AppConfig", "Config", "load_config", "Push", "parse_push", "Job", "JobQueue",
-    "RolledBack", "Deployer", "build_create_body", "choose_order", "probe_endpoint", "Service", "WebhookServer", "main",
+    "RolledBack", "ContainerTarget", "HealthGate", "JobRunner", "build_create_body",
+    "choose_order", "probe_endpoint", "Journal", "MemoryJournal", "Service", "WebhookServer",
+    "main",
 ]
 
 log = logging.getLogger("autodeploy")
@@ -76,6 +85,7 @@ IMAGE_RE = re.compile(r"^(?:[A-Za-z0-9.-]+(?::[0-9]+)?/)?" + REPOSITORY_RE.patte
 CONTAINER_NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]*$")
 
 
+
 ############################################################################
 # Errors
 ############################################################################
@@ -97,8 +107,28 @@ class PayloadError(AutodeployError):
         self.message = message
 
 
+class QueueFull(AutodeployError):
+    """More jobs wait than the queue may hold."""
+
+
 class DeployFailed(AutodeployError):
     """A deploy that did not happen; the old container is left (or put back) running."""
+
+
+class RolledBack(DeployFailed):
+    """The new container failed after the old one was stopped; the old one runs again."""
+
+
+class CutOff(DeployFailed):
+    """The service is stopping and its stop_deadline passed mid-deploy."""
+
+
+class JournalError(AutodeployError):
+    """The journal cannot be read or written (disk full, read-only, corrupt)."""
+
+
+class ControlError(AutodeployError):
+    """The `deploy` command could not hand its job to a running service."""
 
 
 ############################################################################
@@ -168,6 +198,14 @@ class Config(NamedTuple):
     def app_for(self, repository: str) -> Optional[AppConfig]:
         """The app configured for a pushed repository, if any."""
         return self.apps.get(repository)
+
+    def has_tokens(self) -> bool:
+        """Some deploy token is configured: a global one or an app's own."""
+        return bool(self.tokens) or any(app.tokens for app in self.apps.values())
+
+    def state_file(self, name: str) -> str:
+        """A file in the state directory (journal, lock, control socket)."""
+        return os.path.join(self.state_dir, name)
 
 
 MAIN_KEYS = {"listen", "token", "token_file", "workers", "state_dir", "callback_allow",
@@ -304,8 +342,7 @@ def _parse_app(repository: str, section: configparser.SectionProxy, where: str,
         **dict(zip(("notify_url", "slack_url", "notify_on"), _parse_notify(section, where, notify))))
 
 
-NOTIFY_EVENTS = {"succeeded": "success", "failed": "failure", "error": "failure",
-                 "rolled_back": "rollback"}
+NOTIFY_ON_CHOICES = ("success", "failure", "rollback")  # the events of STATES (see Jobs)
 
 
 def _parse_notify(section: configparser.SectionProxy, where: str,
@@ -322,7 +359,7 @@ def _parse_notify(section: configparser.SectionProxy, where: str,
     events = inherited[2]
     if "notify_on" in section:
         events = frozenset(_split_list(section["notify_on"]))
-        unknown = events - set(NOTIFY_EVENTS.values())
+        unknown = events - set(NOTIFY_ON_CHOICES)
         if unknown:
             raise ConfigError("%s notify_on: %s; use any of success, failure, rollback"
                               % (where, ", ".join(sorted(unknown))))
@@ -526,30 +563,25 @@ def _lines(value: str) -> List[str]:
     return [line.strip() for line in (value or "").splitlines() if line.strip()]
 
 
+
 ############################################################################
-# Webhook payloads
+# Sources: what a registry told us was pushed
 ############################################################################
 
 class Push(NamedTuple):
-    """What a registry told us was pushed."""
+    """One push, whoever sent it: the repository path as the config names
+    it, the tag, the image digest when the sender gives one, the sender's
+    name (SENDERS) and where it wants the outcome posted."""
     repository: str
     tag: str
+    digest: str = ""
+    sender: str = "dockerhub"
     callback_url: Optional[str] = None
-    source: str = "dockerhub"
 
 
-def parse_push(body: bytes) -> Push:
-    """Read a Docker Hub push payload; PayloadError(400) when it is not one."""
-    try:
-        doc = json.loads(body.decode("utf-8"), object_pairs_hook=_object_without_duplicates)
-    except UnicodeDecodeError:
-        raise PayloadError(400, "the body is not UTF-8") from None
-    except ValueError as exc:
-        raise PayloadError(400, "the body is not JSON: %s" % exc) from None
-    except RecursionError:
-        raise PayloadError(400, "the body is nested too deeply") from None
-    if not isinstance(doc, dict):
-        raise PayloadError(400, "the body is not a JSON object")
+def parse_dockerhub(doc: Dict[str, Any]) -> Push:
+    """Docker Hub's push webhook: repository.repo_name, push_data.tag and
+    a callback_url to report the outcome to."""
     repository = _dig(doc, "repository", "repo_name")
     tag = _dig(doc, "push_data", "tag")
     if not isinstance(repository, str) or not repository:
@@ -565,7 +597,34 @@ def parse_push(body: bytes) -> Push:
         raise PayloadError(400, "callback_url is not a string")
     if callback and not _encodable(callback):  # "\ud800": the journal could not store it
         raise PayloadError(400, "callback_url is not valid Unicode")
-    return Push(repository=repository, tag=tag, callback_url=callback or None)
+    return Push(repository=repository, tag=tag, sender="dockerhub", callback_url=callback or None)
+
+
+# One parser per sender: a JSON object in, a Push out (or PayloadError).
+SENDERS: Dict[str, Callable[[Dict[str, Any]], Push]] = {
+    "dockerhub": parse_dockerhub,
+}
+
+
+def parse_push(body: bytes, sender: str = "dockerhub") -> Push:
+    """Read a push payload from `sender`; PayloadError(400) when it is not one."""
+    return SENDERS[sender](read_json_object(body))
+
+
+def read_json_object(body: bytes) -> Dict[str, Any]:
+    """The body as a JSON object; PayloadError(400) for anything else
+    (not UTF-8, not JSON, nested too deeply, a key given twice)."""
+    try:
+        doc = json.loads(body.decode("utf-8"), object_pairs_hook=_object_without_duplicates)
+    except UnicodeDecodeError:
+        raise PayloadError(400, "the body is not UTF-8") from None
+    except ValueError as exc:
+        raise PayloadError(400, "the body is not JSON: %s" % exc) from None
+    except RecursionError:
+        raise PayloadError(400, "the body is nested too deeply") from None
+    if not isinstance(doc, dict):
+        raise PayloadError(400, "the body is not a JSON object")
+    return doc
 
 
 def _encodable(text: str) -> bool:
@@ -593,16 +652,42 @@ def _dig(doc: Dict[str, Any], *keys: str) -> Any:
 
 
 ############################################################################
-# Jobs and the queue
+# Jobs: their states, the queue, their log lines
 ############################################################################
 
-FINAL_STATES = ("succeeded", "up_to_date", "failed", "rolled_back", "error", "superseded")
+QUEUED, RUNNING = "queued", "running"
+SUCCEEDED, UP_TO_DATE, FAILED = "succeeded", "up_to_date", "failed"
+ROLLED_BACK, ERROR, SUPERSEDED = "rolled_back", "error", "superseded"
+
+
+class StateMeaning(NamedTuple):
+    """What a job state means to everyone who hears of it."""
+    final: bool
+    callback: str = ""   # the state a Docker Hub callback_url is told
+    event: str = ""      # the notify_on event it is ("": never notified)
+    words: str = ""      # how a chat notification says it
+    timed: bool = False  # counted in the deploy duration histogram
+
+
+STATES: Dict[str, StateMeaning] = {
+    QUEUED: StateMeaning(final=False),
+    RUNNING: StateMeaning(final=False),
+    SUCCEEDED: StateMeaning(True, "success", "success", "deployed", timed=True),
+    UP_TO_DATE: StateMeaning(True, "success", timed=True),
+    FAILED: StateMeaning(True, "failure", "failure", "FAILED to deploy", timed=True),
+    ROLLED_BACK: StateMeaning(True, "failure", "rollback", "ROLLED BACK", timed=True),
+    ERROR: StateMeaning(True, "error", "failure", "FAILED to deploy", timed=True),
+    # A superseded job's callback hears the outcome of the job that replaced it.
+    SUPERSEDED: StateMeaning(True, "error"),
+}
+FINAL_STATES = tuple(name for name, meaning in STATES.items() if meaning.final)
 
 
 class Job:
-    """One accepted webhook and what became of it."""
+    """One accepted webhook (or `deploy` command) and what became of it."""
     __slots__ = ("id", "app", "tag", "callback_url", "source", "received", "started",
-                 "finished", "state", "description", "superseded", "lines", "resume", "swap")
+                 "finished", "state", "description", "superseded", "lines", "resume", "swap",
+                 "waiter")
 
     def __init__(self, id: str, app: AppConfig, tag: str, callback_url: Optional[str] = None,
                  source: str = "dockerhub", received: float = 0.0) -> None:
@@ -614,13 +699,14 @@ class Job:
         self.received = received
         self.started: Optional[float] = None
         self.finished: Optional[float] = None
-        self.state = "queued"
+        self.state = QUEUED
         self.description = ""
         # Jobs this one replaced while they waited: they hear its outcome.
         self.superseded: List[Job] = []
         self.lines: List[str] = []  # its log lines, for the journal (at most MAX_JOB_LINES)
         self.resume: Optional[Dict[str, Any]] = None  # its journal row, when a crash interrupted it
         self.swap: Optional[Dict[str, Any]] = None  # what converge() needs, once the old one is set aside
+        self.waiter: Optional[threading.Event] = None  # set when a `deploy` command awaits it
 
     def __repr__(self) -> str:
         return "<Job %s %s:%s %s>" % (self.id, self.app.repository, self.tag, self.state)
@@ -628,6 +714,15 @@ class Job:
     @property
     def reference(self) -> str:
         return "%s:%s" % (self.app.image, self.tag)
+
+    @property
+    def awaited(self) -> bool:
+        """Someone waits to hear its outcome (a callback URL, a `deploy` command)."""
+        return bool(self.callback_url) or self.waiter is not None
+
+    @property
+    def final(self) -> bool:
+        return STATES[self.state].final
 
     def summary(self) -> Dict[str, Any]:
         """The job as JSON-ready data (no secrets: callback URLs are not shown)."""
@@ -639,10 +734,6 @@ class Job:
 def new_job_id() -> str:
     """A short unique id for log lines and answers."""
     return os.urandom(6).hex()
-
-
-class QueueFull(AutodeployError):
-    """More jobs wait than the queue may hold."""
 
 
 class JobQueue:
@@ -657,53 +748,59 @@ class JobQueue:
     `cooldown`: a flood of webhooks for one app coalesces into one pull a
     second or so, instead of pulls back to back (each counts against the
     registry's rate limit and costs the Engine CPU).
+
+    `on_superseded` hears of each job that ends in the queue (replaced, and
+    nobody awaits its outcome), after the queue's lock is released.
     """
 
-    def __init__(self, limit: int = 1000, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, limit: int = 1000, clock: Callable[[], float] = time.monotonic,
+                 on_superseded: Callable[[Job], None] = lambda job: None) -> None:
         self.limit = limit
         self.clock = clock
+        self.on_superseded = on_superseded
         self._cond = threading.Condition()
         self._ready: Deque[str] = collections.deque()
         self._waiting: Dict[str, Job] = {}
         self._running: Set[str] = set()
         self._cool_until: Dict[str, float] = {}
         self._closed = False
-        # Told of a job that ends in the queue, replaced and with no callback to wait for.
-        self.on_superseded: Callable[[Job], None] = lambda job: None
 
     def put(self, job: Job, force: bool = False) -> Optional[Job]:
         """Queue `job`; returns the waiting job it replaced, if any.
         QueueFull when `limit` jobs already wait and none is replaced
         (unless `force`: recovery must queue every job it finds)."""
         key = job.app.container
+        ended: List[Job] = []
         with self._cond:
             replaced = self._waiting.get(key)
             if replaced is None and len(self._waiting) >= self.limit and not force:
                 raise QueueFull("%d jobs are waiting already" % len(self._waiting))
             if replaced is not None:
                 job.superseded, replaced.superseded = replaced.superseded, []
-                self._supersede(job.superseded, replaced)
+                ended = self._supersede(job.superseded, replaced)
             elif key not in self._running:
                 self._ready.append(key)
                 self._cond.notify()  # only then: a worker woken for a replaced job finds nothing new
             self._waiting[key] = job
+        for old in ended:
+            self.on_superseded(old)
         return replaced
 
-    def _supersede(self, waiting: List[Job], replaced: Job) -> None:
+    @staticmethod
+    def _supersede(waiting: List[Job], replaced: Job) -> List[Job]:
         """Add `replaced` to the jobs that await the outcome of the job that
-        replaced it, if it has a callback to hear it; keep the newest
-        MAX_SUPERSEDED (a flood must not grow memory). Jobs not kept end
-        here as 'superseded'."""
-        if replaced.callback_url:
+        replaced it, if someone awaits it; keep the newest MAX_SUPERSEDED (a
+        flood must not grow memory). Returns the jobs that end here."""
+        ended = []
+        if replaced.awaited:
             waiting.append(replaced)
         else:
-            self._end_superseded(replaced)
+            ended.append(replaced)
         while len(waiting) > MAX_SUPERSEDED:
-            self._end_superseded(waiting.pop(0))
-
-    def _end_superseded(self, job: Job) -> None:
-        job.state, job.description = "superseded", "superseded by a newer push"
-        self.on_superseded(job)
+            ended.append(waiting.pop(0))
+        for job in ended:
+            job.state, job.description = SUPERSEDED, "superseded by a newer push"
+        return ended
 
     def get(self, timeout: Optional[float] = None) -> Optional[Job]:
         """The next job whose container is free; None once closed (or on timeout)."""
@@ -719,8 +816,6 @@ class JobQueue:
                     self._cool_until.pop(key, None)
                     self._running.add(key)
                     return self._waiting.pop(key)
-                if self._closed and wake is None:
-                    return None
                 if deadline is not None:
                     if now >= deadline:
                         return None
@@ -761,9 +856,60 @@ class JobQueue:
             return len(self._waiting)
 
 
+class JobLog(logging.LoggerAdapter):
+    """Prefixes every line with the job id and repository, and keeps the
+    job's own lines on the job (for the journal and /jobs)."""
+
+    def __init__(self, logger: logging.Logger, job: Job):
+        super().__init__(logger, {"job": job.id, "repo": job.app.repository})
+        self.job = job
+
+    def log(self, level: int, msg: Any, *args: Any, **kwargs: Any) -> None:
+        if len(self.job.lines) < MAX_JOB_LINES and level >= logging.INFO:
+            text = msg % args if args else str(msg)
+            self.job.lines.append("%s %s %s" % (time.strftime("%H:%M:%S"),
+                                                logging.getLevelName(level), text))
+        super().log(level, msg, *args, **kwargs)
+
+    def process(self, msg: str, kwargs: Any) -> Tuple[str, Any]:
+        return "job=%s repo=%s %s" % (self.extra["job"], self.extra["repo"], msg), kwargs
+
+
+class StopDeadline:
+    """The moment past which running deploys stop (SIGTERM's stop_deadline).
+    Everything that waits inside a deploy calls check(), so a shutdown
+    interrupts it at a point where what it changed can be put back."""
+
+    def __init__(self, clock: Callable[[], float] = time.time):
+        self.clock = clock
+        self.at: Optional[float] = None
+
+    def start(self, seconds: float) -> None:
+        self.at = self.clock() + seconds
+
+    def check(self) -> None:
+        """Raise CutOff once the deadline has passed."""
+        if self.at is not None and self.clock() >= self.at:
+            raise CutOff("the service is stopping and its stop_deadline passed")
+
+
+def cut_off(exc: BaseException) -> bool:
+    """True when `exc` comes from a shutdown's deadline (CutOff, or the rollback it caused)."""
+    return isinstance(exc, CutOff) or isinstance(exc.__cause__, CutOff)
+
 ############################################################################
-# The new container's configuration
+# Container recreation: the new container's configuration (pure functions)
 ############################################################################
+
+def is_running(info: Dict[str, Any]) -> bool:
+    """A container inspect document says it runs."""
+    return bool((info.get("State") or {}).get("Running"))
+
+
+def networks_of(info: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
+    """A container inspect document's networks, by name, with their endpoints."""
+    return (info.get("NetworkSettings") or {}).get("Networks") or {}
+
 
 # Endpoint settings that describe what the user asked for; the rest
 # (addresses, ids, gateway, DNSNames) the Engine assigns afresh.
@@ -885,9 +1031,8 @@ def _endpoints(old: Dict[str, Any], mode: str, short_id: str) -> Dict[str, Dict[
     """The user's part of each network endpoint of `old`."""
     if mode in ("host", "none") or mode.startswith("container:"):
         return {}
-    networks = (old.get("NetworkSettings") or {}).get("Networks") or {}
     endpoints = {}
-    for name, settings in networks.items():
+    for name, settings in networks_of(old).items():
         endpoint = {k: copy.deepcopy(settings[k]) for k in ENDPOINT_KEYS if settings.get(k)}
         aliases = [a for a in endpoint.get("Aliases") or [] if a != short_id]
         if aliases and name != "bridge":
@@ -935,186 +1080,123 @@ def first_create_body(app: AppConfig, reference: str) -> Dict[str, Any]:
     return body
 
 
+def choose_order(app: AppConfig, old: Dict[str, Any]) -> str:
+    """'start-first' when two copies can run at once (no fixed host port,
+    no static address, not sharing another's network), else 'stop-first'."""
+    if app.order != "auto":
+        return app.order
+    host = old.get("HostConfig") or {}
+    mode = host.get("NetworkMode") or ""
+    if mode == "host" or mode.startswith("container:"):
+        return "stop-first"
+    for bindings in (host.get("PortBindings") or {}).values():
+        if any(b.get("HostPort") not in (None, "", "0") for b in bindings or []):
+            return "stop-first"
+    for endpoint in networks_of(old).values():
+        ipam = endpoint.get("IPAMConfig") or {}
+        if ipam.get("IPv4Address") or ipam.get("IPv6Address"):
+            return "stop-first"
+    return "start-first"
+
+
 ############################################################################
-# Deploying
+# Targets: what a job deploys to
 ############################################################################
+#
+# A target takes a job and makes its app run the job's image. Each kind
+# answers three things:
+#   describe(app)            what it will replace, for log lines and `check`
+#   deploy(job, jlog)        pull and replace; (state, description), or raises
+#                            DeployFailed (nothing changed, or put back) or
+#                            DockerError (the Engine failed us)
+#   converge(job, row, jlog) put in order what a crash left of a job's swap
+# ContainerTarget is the one kind today; a Swarm service is the next.
 
-class JobLog(logging.LoggerAdapter):
-    """Prefixes every line with the job id and repository, and keeps the
-    job's own lines on the job (for the journal and /jobs)."""
-
-    def __init__(self, logger: logging.Logger, job: Job):
-        super().__init__(logger, {"job": job.id, "repo": job.app.repository})
-        self.job = job
-
-    def log(self, level: int, msg: Any, *args: Any, **kwargs: Any) -> None:
-        if len(self.job.lines) < MAX_JOB_LINES and level >= logging.INFO:
-            text = msg % args if args else str(msg)
-            self.job.lines.append("%s %s %s" % (time.strftime("%H:%M:%S"),
-                                                logging.getLevelName(level), text))
-        super().log(level, msg, *args, **kwargs)
-
-    def process(self, msg: str, kwargs: Any) -> Tuple[str, Any]:
-        return "job=%s repo=%s %s" % (self.extra["job"], self.extra["repo"], msg), kwargs
+def aside_name(container: str, job_id: str) -> str:
+    """The name the old container carries while job `job_id` replaces it."""
+    return "%s-autodeploy-old-%s" % (container, job_id)
 
 
-class RolledBack(DeployFailed):
-    """The new container failed after the old one was stopped; the old one runs again."""
+def pull(engine: DockerClient, app: AppConfig, tag: str, docker_config: str,
+         jlog: logging.LoggerAdapter, check: Callable[[], None]) -> Dict[str, Any]:
+    """Pull app.image:tag with the registry's credentials; the image's
+    inspect document. DeployFailed when the registry refuses."""
+    jlog.info("pulling %s:%s", app.image, tag)
+    try:
+        auth = dockerapi.load_registry_auth(app.image, docker_config)
+        engine.pull_image(app.image, tag, auth, on_progress=_pull_logger(jlog, check))
+    except DockerError as exc:
+        if exc.status is None:
+            raise
+        raise DeployFailed("pull failed: %s" % exc.message) from exc
+    return engine.inspect_image("%s:%s" % (app.image, tag))
 
 
-class CutOff(DeployFailed):
-    """The service is stopping and its stop_deadline passed mid-deploy."""
+def _pull_logger(jlog: logging.LoggerAdapter, check: Callable[[], None]
+                 ) -> Callable[[Dict[str, Any]], None]:
+    """Log the pull's summary lines (digest, outcome), not every progress
+    tick; `check` may raise to stop the pull (a shutdown's deadline)."""
+    def on_progress(message: Dict[str, Any]) -> None:
+        check()
+        status = str(message.get("status") or "")
+        if status.startswith(("Digest:", "Status:")):
+            jlog.info("pull: %s", status)
+    return on_progress
 
 
-def _cut_off(exc: BaseException) -> bool:
-    """True when `exc` comes from a shutdown's deadline (CutOff, or the rollback it caused)."""
-    return isinstance(exc, CutOff) or isinstance(exc.__cause__, CutOff)
+def _reason_of(exc: Exception) -> str:
+    return exc.message if isinstance(exc, DockerError) else str(exc)
 
 
-EVENT_WINDOW = 1.0  # seconds: the health gate watches events in slices, to notice a shutdown
+def _short(image_or_container_id: Optional[str]) -> str:
+    value = image_or_container_id or "?"
+    return value.split(":", 1)[-1][:12]
 
 
-def _events_of(container_id: str) -> Dict[str, List[str]]:
-    """The /events filter for one container's events."""
-    return {"type": ["container"], "container": [container_id]}
-
-
-class Deployer:
-    """Runs one job against the Engine: pull, then replace the container.
+class ContainerTarget:
+    """The app's container, replaced by one that keeps its configuration
+    but runs the new image.
 
     Nothing is touched until the new image is pulled and the new container's
     configuration is built. The old container is removed only once the new
     one has passed the health gate; any failure before that leaves the old
-    one running under its name, or puts it back.
+    one running under its name, or puts it back. `record_step(job, **fields)`
+    hears each step that crash recovery must know about (the journal).
     """
 
-    def __init__(self, engine: DockerClient, docker_config: Optional[str] = None,
-                 clock: Callable[[], float] = time.time, sleep: Callable[[float], None] = time.sleep,
-                 probe: Optional[Callable[[str, float], bool]] = None):
+    def __init__(self, engine: DockerClient, gate: "HealthGate", deadline: StopDeadline,
+                 docker_config: Optional[str] = None,
+                 record_step: Callable[..., None] = lambda job, **fields: None,
+                 clock: Callable[[], float] = time.time):
         self.engine = engine
+        self.gate = gate
+        self.deadline = deadline
         self.docker_config = docker_config or dockerapi.docker_config_path()
+        self.record_step = record_step
         self.clock = clock
-        self.sleep = sleep
-        self.probe = probe or probe_endpoint
-        # Told each step that recovery after a crash must know about:
-        # on_step(job, old_container=..., new_container=..., ...).
-        self.on_step: Callable[..., None] = lambda job, **fields: None
-        self.engine_wait = ENGINE_WAIT
-        # Set on SIGTERM: the clock() time past which a running deploy stops
-        # waiting and puts back what it changed (its job then runs at the next start).
-        self.cut_off: Optional[float] = None
 
-    def check_cut_off(self) -> None:
-        """Raise CutOff once the service is stopping and its deadline passed."""
-        if self.cut_off is not None and self.clock() >= self.cut_off:
-            raise CutOff("the service is stopping and its stop_deadline passed")
-
-    def run(self, job: Job) -> None:
-        """Deploy `job`, setting its state and description; never raises."""
-        jlog = JobLog(log, job)
-        try:
-            self.wait_for_engine(jlog)
-            if job.resume is not None:
-                own = job.resume.get("id") in (None, job.id)
-                self.converge(job, job.resume, jlog)
-                job.resume = None
-                if job.state in FINAL_STATES:
-                    if own:
-                        return
-                    # That was the swap of a job this one superseded: now deploy this one.
-                    job.state, job.description = "running", ""
-            try:
-                job.state, job.description = self.deploy(job, jlog)
-            except DockerError as exc:
-                if exc.status is not None or self.engine_answers():
-                    raise
-                # The Engine went away mid-job (restarting?): wait for it, put in
-                # order what the swap left, as after a crash of ours, then run once more.
-                jlog.warning("lost the Docker Engine: %s", exc)
-                self.wait_for_engine(jlog)
-                if job.swap is not None:
-                    self.converge(job, job.swap, jlog)
-                    job.swap = None
-                    if job.state in FINAL_STATES:
-                        return
-                job.state, job.description = self.deploy(job, jlog)
-            jlog.info("%s: %s", job.state, job.description)
-        except DeployFailed as exc:
-            if _cut_off(exc):
-                # Not the new version's fault: the job runs again at the next
-                # start. What it changed is put back, unless the Engine could
-                # not be reached to do so: then the journal keeps it
-                # 'running', and the next start converges it first.
-                unresolved = job.resume is not None or job.swap is not None
-                job.state = "running" if unresolved else "queued"
-                job.description = "cut off by a shutdown (%s); runs again at the next start" % exc
-                jlog.warning("%s", job.description)
-            elif isinstance(exc, RolledBack):
-                job.state, job.description = "rolled_back", str(exc)
-                jlog.warning("rolled back: %s", exc)
-            else:
-                job.state, job.description = "failed", str(exc)
-                jlog.warning("failed: %s", exc)
-        except DockerError as exc:
-            job.state, job.description = "error", str(exc)
-            jlog.error("error: %s", exc)
-        except Exception as exc:  # a bug must not kill the worker thread
-            job.state, job.description = "error", "internal error: %r" % exc
-            jlog.exception("internal error")
-
-    def wait_for_engine(self, jlog: logging.LoggerAdapter) -> None:
-        """Return once the Engine answers; while it is down or restarting,
-        retry with backoff for up to engine_wait seconds, then raise."""
-        deadline = self.clock() + self.engine_wait
-        delay = 1.0
-        while True:
-            try:
-                self.engine.ping()
-                return
-            except DockerError as exc:
-                if exc.status is not None or self.clock() + delay > deadline:
-                    raise
-                jlog.warning("the Docker Engine does not answer (%s); trying again in %gs",
-                             exc, delay)
-            self.check_cut_off()
-            self.sleep(delay)
-            delay = min(delay * 2, 15.0)
-
-    def engine_answers(self) -> bool:
-        try:
-            return self.engine.ping()
-        except DockerError:
-            return False
+    @staticmethod
+    def describe(app: AppConfig) -> str:
+        return "container %s" % app.container
 
     def deploy(self, job: Job, jlog: logging.LoggerAdapter) -> Tuple[str, str]:
         """Pull and replace; returns (state, description) or raises."""
         app = job.app
-        reference = job.reference
-        jlog.info("pulling %s", reference)
-        try:
-            auth = dockerapi.load_registry_auth(app.image, self.docker_config)
-            self.engine.pull_image(app.image, job.tag, auth,
-                                   on_progress=_pull_logger(jlog, self.check_cut_off))
-        except DockerError as exc:
-            if exc.status is None:
-                raise
-            raise DeployFailed("pull failed: %s" % exc.message) from exc
-        new_image = self.engine.inspect_image(reference)
-        self.on_step(job, new_image=new_image.get("Id"))
-        try:
-            old = self.engine.inspect_container(app.container)
-        except NotFound:
-            return self.create_first(app, reference, jlog)
+        new_image = pull(self.engine, app, job.tag, self.docker_config, jlog, self.deadline.check)
+        self.record_step(job, new_image=new_image.get("Id"))
+        old = self._inspect_or_none(app.container)
+        if old is None:
+            return self.create_first(app, job.reference, jlog)
         if old.get("Image") == new_image.get("Id"):
-            return "up_to_date", "%s already runs %s (%s)" % (
-                app.container, reference, _short(new_image.get("Id")))
-        body, later_networks = self.new_container_config(old, reference)
-        self.check_cut_off()  # the last moment to stop with nothing changed
+            return UP_TO_DATE, "%s already runs %s (%s)" % (
+                app.container, job.reference, _short(new_image.get("Id")))
+        body, later_networks = self.new_container_config(old, job.reference)
+        self.deadline.check()  # the last moment to stop with nothing changed
         how = self.replace(job, old, body, later_networks, jlog)
         if app.remove_old_image:
             self.remove_unused_image(old.get("Image"), jlog)
-        return "succeeded", "%s now runs %s (%s), %s" % (
-            app.container, reference, _short(new_image.get("Id")), how)
+        return SUCCEEDED, "%s now runs %s (%s), %s" % (
+            app.container, job.reference, _short(new_image.get("Id")), how)
 
     def new_container_config(self, old: Dict[str, Any], reference: str
                              ) -> Tuple[Dict[str, Any], List[Tuple[str, Dict[str, Any]]]]:
@@ -1138,13 +1220,13 @@ class Deployer:
         try:
             started = self.clock()
             self.engine.start_container(new_id)
-            how = self.wait_healthy(new_id, app, started, jlog)
+            how = self.gate.wait_healthy(new_id, app, started, jlog)
         except (DockerError, DeployFailed) as exc:
             logs = self.last_logs(new_id)
             self.remove_quietly(new_id, jlog)
             raise DeployFailed("the first container did not become healthy: %s%s"
                                % (_reason_of(exc), logs)) from exc
-        return "succeeded", "created %s running %s, %s" % (app.container, reference, how)
+        return SUCCEEDED, "created %s running %s, %s" % (app.container, reference, how)
 
     def replace(self, job: Job, old: Dict[str, Any], body: Dict[str, Any],
                 later_networks: List[Tuple[str, Dict[str, Any]]],
@@ -1153,9 +1235,9 @@ class Deployer:
         name, then swap them in the app's order; returns how health was judged."""
         app = job.app
         old_id = old["Id"]
-        aside = "%s-autodeploy-old-%s" % (app.container, job.id)
-        was_running = bool((old.get("State") or {}).get("Running"))
-        self.on_step(job, old_container=old_id, old_image=old.get("Image"), was_running=was_running)
+        aside = aside_name(app.container, job.id)
+        was_running = is_running(old)
+        self.record_step(job, old_container=old_id, old_image=old.get("Image"), was_running=was_running)
         job.swap = {"id": job.id, "was_running": was_running}
         self.engine.rename_container(old_id, aside)
         jlog.info("renamed old container %s to %s", _short(old_id), aside)
@@ -1171,7 +1253,7 @@ class Deployer:
             job.swap = None
             raise DeployFailed("cannot create the new container: %s" % exc.message) from exc
         jlog.info("created new container %s", _short(new_id))
-        self.on_step(job, new_container=new_id)
+        self.record_step(job, new_container=new_id)
         order = choose_order(app, old) if was_running else "stop-first"
         try:
             if order == "start-first":
@@ -1181,6 +1263,8 @@ class Deployer:
         except DeployFailed:
             job.swap = None  # undone: the old container has its name back
             raise
+        # (A DockerError keeps job.swap: the Engine may be gone mid-swap, and
+        # the runner converges the swap once it is back.)
         job.swap = None
         self.remove_quietly(old_id, jlog, force=False)
         jlog.info("removed old container %s", _short(old_id))
@@ -1196,7 +1280,7 @@ class Deployer:
             started = self.clock()
             self.engine.start_container(new_id)
             jlog.info("started new container %s", _short(new_id))
-            return self.wait_healthy(new_id, app, started, jlog)
+            return self.gate.wait_healthy(new_id, app, started, jlog)
         except (DockerError, DeployFailed) as exc:
             logs = self.last_logs(new_id)
             try:
@@ -1215,7 +1299,7 @@ class Deployer:
             started = self.clock()
             self.engine.start_container(new_id)
             jlog.info("started new container %s next to the old one", _short(new_id))
-            how = self.wait_healthy(new_id, app, started, jlog)
+            how = self.gate.wait_healthy(new_id, app, started, jlog)
         except (DockerError, DeployFailed) as exc:
             logs = self.last_logs(new_id)
             self.remove_quietly(new_id, jlog, force=True)
@@ -1234,120 +1318,13 @@ class Deployer:
         with a dead address until the Engine tore the sandbox down.
         """
         try:
-            networks = (self.engine.inspect_container(old_id).get("NetworkSettings") or {}).get("Networks") or {}
-            for network in networks:
+            for network in networks_of(self.engine.inspect_container(old_id)):
                 if network != "bridge":  # the default bridge has no DNS to leave
                     self.engine.disconnect_network(network, old_id)
             self.engine.stop_container(old_id, app.stop_timeout)
             jlog.info("stopped old container %s", _short(old_id))
         except DockerError as exc:
             jlog.warning("could not stop old container %s cleanly: %s", _short(old_id), exc)
-
-    # -- the health gate ----------------------------------------------------
-
-    def wait_healthy(self, container_id: str, app: AppConfig, started: float,
-                     jlog: logging.LoggerAdapter) -> str:
-        """Return once the new container is proven healthy, or raise DeployFailed.
-
-        In order of what the app has: the image's or container's HEALTHCHECK
-        ('unhealthy' fails at once); else the configured HTTP URL or TCP
-        port; else still running, not restarting, after the settle time.
-        Dying at any point fails at once.
-        """
-        deadline = self.clock() + app.health_timeout
-        try:
-            state = self.alive_state(container_id)
-        except DeployFailed:
-            # Died already, and maybe restarted by its policy (exit code 0
-            # then): the events say how it died.
-            for event in self.engine.events(started, self.clock(), _events_of(container_id)):
-                self.fail_on_death(event)
-            raise
-        if state.get("Health") is not None:
-            jlog.info("waiting for the HEALTHCHECK (up to %ss)", app.health_timeout)
-            return self.wait_for_healthcheck(container_id, started, deadline)
-        if app.health_url or app.health_tcp:
-            target = app.health_url or "tcp://" + app.health_tcp
-            jlog.info("probing %s (up to %ss)", target, app.health_timeout)
-            return self.wait_for_probe(container_id, app, deadline)
-        jlog.info("checking it stays up for %ss", app.settle)
-        return self.wait_settled(container_id, started, min(deadline, self.clock() + app.settle))
-
-    def alive_state(self, container_id: str) -> Dict[str, Any]:
-        """The container's State; DeployFailed when it exited or restarts."""
-        info = self.engine.inspect_container(container_id)
-        state = info.get("State") or {}
-        if not state.get("Running") or state.get("Restarting") or info.get("RestartCount"):
-            raise DeployFailed("it %s (exit code %s)" % (
-                "keeps restarting" if state.get("Restarting") or info.get("RestartCount")
-                else "exited", state.get("ExitCode")))
-        return state
-
-    def wait_for_healthcheck(self, container_id: str, started: float, deadline: float) -> str:
-        status = (self.alive_state(container_id).get("Health") or {}).get("Status")
-        if status == "healthy":
-            return "HEALTHCHECK healthy"
-        if status == "unhealthy":
-            raise DeployFailed("its HEALTHCHECK reports unhealthy")
-        for event in self.container_events(container_id, started, deadline):
-            action = event.get("Action") or event.get("status") or ""
-            if action == "health_status: healthy":
-                return "HEALTHCHECK healthy"
-            if action == "health_status: unhealthy":
-                raise DeployFailed("its HEALTHCHECK reports unhealthy")
-            self.fail_on_death(event)
-        raise DeployFailed("its HEALTHCHECK did not report healthy within the health timeout")
-
-    def wait_for_probe(self, container_id: str, app: AppConfig, deadline: float) -> str:
-        while True:
-            self.check_cut_off()
-            state = self.alive_state(container_id)
-            target = self.probe_target(container_id, app)
-            if self.probe(target, min(2.0, max(0.1, deadline - self.clock()))):
-                return "%s answered" % target
-            if self.clock() >= deadline:
-                raise DeployFailed("%s did not answer within %ss (state %s)"
-                                   % (target, app.health_timeout, state.get("Status")))
-            self.sleep(0.2)
-
-    def probe_target(self, container_id: str, app: AppConfig) -> str:
-        """The health URL or tcp://host:port, with {ip} as the container's address."""
-        target = app.health_url or "tcp://" + app.health_tcp
-        if "{ip}" in target:
-            networks = (self.engine.inspect_container(container_id).get("NetworkSettings") or {}).get("Networks") or {}
-            addresses = [n.get("IPAddress") for n in networks.values() if n.get("IPAddress")]
-            target = target.replace("{ip}", addresses[0] if addresses else "0.0.0.0")
-        return target
-
-    def wait_settled(self, container_id: str, started: float, until: float) -> str:
-        for event in self.container_events(container_id, started, until):
-            self.fail_on_death(event)
-        self.alive_state(container_id)
-        return "still running after %gs" % max(0.0, until - started)
-
-    def container_events(self, container_id: str, since: float, until: float) -> Iterator[Dict[str, Any]]:
-        """The container's events from `since` (replayed) until `until` (live),
-        a slice of EVENT_WINDOW seconds at a time, so that a shutdown's
-        deadline (CutOff) interrupts the wait."""
-        filters = _events_of(container_id)
-        while True:
-            self.check_cut_off()
-            now = self.clock()
-            if until <= now:
-                return
-            window = min(until, now + EVENT_WINDOW)
-            yield from self.engine.events(since, window, filters)
-            # Slices overlap: an event at a seam comes twice (harmless), never not at all.
-            since = max(since, window - EVENT_WINDOW / 2)
-
-    @staticmethod
-    def fail_on_death(event: Dict[str, Any]) -> None:
-        action = event.get("Action") or event.get("status") or ""
-        if action in ("die", "oom"):
-            code = ((event.get("Actor") or {}).get("Attributes") or {}).get("exitCode", "?")
-            raise DeployFailed("it exited (exit code %s)" % code if action == "die" else "it ran out of memory")
-
-    # -- clean-up and rollback ---------------------------------------------
 
     def restore_old(self, old_id: str, new_id: str, name: str, was_running: bool,
                     jlog: logging.LoggerAdapter) -> None:
@@ -1356,7 +1333,7 @@ class Deployer:
         self.engine.rename_container(old_id, name)
         if was_running:
             self.engine.start_container(old_id)
-            if not (self.engine.inspect_container(old_id).get("State") or {}).get("Running"):
+            if not is_running(self.engine.inspect_container(old_id)):
                 raise DockerError("the old container %s did not start again" % _short(old_id))
         jlog.warning("rolled back to old container %s", _short(old_id))
 
@@ -1369,8 +1346,7 @@ class Deployer:
         the job stays unfinished, to run again. Either way one container
         keeps the app's name and nothing named *-autodeploy-old-* remains."""
         app = job.app
-        aside = "%s-autodeploy-old-%s" % (app.container, row.get("id") or job.id)
-        old = self._inspect_or_none(aside)
+        old = self._inspect_or_none(aside_name(app.container, row.get("id") or job.id))
         if old is None:
             jlog.info("resuming: no container was set aside; running the job again")
             return
@@ -1378,28 +1354,28 @@ class Deployer:
         current = self._inspect_or_none(app.container)
         if current is None or current["Id"] == old["Id"]:
             self.engine.rename_container(old["Id"], app.container)
-            if was_running and not (old.get("State") or {}).get("Running"):
+            if was_running and not is_running(old):
                 self.engine.start_container(old["Id"])
             jlog.info("resuming: old container %s is back; running the job again", _short(old["Id"]))
             return
         new_id = current["Id"]
         try:
-            if not (current.get("State") or {}).get("Running"):
+            if not is_running(current):
                 raise DeployFailed("the new container was not running after the restart")
             jlog.info("resuming: gating new container %s again", _short(new_id))
-            how = self.wait_healthy(new_id, app, self.clock(), jlog)
+            how = self.gate.wait_healthy(new_id, app, self.clock(), jlog)
         except (DockerError, DeployFailed) as exc:
             logs = self.last_logs(new_id)
             self.restore_old(old["Id"], new_id, app.container, was_running, jlog)
-            if _cut_off(exc):
+            if cut_off(exc):
                 raise
-            job.state = "rolled_back"
+            job.state = ROLLED_BACK
             job.description = ("interrupted by a restart; the new container failed: %s; the old "
                                "one runs again%s" % (_reason_of(exc), logs))
             return
         self.retire(old["Id"], app, jlog)
         self.remove_quietly(old["Id"], jlog, force=False)
-        job.state = "succeeded"
+        job.state = SUCCEEDED
         job.description = "%s now runs %s (%s), %s; finished after a restart" % (
             app.container, job.reference, _short(current.get("Image")), how)
         jlog.info("%s: %s", job.state, job.description)
@@ -1438,23 +1414,139 @@ class Deployer:
             jlog.warning("could not remove container %s: %s", _short(container_id), exc)
 
 
-def choose_order(app: AppConfig, old: Dict[str, Any]) -> str:
-    """'start-first' when two copies can run at once (no fixed host port,
-    no static address, not sharing another's network), else 'stop-first'."""
-    if app.order != "auto":
-        return app.order
-    host = old.get("HostConfig") or {}
-    mode = host.get("NetworkMode") or ""
-    if mode == "host" or mode.startswith("container:"):
-        return "stop-first"
-    for bindings in (host.get("PortBindings") or {}).values():
-        if any(b.get("HostPort") not in (None, "", "0") for b in bindings or []):
-            return "stop-first"
-    for endpoint in ((old.get("NetworkSettings") or {}).get("Networks") or {}).values():
-        ipam = endpoint.get("IPAMConfig") or {}
-        if ipam.get("IPv4Address") or ipam.get("IPv6Address"):
-            return "stop-first"
-    return "start-first"
+############################################################################
+# The health gate: is the new container good?
+############################################################################
+
+EVENT_WINDOW = 1.0  # seconds: the gate watches events in slices, to notice a shutdown
+
+
+def event_action(event: Dict[str, Any]) -> str:
+    """What an Engine event says happened ('die', 'health_status: healthy'...);
+    older Engines name it 'status'."""
+    return event.get("Action") or event.get("status") or ""
+
+
+def _events_of(container_id: str) -> Dict[str, List[str]]:
+    """The /events filter for one container's events."""
+    return {"type": ["container"], "container": [container_id]}
+
+
+class HealthGate:
+    """Waits until a new container is proven healthy, or says why not.
+
+    In order of what the app has: the image's or container's HEALTHCHECK
+    ('unhealthy' fails at once); else the configured HTTP URL or TCP port;
+    else still running, not restarting, after the settle time. Dying at
+    any point fails at once. The Engine's events are read in slices of
+    EVENT_WINDOW seconds, and `check_cut_off` is called between them, so a
+    shutdown interrupts a long wait.
+    """
+
+    def __init__(self, engine: DockerClient, clock: Callable[[], float] = time.time,
+                 sleep: Callable[[float], None] = time.sleep,
+                 probe: Optional[Callable[[str, float], bool]] = None,
+                 check_cut_off: Callable[[], None] = lambda: None):
+        self.engine = engine
+        self.clock = clock
+        self.sleep = sleep
+        self.probe = probe or probe_endpoint
+        self.check_cut_off = check_cut_off
+
+    def wait_healthy(self, container_id: str, app: AppConfig, started: float,
+                     jlog: logging.LoggerAdapter) -> str:
+        """Return how the container proved healthy, or raise DeployFailed."""
+        deadline = self.clock() + app.health_timeout
+        try:
+            state = self.alive_state(container_id)
+        except DeployFailed:
+            # Died already, and maybe restarted by its policy (exit code 0
+            # then): the events say how it died.
+            for event in self.engine.events(started, self.clock(), _events_of(container_id)):
+                self.fail_on_death(event)
+            raise
+        if state.get("Health") is not None:
+            jlog.info("waiting for the HEALTHCHECK (up to %ss)", app.health_timeout)
+            return self.wait_for_healthcheck(container_id, started, deadline)
+        if app.health_url or app.health_tcp:
+            target = app.health_url or "tcp://" + app.health_tcp
+            jlog.info("probing %s (up to %ss)", target, app.health_timeout)
+            return self.wait_for_probe(container_id, app, deadline)
+        jlog.info("checking it stays up for %ss", app.settle)
+        return self.wait_settled(container_id, started, min(deadline, self.clock() + app.settle))
+
+    def alive_state(self, container_id: str) -> Dict[str, Any]:
+        """The container's State; DeployFailed when it exited or restarts."""
+        info = self.engine.inspect_container(container_id)
+        state = info.get("State") or {}
+        if not state.get("Running") or state.get("Restarting") or info.get("RestartCount"):
+            raise DeployFailed("it %s (exit code %s)" % (
+                "keeps restarting" if state.get("Restarting") or info.get("RestartCount")
+                else "exited", state.get("ExitCode")))
+        return state
+
+    def wait_for_healthcheck(self, container_id: str, started: float, deadline: float) -> str:
+        status = (self.alive_state(container_id).get("Health") or {}).get("Status")
+        if status == "healthy":
+            return "HEALTHCHECK healthy"
+        if status == "unhealthy":
+            raise DeployFailed("its HEALTHCHECK reports unhealthy")
+        for event in self.container_events(container_id, started, deadline):
+            action = event_action(event)
+            if action == "health_status: healthy":
+                return "HEALTHCHECK healthy"
+            if action == "health_status: unhealthy":
+                raise DeployFailed("its HEALTHCHECK reports unhealthy")
+            self.fail_on_death(event)
+        raise DeployFailed("its HEALTHCHECK did not report healthy within the health timeout")
+
+    def wait_for_probe(self, container_id: str, app: AppConfig, deadline: float) -> str:
+        while True:
+            self.check_cut_off()
+            state = self.alive_state(container_id)
+            target = self.probe_target(container_id, app)
+            if self.probe(target, min(2.0, max(0.1, deadline - self.clock()))):
+                return "%s answered" % target
+            if self.clock() >= deadline:
+                raise DeployFailed("%s did not answer within %ss (state %s)"
+                                   % (target, app.health_timeout, state.get("Status")))
+            self.sleep(0.2)
+
+    def probe_target(self, container_id: str, app: AppConfig) -> str:
+        """The health URL or tcp://host:port, with {ip} as the container's address."""
+        target = app.health_url or "tcp://" + app.health_tcp
+        if "{ip}" in target:
+            networks = networks_of(self.engine.inspect_container(container_id))
+            addresses = [n.get("IPAddress") for n in networks.values() if n.get("IPAddress")]
+            target = target.replace("{ip}", addresses[0] if addresses else "0.0.0.0")
+        return target
+
+    def wait_settled(self, container_id: str, started: float, until: float) -> str:
+        for event in self.container_events(container_id, started, until):
+            self.fail_on_death(event)
+        self.alive_state(container_id)
+        return "still running after %gs" % max(0.0, until - started)
+
+    def container_events(self, container_id: str, since: float, until: float) -> Iterator[Dict[str, Any]]:
+        """The container's events from `since` (replayed) until `until` (live),
+        a slice of EVENT_WINDOW seconds at a time."""
+        filters = _events_of(container_id)
+        while True:
+            self.check_cut_off()
+            now = self.clock()
+            if until <= now:
+                return
+            window = min(until, now + EVENT_WINDOW)
+            yield from self.engine.events(since, window, filters)
+            # Slices overlap: an event at a seam comes twice (harmless), never not at all.
+            since = max(since, window - EVENT_WINDOW / 2)
+
+    @staticmethod
+    def fail_on_death(event: Dict[str, Any]) -> None:
+        action = event_action(event)
+        if action in ("die", "oom"):
+            code = ((event.get("Actor") or {}).get("Attributes") or {}).get("exitCode", "?")
+            raise DeployFailed("it exited (exit code %s)" % code if action == "die" else "it ran out of memory")
 
 
 def probe_endpoint(target: str, timeout: float) -> bool:
@@ -1476,33 +1568,158 @@ def probe_endpoint(target: str, timeout: float) -> bool:
         return False
 
 
-def _reason_of(exc: Exception) -> str:
-    return exc.message if isinstance(exc, DockerError) else str(exc)
+############################################################################
+# Running a job, and recovery: outcomes, a lost Engine, resuming after a crash
+############################################################################
+
+class JobRunner:
+    """Runs one job on its target and sorts the outcome into the job's
+    state and description. A Docker Engine that is down is waited for (up
+    to `engine_wait` seconds); a swap that a crash (the journal's row in
+    job.resume) or a lost Engine (job.swap) interrupted is converged first."""
+
+    def __init__(self, engine: DockerClient, target: ContainerTarget, deadline: StopDeadline,
+                 engine_wait: float = ENGINE_WAIT, clock: Callable[[], float] = time.time,
+                 sleep: Callable[[float], None] = time.sleep):
+        self.engine = engine
+        self.target = target
+        self.deadline = deadline
+        self.engine_wait = engine_wait
+        self.clock = clock
+        self.sleep = sleep
+
+    def target_for(self, app: AppConfig) -> ContainerTarget:
+        """The target an app deploys to (one kind today: its container)."""
+        return self.target
+
+    def run(self, job: Job) -> None:
+        """Deploy `job`, setting its state and description; never raises."""
+        jlog = JobLog(log, job)
+        try:
+            job.state, job.description = self.deploy(job, jlog)
+            jlog.info("%s: %s", job.state, job.description)
+        except DeployFailed as exc:
+            self.sort_failure(job, exc, jlog)
+        except DockerError as exc:
+            job.state, job.description = ERROR, str(exc)
+            jlog.error("error: %s", exc)
+        except Exception as exc:  # a bug: the job says so, the worker goes on
+            job.state, job.description = ERROR, "internal error: %r" % exc
+            jlog.exception("internal error")
+
+    def deploy(self, job: Job, jlog: JobLog) -> Tuple[str, str]:
+        """(state, description) of the deploy, resuming what was interrupted."""
+        target = self.target_for(job.app)
+        self.wait_for_engine(jlog)
+        if job.resume is not None:
+            own = job.resume.get("id") in (None, job.id)
+            target.converge(job, job.resume, jlog)
+            job.resume = None
+            if job.final:
+                if own:
+                    return job.state, job.description
+                # That was the swap of a job this one superseded: now deploy this one.
+                job.state, job.description = RUNNING, ""
+        try:
+            return target.deploy(job, jlog)
+        except DockerError as exc:
+            if exc.status is not None or self.engine_answers():
+                raise
+            # The Engine went away mid-job (restarting?): wait for it, put in
+            # order what the swap left, as after a crash of ours, then run once more.
+            jlog.warning("lost the Docker Engine: %s", exc)
+        self.wait_for_engine(jlog)
+        if job.swap is not None:
+            target.converge(job, job.swap, jlog)
+            job.swap = None
+            if job.final:
+                return job.state, job.description
+        return target.deploy(job, jlog)
+
+    @staticmethod
+    def sort_failure(job: Job, exc: DeployFailed, jlog: JobLog) -> None:
+        if cut_off(exc):
+            # Not the new version's fault: the job runs again at the next
+            # start. What it changed is put back, unless the Engine could
+            # not be reached to do so: then the journal keeps it 'running',
+            # and the next start converges it first.
+            unresolved = job.resume is not None or job.swap is not None
+            job.state = RUNNING if unresolved else QUEUED
+            job.description = "cut off by a shutdown (%s); runs again at the next start" % exc
+            jlog.warning("%s", job.description)
+        elif isinstance(exc, RolledBack):
+            job.state, job.description = ROLLED_BACK, str(exc)
+            jlog.warning("rolled back: %s", exc)
+        else:
+            job.state, job.description = FAILED, str(exc)
+            jlog.warning("failed: %s", exc)
+
+    def wait_for_engine(self, jlog: logging.LoggerAdapter) -> None:
+        """Return once the Engine answers; while it is down or restarting,
+        retry with backoff for up to engine_wait seconds, then raise."""
+        deadline = self.clock() + self.engine_wait
+        delay = 1.0
+        while True:
+            try:
+                self.engine.ping()
+                return
+            except DockerError as exc:
+                if exc.status is not None or self.clock() + delay > deadline:
+                    raise
+                jlog.warning("the Docker Engine does not answer (%s); trying again in %gs",
+                             exc, delay)
+            self.deadline.check()
+            self.sleep(delay)
+            delay = min(delay * 2, 15.0)
+
+    def engine_answers(self) -> bool:
+        try:
+            return self.engine.ping()
+        except DockerError:
+            return False
 
 
-def _pull_logger(jlog: logging.LoggerAdapter, check: Callable[[], None]
-                 ) -> Callable[[Dict[str, Any]], None]:
-    """Log the pull's summary lines (digest, outcome), not every progress
-    tick; `check` may raise to stop the pull (a shutdown's deadline)."""
-    def on_progress(message: Dict[str, Any]) -> None:
-        check()
-        status = str(message.get("status") or "")
-        if status.startswith(("Digest:", "Status:")):
-            jlog.info("pull: %s", status)
-    return on_progress
-
-
-def _short(image_or_container_id: Optional[str]) -> str:
-    value = image_or_container_id or "?"
-    return value.split(":", 1)[-1][:12]
+def resume_unfinished(rows: List[Dict[str, Any]], config: Config, queue: JobQueue,
+                      end: Callable[[Job], None], clock: Callable[[], float] = time.time) -> int:
+    """Queue again the jobs the journal holds unfinished (`rows`, oldest
+    first: a crash or a stop left them). A job that was mid-swap carries its
+    row in job.resume, so the worker puts its containers in order first; a
+    job whose app or tag is no longer configured ends in `end` as an error.
+    Returns how many rows there were."""
+    for row in rows:
+        app = config.app_for(row["app"])
+        job = Job(id=row["id"], app=app or AppConfig(row["app"], row["app"], (), row["container"]),
+                  tag=row["tag"], callback_url=row["callback_url"], source=row["source"],
+                  received=row["received"] or 0.0)
+        job.lines = (row["log"] or "").split("\n") if row["log"] else []
+        if app is None or row["tag"] not in app.tags:
+            job.state, job.finished = ERROR, clock()
+            job.description = "%s:%s is no longer configured; not resumed" % (row["app"], row["tag"])
+            end(job)
+            continue
+        if row["state"] == RUNNING:
+            job.resume = row
+        replaced = queue.put(job, force=True)
+        if replaced is not None and replaced.resume is not None and job.resume is None:
+            # A newer push replaces a job a crash cut short mid-swap: the
+            # newer one must put that swap in order before its own.
+            job.resume = replaced.resume
+    if rows:
+        log.info("recovered %d unfinished job(s) from the journal", len(rows))
+    return len(rows)
 
 
 ############################################################################
-# Callbacks
+# Outbound HTTP: callbacks and notifications
 ############################################################################
 
-CALLBACK_STATES = {"succeeded": "success", "up_to_date": "success",
-                   "failed": "failure", "rolled_back": "failure", "error": "error"}
+def _mask_url(url: str) -> str:
+    """Scheme and host only: paths of webhook URLs carry secrets."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        return "%s://%s/..." % (parts.scheme, parts.hostname or "?")
+    except ValueError:
+        return "(unparseable URL)"
 
 
 def callback_allowed(url: str, allow: List[Tuple[str, str, int]]) -> bool:
@@ -1520,7 +1737,7 @@ def callback_allowed(url: str, allow: List[Tuple[str, str, int]]) -> bool:
 def callback_body(job: Job, note: str = "") -> Dict[str, str]:
     """The JSON Docker Hub's callback_url expects."""
     description = job.description + (" " + note if note else "")
-    return {"state": CALLBACK_STATES.get(job.state, "error"),
+    return {"state": STATES[job.state].callback,
             "description": description[:255], "context": "autodeploy"}
 
 
@@ -1534,16 +1751,13 @@ def notification_body(job: Job, event: str, host: str) -> Dict[str, Any]:
             "took": round(took, 3) if took is not None else None}
 
 
-SLACK_WORDS = {"success": "deployed", "failure": "FAILED to deploy", "rollback": "ROLLED BACK"}
-
-
 def slack_body(job: Job, event: str, host: str) -> Dict[str, str]:
     """A Slack-compatible incoming-webhook message (Mattermost and Rocket.Chat
     take the same) about a finished job."""
     def escape(text: str) -> str:  # Slack's markup characters
         return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
     return {"text": "autodeploy on %s: %s %s (job %s): %s" % (
-        escape(host), escape(job.reference), SLACK_WORDS[event], job.id,
+        escape(host), escape(job.reference), STATES[job.state].words, job.id,
         escape(job.description[:1000]))}
 
 
@@ -1683,6 +1897,46 @@ class CallbackSender:
             return "retry"
 
 
+class Reporter:
+    """Tells everyone who waits for a finished job: its callback URL, those
+    of the jobs it superseded (each hears its outcome), and the app's
+    notify_url and slack_url when notify_on names the outcome's event."""
+
+    def __init__(self, callbacks: CallbackSender, hostname: str):
+        self.callbacks = callbacks
+        self.hostname = hostname  # named in notifications
+
+    def tell(self, job: Job) -> None:
+        self.callbacks.send(job, job.callback_url, callback_body(job))
+        self.notify(job)
+
+    def tell_superseded(self, older: Job, job: Job) -> None:
+        """`older` was replaced by `job`: its callback hears `job`'s outcome."""
+        self.callbacks.send(older, older.callback_url,
+                            callback_body(job, "(superseded by job %s)" % job.id))
+
+    def notify(self, job: Job) -> None:
+        event = STATES[job.state].event
+        app = job.app
+        if not event or event not in app.notify_on:
+            return
+        if app.notify_url:
+            self.callbacks.post_later(job, "notification " + event, app.notify_url,
+                                      notification_body(job, event, self.hostname))
+        if app.slack_url:
+            self.callbacks.post_later(job, "Slack notification " + event, app.slack_url,
+                                      slack_body(job, event, self.hostname))
+
+
+############################################################################
+# The journal: every accepted job, on disk (or in memory)
+############################################################################
+
+JOURNAL_COLUMNS = ("id", "app", "container", "tag", "source", "callback_url", "received",
+                   "started", "finished", "state", "description", "old_image", "new_image",
+                   "old_container", "new_container", "was_running", "superseded_by", "log")
+
+
 def job_row(job: Job) -> Dict[str, Any]:
     """An in-memory job as a journal row."""
     return {"id": job.id, "app": job.app.repository, "container": job.app.container,
@@ -1703,28 +1957,6 @@ def public_row(row: Dict[str, Any], with_log: bool = False) -> Dict[str, Any]:
     if with_log:
         out["log"] = (row.get("log") or "").split("\n") if row.get("log") else []
     return out
-
-
-def _mask_url(url: str) -> str:
-    """Scheme and host only: paths of webhook URLs carry secrets."""
-    try:
-        parts = urllib.parse.urlsplit(url)
-        return "%s://%s/..." % (parts.scheme, parts.hostname or "?")
-    except ValueError:
-        return "(unparseable URL)"
-
-
-############################################################################
-# The journal: every accepted job, on disk
-############################################################################
-
-class JournalError(AutodeployError):
-    """The journal cannot be read or written (disk full, read-only, corrupt)."""
-
-
-JOURNAL_COLUMNS = ("id", "app", "container", "tag", "source", "callback_url", "received",
-                   "started", "finished", "state", "description", "old_image", "new_image",
-                   "old_container", "new_container", "was_running", "superseded_by", "log")
 
 
 class Journal:
@@ -1940,7 +2172,7 @@ class Journal:
 
     def unfinished(self) -> List[Dict[str, Any]]:
         """Jobs left queued or running, oldest first."""
-        return list(reversed(self.rows("WHERE state IN ('queued', 'running')", (), 100000)))
+        return list(reversed(self.rows("WHERE state IN (?, ?)", (QUEUED, RUNNING), 100000)))
 
     def recent(self, app: Optional[str] = None, state: Optional[str] = None,
                limit: int = 100) -> List[Dict[str, Any]]:
@@ -1957,6 +2189,87 @@ class Journal:
     def get(self, job_id: str) -> Optional[Dict[str, Any]]:
         found = self.rows("WHERE id = ?", (job_id,), 1)
         return found[0] if found else None
+
+
+class MemoryJournal:
+    """The journal's interface, in memory (journal = no): the newest
+    KEPT_JOBS jobs for /jobs, nothing to resume after a restart."""
+    error: Optional[str] = None
+
+    def __init__(self, limit: int = KEPT_JOBS):
+        self.limit = limit
+        self._rows: "collections.OrderedDict[str, Dict[str, Any]]" = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def open(self) -> "MemoryJournal":
+        return self
+
+    def start_housekeeping(self) -> None:
+        pass
+
+    def alive(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        pass
+
+    def add(self, job: Job) -> None:
+        with self._lock:
+            self._rows[job.id] = job_row(job)
+            while len(self._rows) > self.limit:
+                self._rows.popitem(last=False)
+
+    def save(self, job: Job, **extra: Any) -> None:
+        with self._lock:
+            row = self._rows.get(job.id)
+            if row is not None:
+                row.update(job_row(job), **extra)
+
+    def mark_superseded(self, rows: List[Tuple[float, str, str]]) -> None:
+        with self._lock:
+            for finished, description, job_id in rows:
+                if job_id in self._rows:
+                    self._rows[job_id].update(state=SUPERSEDED, finished=finished,
+                                              description=description)
+
+    def forget(self, job: Job) -> None:
+        with self._lock:
+            self._rows.pop(job.id, None)
+
+    def unfinished(self) -> List[Dict[str, Any]]:
+        return []  # nothing survives a restart
+
+    def recent(self, app: Optional[str] = None, state: Optional[str] = None,
+               limit: int = 100) -> List[Dict[str, Any]]:
+        with self._lock:
+            rows = [dict(row) for row in reversed(self._rows.values())
+                    if (not app or row["app"] == app) and (not state or row["state"] == state)]
+        return rows[:limit]
+
+    def get(self, job_id: str) -> Optional[Dict[str, Any]]:
+        with self._lock:
+            row = self._rows.get(job_id)
+            return dict(row) if row else None
+
+
+class Recorder:
+    """Writes jobs to the journal for whoever must not fail because the
+    journal cannot be written (a deploy goes on: the journal logged the
+    error and /healthz reports it)."""
+
+    def __init__(self, journal: Union[Journal, MemoryJournal]):
+        self.journal = journal
+
+    def save(self, job: Job, **extra: Any) -> None:
+        """journal.save(job, **extra), never raising."""
+        self.call(self.journal.save, job, **extra)
+
+    @staticmethod
+    def call(write: Callable[..., None], *args: Any, **kwargs: Any) -> None:
+        try:
+            write(*args, **kwargs)
+        except JournalError:
+            pass
 
 
 ############################################################################
@@ -1985,9 +2298,9 @@ class Metrics:
         app = job.app.repository
         with self._lock:
             self.deploys[app, job.state] += 1
-            if job.state == "succeeded" and job.finished:
+            if job.state == SUCCEEDED and job.finished:
                 self.last_success[app] = job.finished
-            if job.started and job.finished and job.state != "superseded":
+            if job.started and job.finished and STATES[job.state].timed:
                 took = job.finished - job.started
                 counts = self.durations.setdefault(app, [0] * (len(DURATION_BUCKETS) + 1))
                 for n, bound in enumerate(DURATION_BUCKETS):
@@ -2014,7 +2327,7 @@ class Metrics:
                            % (_label(app), state, count))
             family("autodeploy_rollbacks_total", "counter", "Deploys rolled back to the old container.")
             for (app, state), count in sorted(self.deploys.items()):
-                if state == "rolled_back":
+                if state == ROLLED_BACK:
                     out.append('autodeploy_rollbacks_total{app="%s"} %d' % (_label(app), count))
             family("autodeploy_deploy_duration_seconds", "histogram",
                    "Time from a job's start to its end.")
@@ -2042,38 +2355,56 @@ def _label(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
+
 ############################################################################
-# The service: queue, workers, callbacks
+# The service: accepted jobs, the workers that run them, who hears outcomes
 ############################################################################
 
 # Seconds a deploy cut off by a shutdown gets to put the old container back
 # (stop the new one, start the old one) before the process exits anyway.
 ROLLBACK_GRACE = 30.0
+SUPERSEDED_BATCH = 256  # jobs superseded in the queue, written to the journal in one commit
+
+
+class Waiter:
+    """What a `deploy` command waits on: the outcome of its job, or of the
+    newer job that superseded it."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.outcome: Dict[str, Any] = {}
+
+    def settle(self, job: Job) -> None:
+        self.outcome = {"job": job.id, "state": job.state, "description": job.description}
+        self.event.set()
 
 
 class Service:
-    """Accepted jobs, the workers that run them, and the callbacks."""
+    """Takes pushes as jobs (journaled before they are answered), runs them
+    on worker threads, one at a time per container, and reports each
+    outcome to the journal, the metrics and the Reporter."""
 
-    def __init__(self, config: Config, deployer: Deployer, callbacks: CallbackSender,
-                 clock: Callable[[], float] = time.time, journal: Optional[Journal] = None):
+    def __init__(self, config: Config, runner: JobRunner, callbacks: CallbackSender,
+                 journal: Union["Journal", MemoryJournal], clock: Callable[[], float] = time.time,
+                 hostname: Optional[str] = None):
         self.config = config
-        self.deployer = deployer
+        self.runner = runner
         self.callbacks = callbacks
-        self.clock = clock
+        self.reporter = Reporter(callbacks, hostname or socket.gethostname())
         self.journal = journal
-        self.hostname = socket.gethostname()  # named in notifications
+        self.record = Recorder(journal)
+        self.clock = clock
         self.metrics = Metrics()
-        self.deployer.on_step = self.save
-        self.queue = JobQueue(config.max_queue)
-        self.queue.on_superseded = self._superseded_in_queue
+        self.queue = JobQueue(config.max_queue, on_superseded=self._superseded_in_queue)
         self._superseded_lock = threading.Lock()
         self._unsaved_superseded: List[Tuple[float, str, str]] = []
-        self.jobs: "collections.OrderedDict[str, Job]" = collections.OrderedDict()
-        self._jobs_lock = threading.Lock()
         self._workers: List[threading.Thread] = []
 
-    def submit(self, push: Push) -> Job:
-        """Queue a deploy for a push; PayloadError(422) when not configured."""
+    # -- taking jobs --------------------------------------------------------
+
+    def submit(self, push: Push, waiter: Optional[Waiter] = None) -> Job:
+        """Queue a deploy for a push; PayloadError(422) when not configured,
+        503 when the journal cannot record it or the queue is full."""
         app = self.config.app_for(push.repository)
         if app is None:
             raise PayloadError(422, "repository %s is not configured for deploys" % push.repository)
@@ -2081,27 +2412,27 @@ class Service:
             raise PayloadError(422, "tag %s of %s is not configured for deploys (follows: %s)"
                                % (push.tag, push.repository, ", ".join(app.tags)))
         job = Job(id=new_job_id(), app=app, tag=push.tag, callback_url=push.callback_url,
-                  source=push.source, received=self.clock())
-        if self.journal is not None:
-            try:
-                self.journal.add(job)  # on disk before the 202
-            except JournalError as exc:
-                raise PayloadError(503, "cannot record the job (%s); retry later" % exc) from exc
+                  source=push.sender, received=self.clock())
+        job.waiter = waiter
+        try:
+            self.journal.add(job)  # on disk before the 202
+        except JournalError as exc:
+            raise PayloadError(503, "cannot record the job (%s); retry later" % exc) from exc
         try:
             replaced = self.queue.put(job)
         except QueueFull as exc:
-            self._forget(job)
+            self.record.call(self.journal.forget, job)
             raise PayloadError(503, "too many deploys waiting (%s); retry later" % exc) from exc
-        self._remember(job)
         log.info("job=%s repo=%s queued %s%s", job.id, app.repository, job.reference,
                  " (replaces waiting job %s)" % replaced.id if replaced else "")
         return job
 
-    def _remember(self, job: Job) -> None:
-        with self._jobs_lock:
-            self.jobs[job.id] = job
-            while len(self.jobs) > KEPT_JOBS:
-                self.jobs.popitem(last=False)
+    def recover(self) -> int:
+        """Queue again what the journal holds unfinished (see resume_unfinished)."""
+        return resume_unfinished(self.journal.unfinished(), self.config, self.queue,
+                                 self.finish, self.clock)
+
+    # -- running them -------------------------------------------------------
 
     def start(self) -> None:
         """Resume what the journal holds unfinished, then start the callback
@@ -2110,8 +2441,7 @@ class Service:
             self.recover()
         except JournalError as exc:
             log.error("cannot resume unfinished jobs: %s", exc)
-        if self.journal is not None:
-            self.journal.start_housekeeping()
+        self.journal.start_housekeeping()
         self.callbacks.start()
         for n in range(self.config.workers):
             thread = threading.Thread(target=self._work, name="autodeploy-worker-%d" % (n + 1),
@@ -2119,40 +2449,108 @@ class Service:
             thread.start()
             self._workers.append(thread)
 
+    def _work(self) -> None:
+        while True:
+            job = self.queue.get()
+            if job is None:
+                return
+            try:
+                self.run_job(job)
+            except Exception:  # a bug in reporting: logged, and the worker goes on
+                log.exception("job=%s repo=%s internal error while reporting",
+                              job.id, job.app.repository)
+            finally:
+                self.queue.task_done(job)
+
+    def run_job(self, job: Job) -> None:
+        """Run one job to a final state and report it."""
+        job.state, job.started = RUNNING, self.clock()
+        self.flush_superseded()
+        self.save(job)
+        self.runner.run(job)
+        if not job.final:  # cut off by a shutdown: for the next start
+            self.save(job)
+            return
+        job.finished = self.clock()
+        self.finish(job)
+
+    def finish(self, job: Job) -> None:
+        """Record a final outcome and tell whoever waits for it, and for the
+        jobs it replaced."""
+        self.save(job)
+        self.metrics.count_deploy(job)
+        self.reporter.tell(job)
+        if job.waiter is not None:
+            job.waiter.settle(job)
+        for older in job.superseded:
+            older.state, older.finished = SUPERSEDED, job.finished
+            older.description = "superseded by job %s" % job.id
+            self.save(older, superseded_by=job.id)
+            self.metrics.count_deploy(older)
+            self.reporter.tell_superseded(older, job)
+            if older.waiter is not None:
+                older.waiter.settle(job)
+        job.superseded = []
+
+    def _superseded_in_queue(self, job: Job) -> None:
+        """A waiting job replaced by a newer push, nobody awaiting it. Its
+        journal row is updated in batches (one commit per webhook is what
+        the journal costs; two would halve a flood's throughput): a crash
+        before the batch is written leaves it 'queued', and recovery
+        queues it again, where the same newer push replaces it again."""
+        job.finished = self.clock()
+        self.metrics.count_deploy(job)
+        if job.waiter is not None:
+            job.waiter.settle(job)
+        with self._superseded_lock:
+            self._unsaved_superseded.append((job.finished, job.description, job.id))
+            full = len(self._unsaved_superseded) >= SUPERSEDED_BATCH
+        if full:
+            self.flush_superseded()
+
+    def flush_superseded(self) -> None:
+        """Write the superseded jobs not yet written (when a job starts, and on stop)."""
+        with self._superseded_lock:
+            batch, self._unsaved_superseded = self._unsaved_superseded, []
+        if batch:
+            self.record.call(self.journal.mark_superseded, batch)
+
+    def save(self, job: Job, **extra: Any) -> None:
+        """Write the job to the journal; never raises (see Recorder)."""
+        self.record.save(job, **extra)
+
+    # -- what it reports ----------------------------------------------------
+
     def health(self) -> Tuple[bool, str]:
         """(healthy, reason) for GET /healthz: the threads run, the Engine
         answers, the journal can be written."""
         if not self.alive():
             return False, "a worker or callback thread has stopped"
-        if self.journal is not None and self.journal.error:
+        if self.journal.error:
             return False, "journal: %s" % self.journal.error
         try:
-            self.deployer.engine.ping()
+            self.runner.engine.ping()
         except DockerError as exc:
             return False, "docker engine: %s" % exc
         return True, "ok"
 
     def job_list(self, app: Optional[str] = None, state: Optional[str] = None,
                  limit: int = 100) -> List[Dict[str, Any]]:
-        """Recent jobs, newest first: from the journal, else from memory."""
+        """Recent jobs, newest first."""
         self.flush_superseded()
-        if self.journal is not None:
-            return [public_row(row) for row in self.journal.recent(app, state, limit)]
-        with self._jobs_lock:
-            jobs = list(self.jobs.values())
-        rows = [job_row(job) for job in reversed(jobs)
-                if (not app or job.app.repository == app) and (not state or job.state == state)]
-        return [public_row(row) for row in rows[:limit]]
+        return [public_row(row) for row in self.journal.recent(app, state, limit)]
 
     def job_detail(self, job_id: str) -> Optional[Dict[str, Any]]:
         self.flush_superseded()
-        if self.journal is not None:
-            row = self.journal.get(job_id)
-        else:
-            with self._jobs_lock:
-                job = self.jobs.get(job_id)
-            row = job_row(job) if job else None
+        row = self.journal.get(job_id)
         return public_row(row, with_log=True) if row else None
+
+    def alive(self) -> bool:
+        """Every worker and callback thread still runs (for the watchdog)."""
+        return (all(t.is_alive() for t in self._workers) and self.callbacks.alive()
+                and self.journal.alive())
+
+    # -- reload and stop ----------------------------------------------------
 
     def reload(self, config: Config) -> None:
         """Use a new configuration (SIGHUP): apps, tokens and limits change at
@@ -2166,12 +2564,7 @@ class Service:
         self.config = config
         self.queue.limit = config.max_queue
         self.callbacks.allow = config.callback_allow
-        self.deployer.engine_wait = config.engine_wait
-
-    def alive(self) -> bool:
-        """Every worker and callback thread still runs (for the watchdog)."""
-        return (all(t.is_alive() for t in self._workers) and self.callbacks.alive()
-                and (self.journal is None or self.journal.alive()))
+        self.runner.engine_wait = config.engine_wait
 
     def stop(self, deadline: Optional[float] = None) -> None:
         """Stop taking jobs from the queue (they stay in the journal). Running
@@ -2180,153 +2573,17 @@ class Service:
         the next start. Then the threads stop."""
         deadline = self.config.stop_deadline if deadline is None else deadline
         self.queue.close()
-        self.deployer.cut_off = self.deployer.clock() + deadline
+        self.runner.deadline.start(deadline)
         give_up = time.monotonic() + deadline + ROLLBACK_GRACE
         for thread in self._workers:
             thread.join(max(0.0, give_up - time.monotonic()))
         self.flush_superseded()
         self.callbacks.stop()
-        if self.journal is not None:
-            self.journal.close()
-
-    def _work(self) -> None:
-        while True:
-            job = self.queue.get()
-            if job is None:
-                return
-            try:
-                self.run_job(job)
-            finally:
-                self.queue.task_done(job)
-
-    def run_job(self, job: Job) -> None:
-        """Run one job to a final state and report it."""
-        job.state, job.started = "running", self.clock()
-        self.flush_superseded()
-        self.save(job)
-        self.deployer.run(job)
-        if job.state not in FINAL_STATES:  # cut off by a shutdown: for the next start
-            self.save(job)
-            return
-        job.finished = self.clock()
-        self.report(job)
-
-    def report(self, job: Job) -> None:
-        """Record the outcome and send it to the job's callback and to those
-        of the jobs it replaced."""
-        self.save(job)
-        self.metrics.count_deploy(job)
-        self.callbacks.send(job, job.callback_url, callback_body(job))
-        self.notify(job)
-        for older in job.superseded:
-            older.state, older.finished = "superseded", job.finished
-            older.description = "superseded by job %s" % job.id
-            self.save(older, superseded_by=job.id)
-            self.metrics.count_deploy(older)
-            self.callbacks.send(older, older.callback_url,
-                                callback_body(job, "(superseded by job %s)" % job.id))
-        job.superseded = []
-
-    def notify(self, job: Job) -> None:
-        """Tell the app's notify_url and slack_url about the outcome, when
-        notify_on names its event (success, failure, rollback)."""
-        event = NOTIFY_EVENTS.get(job.state)
-        app = job.app
-        if event is None or event not in app.notify_on:
-            return
-        if app.notify_url:
-            self.callbacks.post_later(job, "notification " + event, app.notify_url,
-                                      notification_body(job, event, self.hostname))
-        if app.slack_url:
-            self.callbacks.post_later(job, "Slack notification " + event, app.slack_url,
-                                      slack_body(job, event, self.hostname))
-
-    def _superseded_in_queue(self, job: Job) -> None:
-        """A waiting job replaced by a newer push, with no callback to wait for.
-        Its journal row is updated in batches (one commit per webhook is what
-        the journal costs; two would halve a flood's throughput): a crash
-        before the batch is written leaves it 'queued', and recovery
-        queues it again, where the same newer push replaces it again."""
-        job.finished = self.clock()
-        self.metrics.count_deploy(job)
-        with self._superseded_lock:
-            self._unsaved_superseded.append((job.finished, job.description, job.id))
-            batch = self._unsaved_superseded if len(self._unsaved_superseded) >= 256 else None
-            if batch:
-                self._unsaved_superseded = []
-        if batch:
-            self._save_superseded(batch)
-
-    def flush_superseded(self) -> None:
-        """Write the superseded jobs not yet written (when a job starts, and on stop)."""
-        with self._superseded_lock:
-            batch, self._unsaved_superseded = self._unsaved_superseded, []
-        if batch:
-            self._save_superseded(batch)
-
-    def _save_superseded(self, batch: List[Tuple[float, str, str]]) -> None:
-        if self.journal is not None:
-            try:
-                self.journal.mark_superseded(batch)
-            except JournalError:
-                pass
-
-    def save(self, job: Job, **extra: Any) -> None:
-        """Write the job to the journal; a failure is logged (by the journal),
-        never raised: the deploy goes on, and /healthz reports the journal."""
-        if self.journal is not None:
-            try:
-                self.journal.save(job, **extra)
-            except JournalError:
-                pass
-
-    def _forget(self, job: Job) -> None:
-        if self.journal is not None:
-            try:
-                self.journal.forget(job)
-            except JournalError:
-                pass
-
-    def recover(self) -> int:
-        """Queue again the jobs the journal holds unfinished (a crash or a
-        stop left them); a job that was mid-swap first has its containers
-        put in order. Returns how many jobs were resumed."""
-        if self.journal is None:
-            return 0
-        rows = self.journal.unfinished()
-        for row in rows:
-            job = self._job_from_row(row)
-            if job is None:
-                continue
-            if row["state"] == "running":
-                job.resume = row  # the worker puts its containers in order first
-            job.state = "queued"
-            self._remember(job)
-            replaced = self.queue.put(job, force=True)
-            if replaced is not None and replaced.resume is not None and job.resume is None:
-                # A newer push replaces a job a crash cut short mid-swap: the
-                # newer one must put that swap in order before its own.
-                job.resume = replaced.resume
-        if rows:
-            log.info("recovered %d unfinished job(s) from the journal", len(rows))
-        return len(rows)
-
-    def _job_from_row(self, row: Dict[str, Any]) -> Optional[Job]:
-        app = self.config.app_for(row["app"])
-        job = Job(id=row["id"], app=app or AppConfig(row["app"], row["app"], (), row["container"]),
-                  tag=row["tag"], callback_url=row["callback_url"], source=row["source"],
-                  received=row["received"] or 0.0)
-        job.lines = (row["log"] or "").split("\n") if row["log"] else []
-        if app is None or row["tag"] not in app.tags:
-            job.state, job.finished = "error", self.clock()
-            job.description = "%s:%s is no longer configured; not resumed" % (row["app"], row["tag"])
-            self.report(job)
-            return None
-        return job
+        self.journal.close()
 
 
 ############################################################################
-# HTTP
+# Who may deploy: tokens, signatures, source addresses
 ############################################################################
 
 ANY_APP = frozenset(["*"])  # token_scope(): a global token may deploy every app
@@ -2338,8 +2595,7 @@ def token_scope(config: Config, given: str) -> Optional[FrozenSet[str]]:
     match. Compares against every token, in constant time each."""
     globally = token_matches(given, config.tokens)
     apps = {app.repository for app in config.apps.values() if token_matches(given, app.tokens)}
-    if globally or (config.insecure_no_token and not config.tokens
-                    and not any(app.tokens for app in config.apps.values())):
+    if globally or (config.insecure_no_token and not config.has_tokens()):
         return ANY_APP
     return frozenset(apps) if apps else None
 
@@ -2429,6 +2685,10 @@ def in_networks(address: str, networks: Sequence[Network]) -> bool:
     return any(ip.version == net.version and ip in net for net in networks)
 
 
+############################################################################
+# HTTP: the listener, the request parser, the handler and its routes
+############################################################################
+
 class WebhookServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
     """The webhook listener: one thread per connection, state in `service`.
 
@@ -2441,6 +2701,7 @@ class WebhookServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
     def __init__(self, address: Tuple[str, int], service: Service,
                  tls: Optional[Any] = None):
         self.service = service
+        self.admin = AdminPages(service)
         self.tls = tls  # an ssl.SSLContext, or None for plain HTTP
         self._active = 0
         self._active_lock = threading.Lock()
@@ -2555,9 +2816,118 @@ class RequestHeaders:
     def __contains__(self, name: str) -> bool:
         return self.get(name) is not None
 
+class PlainHead(NamedTuple):
+    """A request head read by RequestParser: the request line's parts, then
+    the headers, or the error to answer, or (when a header line is not
+    plain) the header block read so far, for http.server to parse."""
+    command: str
+    path: str
+    version: str
+    requestline: str
+    headers: Optional[RequestHeaders] = None
+    error: Optional[Tuple[int, str, Optional[str]]] = None
+    header_block: bytes = b""
+
+
+class RequestParser:
+    """Reads the head of a request whose request line is plain (see
+    PLAIN_REQUEST_LINE) from a connection's buffered reader."""
+
+    @staticmethod
+    def parse(raw_requestline: bytes, rfile: Any) -> Optional[PlainHead]:
+        """The head, or None when the request line is not plain (nothing
+        more is read then: http.server parses it all)."""
+        line = PLAIN_REQUEST_LINE.fullmatch(raw_requestline)
+        if line is None or line.group(2).startswith(b"//"):
+            return None
+        command, path, version = (part.decode("latin-1") for part in line.groups())
+        head = PlainHead(command, path, version, raw_requestline.decode("latin-1").rstrip("\r\n"))
+        lines = []
+        while True:
+            raw = rfile.readline(MAX_HEADER_LINE + 1)
+            if len(raw) > MAX_HEADER_LINE:
+                return head._replace(error=(431, "Line too long", "header line"))
+            lines.append(raw)
+            if len(lines) > MAX_HEADERS:
+                return head._replace(error=(431, "Too many headers", None))
+            if raw in (b"\r\n", b"\n", b""):
+                break
+        items = []
+        for raw in lines[:-1]:
+            header = PLAIN_HEADER.fullmatch(raw)
+            if header is None:
+                return head._replace(header_block=b"".join(lines))
+            items.append((header.group(1).decode("ascii").lower(), header.group(2).decode("ascii")))
+        return head._replace(headers=RequestHeaders(items))
+
+
+Answer = Tuple[int, Dict[str, Any], Optional[Dict[str, str]]]
+
+
+class AdminPages:
+    """What /healthz, /metrics, /jobs and /jobs/<id> answer, and who may see them."""
+
+    def __init__(self, service: Service):
+        self.service = service
+
+    def denial(self, authorization: str) -> Optional[Answer]:
+        """None when `authorization` carries an admin token ('Bearer <token>'),
+        else the answer: 404 with no admin token configured, 401 otherwise."""
+        tokens = self.service.config.admin_tokens
+        if not tokens:
+            return 404, {"error": "not found (set admin_token to use this)"}, None
+        given = authorization[7:].strip() if authorization[:7].lower() == "bearer " else ""
+        if token_matches(given, tokens):
+            return None
+        return (401, {"error": "an admin token is needed: Authorization: Bearer <token>"},
+                {"WWW-Authenticate": 'Bearer realm="autodeploy"'})
+
+    def healthz(self) -> Answer:
+        healthy, reason = self.service.health()
+        return 200 if healthy else 503, {"status": "ok" if healthy else "unhealthy",
+                                         "reason": reason}, None
+
+    def metrics_text(self) -> bytes:
+        return self.service.metrics.render(self.service.queue.depth()).encode("utf-8")
+
+    def jobs(self, query: str) -> Answer:
+        first = {key: values[0] for key, values in urllib.parse.parse_qs(query).items() if values}
+        try:
+            limit = max(1, min(1000, int(first.get("limit", "100"))))
+        except ValueError:
+            return 400, {"error": "limit must be a number"}, None
+        return 200, {"jobs": self.service.job_list(first.get("app"), first.get("state"), limit)}, None
+
+    def job(self, job_id: str) -> Answer:
+        job = self.service.job_detail(job_id)
+        return (200, job, None) if job is not None else (404, {"error": "no such job"}, None)
+
+
+def page_of(target: str) -> Optional[str]:
+    """Which page a request target names: 'deploy', 'healthz', 'metrics',
+    'jobs', 'job', or None."""
+    path = target.split("?", 1)[0]
+    if path.startswith("/deploy/") or target == "/deploy":
+        return "deploy"
+    if path.startswith("/jobs/"):
+        return "job"
+    return {"/healthz": "healthz", "/metrics": "metrics", "/jobs": "jobs"}.get(path)
+
+
+# (method, page) -> the WebhookHandler method that answers it. A page asked
+# for with another method gets 405 for the deploy path, 404 for the rest.
+ROUTES = {
+    ("POST", "deploy"): "deploy",
+    ("GET", "healthz"): "healthz",
+    ("GET", "metrics"): "metrics",
+    ("GET", "jobs"): "admin_page",
+    ("GET", "job"): "admin_page",
+}
+
 
 class WebhookHandler(http.server.BaseHTTPRequestHandler):
-    """POST /deploy/<token> with a push payload; everything else is 404/405."""
+    """POST /deploy/<token> with a push payload, GET for the admin pages;
+    everything else is 404/405."""
     server: WebhookServer
     protocol_version = "HTTP/1.1"
     # Not "HTTP/0.9": a request line the parser cannot read gets a status line with its 400.
@@ -2569,6 +2939,8 @@ class WebhookHandler(http.server.BaseHTTPRequestHandler):
     # Buffer the answer so headers and body leave in one send (handle_one_request flushes).
     wbufsize = 64 * 1024
     _body_read = False
+
+    # -- the connection and the request head -------------------------------
 
     def setup(self) -> None:
         config = self.server.service.config
@@ -2607,42 +2979,27 @@ class WebhookHandler(http.server.BaseHTTPRequestHandler):
                 self.answer(403, {"error": "forbidden"}, close=True)
                 return False
         if not hasattr(self, "do_" + self.command):  # http.server would answer 501
-            self._not_allowed()
+            self.route()
             self.wfile.flush()
             return False
         return True
 
     def _parse_plain_request(self) -> Optional[bool]:
-        """Parse a request whose request line and headers are all plain (see
-        PLAIN_REQUEST_LINE) as http.server would. None when the request line
-        is not plain (http.server then parses it all); a header that is not
-        plain hands the header block read so far to http.server."""
-        line = PLAIN_REQUEST_LINE.fullmatch(self.raw_requestline)
-        if line is None or line.group(2).startswith(b"//"):
+        """Parse a plain request with RequestParser, with the outcome
+        http.server's parse_request() would have. None when the request
+        line is not plain (http.server then parses it all)."""
+        head = RequestParser.parse(self.raw_requestline, self.rfile)
+        if head is None:
             return None
-        self.command, self.path, self.request_version = (
-            part.decode("latin-1") for part in line.groups())
-        self.requestline = self.raw_requestline.decode("latin-1").rstrip("\r\n")
-        self.close_connection = self.request_version == "HTTP/1.0"
-        lines = []
-        while True:
-            raw = self.rfile.readline(MAX_HEADER_LINE + 1)
-            if len(raw) > MAX_HEADER_LINE:
-                self.send_error(431, "Line too long", "header line")
-                return False
-            lines.append(raw)
-            if len(lines) > MAX_HEADERS:
-                self.send_error(431, "Too many headers")
-                return False
-            if raw in (b"\r\n", b"\n", b""):
-                break
-        items = []
-        for raw in lines[:-1]:
-            header = PLAIN_HEADER.fullmatch(raw)
-            if header is None:
-                return self._parse_request_from(b"".join(lines))
-            items.append((header.group(1).decode("ascii").lower(), header.group(2).decode("ascii")))
-        self.headers = RequestHeaders(items)  # type: ignore[assignment]
+        self.command, self.path, self.request_version = head.command, head.path, head.version
+        self.requestline = head.requestline
+        self.close_connection = head.version == "HTTP/1.0"
+        if head.error is not None:
+            self.send_error(*head.error)
+            return False
+        if head.headers is None:
+            return self._parse_request_from(head.header_block)
+        self.headers = head.headers  # type: ignore[assignment]
         connection = self.headers.get("Connection", "").lower()
         if connection == "close":
             self.close_connection = True
@@ -2668,10 +3025,27 @@ class WebhookHandler(http.server.BaseHTTPRequestHandler):
         self.wfile.flush()
         return True
 
-    def do_POST(self) -> None:
-        if not self._deploy_path():
-            return self.answer(404, {"error": "not found"})
-        scope = token_scope(self.server.service.config, self._given_token())
+    # -- routes -------------------------------------------------------------
+
+    def route(self) -> None:
+        """Answer the request with the ROUTES entry for its method and page."""
+        page = page_of(self.path)
+        method = "GET" if self.command == "HEAD" else self.command
+        name = ROUTES.get((method, page))
+        if name is not None:
+            getattr(self, name)()
+        elif page == "deploy":
+            self.answer(405, {"error": "use POST"}, {"Allow": "POST"})
+        else:
+            self.answer(404, {"error": "not found"})
+
+    do_GET = do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = route
+
+    def deploy(self) -> None:
+        """POST /deploy/<token>: check, journal and queue the push; 202."""
+        service = self.server.service
+        token = self.path.split("?", 1)[0][len("/deploy/"):].rstrip("/")
+        scope = token_scope(service.config, token)
         if scope is None:
             return self.answer(404, {"error": "not found"})
         body = self._read_body()
@@ -2679,84 +3053,38 @@ class WebhookHandler(http.server.BaseHTTPRequestHandler):
             return
         try:
             push = parse_push(body)
-            check_sender(self.server.service.config, push, scope, body,
-                         self.headers.get("X-Hub-Signature-256"))
-            job = self.server.service.submit(push)
+            check_sender(service.config, push, scope, body, self.headers.get("X-Hub-Signature-256"))
+            job = service.submit(push)
         except PayloadError as exc:
             log.info("webhook refused (%d): %s", exc.status, exc.message)
             headers = {"Retry-After": "30"} if exc.status == 503 else None
             return self.answer(exc.status, {"error": exc.message}, headers)
-        self.answer(202, {"job": job.id, "state": "queued", "app": job.app.repository,
+        self.answer(202, {"job": job.id, "state": QUEUED, "app": job.app.repository,
                           "tag": job.tag})
 
-    def do_GET(self) -> None:
+    def healthz(self) -> None:
+        self.answer(*self.server.admin.healthz())
+
+    def metrics(self) -> None:
+        if self.server.service.config.metrics_public:
+            return self.answer_bytes(200, self.server.admin.metrics_text(), METRICS_TYPE)
+        self.admin_page()
+
+    def admin_page(self) -> None:
+        """/metrics, /jobs and /jobs/<id>, for an admin token only."""
+        admin = self.server.admin
+        denial = admin.denial(self.headers.get("Authorization", ""))
+        if denial is not None:
+            return self.answer(*denial)
         path, _, query = self.path.partition("?")
-        service = self.server.service
-        if path == "/healthz":
-            healthy, reason = service.health()
-            return self.answer(200 if healthy else 503, {"status": "ok" if healthy else "unhealthy",
-                                                         "reason": reason})
-        if path == "/metrics" and service.config.metrics_public or \
-                (path == "/metrics" or path == "/jobs" or path.startswith("/jobs/")) and self._admin_ok():
-            try:
-                return self._status_page(path, urllib.parse.parse_qs(query))
-            except JournalError as exc:
-                return self.answer(503, {"error": str(exc)})
-        if path in ("/metrics", "/jobs") or path.startswith("/jobs/"):
-            return  # _admin_ok() answered
-        self._not_allowed()
+        try:
+            if path == "/metrics":
+                return self.answer_bytes(200, admin.metrics_text(), METRICS_TYPE)
+            self.answer(*(admin.jobs(query) if path == "/jobs" else admin.job(path[len("/jobs/"):])))
+        except JournalError as exc:
+            self.answer(503, {"error": str(exc)})
 
-    do_HEAD = do_GET
-
-    def do_PUT(self) -> None:
-        self._not_allowed()
-
-    do_DELETE = do_PATCH = do_OPTIONS = do_PUT
-
-    def _admin_ok(self) -> bool:
-        """An admin token as 'Authorization: Bearer <token>'; answers 404 (no
-        admin token configured) or 401 itself when there is none."""
-        tokens = self.server.service.config.admin_tokens
-        if not tokens:
-            self.answer(404, {"error": "not found (set admin_token to use this)"})
-            return False
-        given = self.headers.get("Authorization", "")
-        given = given[7:].strip() if given[:7].lower() == "bearer " else ""
-        ok = token_matches(given, tokens)
-        if not ok:
-            self.answer(401, {"error": "an admin token is needed: Authorization: Bearer <token>"},
-                        {"WWW-Authenticate": 'Bearer realm="autodeploy"'})
-        return ok
-
-    def _status_page(self, path: str, query: Dict[str, List[str]]) -> None:
-        service = self.server.service
-        if path == "/metrics":
-            text = service.metrics.render(service.queue.depth()).encode("utf-8")
-            return self.answer_bytes(200, text, "text/plain; version=0.0.4; charset=utf-8")
-        if path == "/jobs":
-            first = {key: values[0] for key, values in query.items() if values}
-            try:
-                limit = max(1, min(1000, int(first.get("limit", "100"))))
-            except ValueError:
-                return self.answer(400, {"error": "limit must be a number"})
-            return self.answer(200, {"jobs": service.job_list(first.get("app"), first.get("state"),
-                                                              limit)})
-        job = service.job_detail(path[len("/jobs/"):])
-        if job is None:
-            return self.answer(404, {"error": "no such job"})
-        self.answer(200, job)
-
-    def _not_allowed(self) -> None:
-        if self._deploy_path():
-            self.answer(405, {"error": "use POST"}, {"Allow": "POST"})
-        else:
-            self.answer(404, {"error": "not found"})
-
-    def _deploy_path(self) -> bool:
-        return self.path.split("?", 1)[0].startswith("/deploy/") or self.path == "/deploy"
-
-    def _given_token(self) -> str:
-        return self.path.split("?", 1)[0][len("/deploy/"):].rstrip("/")
+    # -- the body and the answer --------------------------------------------
 
     def _read_body(self) -> Optional[bytes]:
         """The request body, or None after answering 411/413/400."""
@@ -2771,11 +3099,11 @@ class WebhookHandler(http.server.BaseHTTPRequestHandler):
         if not re.fullmatch(r"[0-9]+", value):
             self.answer(400, {"error": "bad Content-Length"}, close=True)
             return None
+        max_body = self.server.service.config.max_body
         digits = value.lstrip("0") or "0"  # int() refuses over 4300 digits: over max_body anyway
-        length = int(digits) if len(digits) <= 18 else self.server.service.config.max_body + 1
-        if length > self.server.service.config.max_body:
-            self.answer(413, {"error": "body over %d bytes" % self.server.service.config.max_body},
-                        close=True)
+        length = int(digits) if len(digits) <= 18 else max_body + 1
+        if length > max_body:
+            self.answer(413, {"error": "body over %d bytes" % max_body}, close=True)
             return None
         body = self.rfile.read(length)
         if len(body) != length:
@@ -2830,13 +3158,16 @@ class WebhookHandler(http.server.BaseHTTPRequestHandler):
         log.info("%s %s", self.client_address[0], _mask_path(format % args))
 
 
+METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
 def _mask_path(text: str) -> str:
     """Hide the token in '/deploy/<token>'."""
     return re.sub(r"/deploy/[^\s?\"']+", "/deploy/***", str(text))
 
 
 ############################################################################
-# Lifecycle and CLI
+# Lifecycle: wiring, the instance lock, the control socket, serve
 ############################################################################
 
 def make_engine(config: Config) -> DockerClient:
@@ -2844,16 +3175,98 @@ def make_engine(config: Config) -> DockerClient:
 
 
 def build_service(config: Config, engine: DockerClient,
-                  urlopen: Optional[Callable[..., Any]] = None) -> Service:
-    """Wire the deployer, callbacks and queue for `config`."""
-    deployer = Deployer(engine, config.docker_config)
-    deployer.engine_wait = config.engine_wait
-    journal = None
+                  urlopen: Optional[Callable[..., Any]] = None,
+                  clock: Callable[[], float] = time.time,
+                  sleep: Callable[[float], None] = time.sleep) -> Service:
+    """Wire the service for `config`: journal, health gate, target, runner, callbacks."""
+    deadline = StopDeadline(clock)
+    gate = HealthGate(engine, clock, sleep, check_cut_off=deadline.check)
+    journal: Union[Journal, MemoryJournal] = MemoryJournal()
     if config.journal:
-        journal = Journal(os.path.join(config.state_dir, "journal.sqlite3"),
-                          config.keep_jobs, config.keep_days).open()
-    return Service(config, deployer, CallbackSender(config.callback_allow, urlopen),
-                   journal=journal)
+        journal = Journal(config.state_file("journal.sqlite3"), config.keep_jobs,
+                          config.keep_days).open()
+    target = ContainerTarget(engine, gate, deadline, config.docker_config, Recorder(journal).save,
+                             clock)
+    runner = JobRunner(engine, target, deadline, config.engine_wait, clock, sleep)
+    return Service(config, runner, CallbackSender(config.callback_allow, urlopen), journal, clock)
+
+
+class InstanceLock:
+    """An exclusive lock on the state directory, held by `serve`, or by a
+    `deploy` command that found no service: one of them at a time deploys
+    from this journal. The file names its holder."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._fd: Optional[int] = None
+
+    def acquire(self, who: str) -> bool:
+        """Take the lock if it is free; OSError when the folder is unusable."""
+        os.makedirs(os.path.dirname(self.path) or ".", mode=0o700, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            return False
+        os.ftruncate(fd, 0)
+        os.write(fd, ("%d %s\n" % (os.getpid(), who)).encode("utf-8"))
+        self._fd = fd
+        return True
+
+    def holder(self) -> str:
+        """Who holds it, as its file says ('1234 serve')."""
+        try:
+            with open(self.path, encoding="utf-8", errors="replace") as fh:
+                return fh.read(200).strip() or "?"
+        except OSError:
+            return "?"
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing drops the flock
+            self._fd = None
+
+
+class ControlServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    """A Unix socket in the state directory (mode 0600: its owner and root)
+    through which the `deploy` command hands a job to the running service.
+    One JSON line in: {"repository": ..., "tag": ...}; lines out: the
+    job accepted (or the error), then its outcome once it has one."""
+    daemon_threads = True
+
+    def __init__(self, path: str, service: Service):
+        self.service = service
+        if os.path.exists(path):
+            os.unlink(path)  # left by a process that died: we hold the instance lock
+        old_umask = os.umask(0o177)
+        try:
+            super().__init__(path, ControlHandler)
+        finally:
+            os.umask(old_umask)
+
+
+class ControlHandler(socketserver.StreamRequestHandler):
+    timeout = 10  # for the request line; the wait for the outcome has none
+
+    def handle(self) -> None:
+        service = self.server.service  # type: ignore[attr-defined]
+        try:
+            request = read_json_object(self.rfile.readline(4096))
+            push = Push(str(request["repository"]), str(request["tag"]), sender="cli")
+            waiter = Waiter()
+            job = service.submit(push, waiter)
+        except (KeyError, PayloadError) as exc:
+            message = exc.message if isinstance(exc, PayloadError) else "missing %s" % exc
+            return self._send({"error": message})
+        self._send({"job": job.id, "state": QUEUED})
+        self.connection.settimeout(None)
+        waiter.event.wait()
+        self._send(waiter.outcome)
+
+    def _send(self, doc: Dict[str, Any]) -> None:
+        self.wfile.write((json.dumps(doc) + "\n").encode("utf-8"))
+        self.wfile.flush()
 
 
 def serve(config: Config, stop_event: Optional[threading.Event] = None,
@@ -2861,21 +3274,25 @@ def serve(config: Config, stop_event: Optional[threading.Event] = None,
     """Run the webhook server until SIGTERM/SIGINT (or `stop_event`),
     telling systemd (Type=notify) when it is ready, alive and stopping."""
     environ = os.environ if environ is None else environ
-    if not config.tokens and not any(app.tokens for app in config.apps.values()):
+    if not config.has_tokens():
         if not config.insecure_no_token:
             raise SystemExit("%s: no token configured: set token or token_file in [autodeploy] "
                              "(or $AUTODEPLOY_TOKEN, or a systemd credential 'token')" % config.path)
         log.warning("INSECURE: no token configured and --insecure-no-token given: anyone who "
                     "reaches this port can deploy")
     stop_event = stop_event or threading.Event()
+    reload_wanted = threading.Event()
     tls = tls_context(config) if config.tls_cert else None
+    lock = take_instance_lock(config, stop_event)
     service = build_service(config, make_engine(config))
     server = WebhookServer((config.listen_host, config.listen_port), service, tls)
     service.start()
+    control = start_control_server(config, service)
     if threading.current_thread() is threading.main_thread():  # only it may set handlers
+        # Handlers only set flags: the loop below acts on them.
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: stop_event.set())
-        signal.signal(signal.SIGHUP, lambda *_: reload_config(service, environ))
+        signal.signal(signal.SIGHUP, lambda *_: reload_wanted.set())
     thread = threading.Thread(target=server.serve_forever, name="autodeploy-http", daemon=True)
     thread.start()
     host, port = server.server_address[:2]
@@ -2884,16 +3301,56 @@ def serve(config: Config, stop_event: Optional[threading.Event] = None,
              port, len(config.apps), config.workers)
     sd_notify("READY=1\nSTATUS=listening on port %d" % port, environ)
     interval = watchdog_interval(environ)
-    while not stop_event.wait(interval or 3600):
+    # Wake at least once a second: a SIGHUP's reload waits no longer than that.
+    while not stop_event.wait(min(interval or 1.0, 1.0)):
+        if reload_wanted.is_set():
+            reload_wanted.clear()
+            reload_config(service, environ)
         if interval and thread.is_alive() and service.alive():
             sd_notify("WATCHDOG=1", environ)
     sd_notify("STOPPING=1", environ)
     log.info("stopping: finishing running deploys")
     server.shutdown()
     server.server_close()
+    if control is not None:
+        control.shutdown()
+        control.server_close()
     service.stop()
+    if lock is not None:
+        lock.release()
     log.info("stopped")
     return 0
+
+
+def take_instance_lock(config: Config, stop_event: threading.Event) -> Optional[InstanceLock]:
+    """The state directory's lock, waiting while a `deploy` command holds it;
+    None when the folder cannot be used (logged: the service runs anyway)."""
+    lock = InstanceLock(config.state_file("autodeploy.lock"))
+    try:
+        told = False
+        while not lock.acquire("serve"):
+            if not told:
+                log.warning("waiting for the state directory %s: held by pid %s",
+                            config.state_dir, lock.holder())
+                told = True
+            if stop_event.wait(0.5):
+                return None
+    except OSError as exc:
+        log.warning("cannot lock the state directory %s: %s; a `deploy` command run meanwhile "
+                    "may overlap this service's jobs", config.state_dir, exc)
+        return None
+    return lock
+
+
+def start_control_server(config: Config, service: Service) -> Optional[ControlServer]:
+    """The control socket on a thread of its own; None (logged) when it cannot be made."""
+    try:
+        control = ControlServer(config.state_file("control.sock"), service)
+    except OSError as exc:
+        log.warning("no control socket (%s): `deploy` commands cannot reach this service", exc)
+        return None
+    threading.Thread(target=control.serve_forever, name="autodeploy-control", daemon=True).start()
+    return control
 
 
 def reload_config(service: Service, environ: Mapping[str, str]) -> bool:
@@ -2953,8 +3410,20 @@ def watchdog_interval(environ: Mapping[str, str]) -> Optional[float]:
     return usec / 2e6
 
 
-def deploy_once(config: Config, target: str) -> int:
-    """The `deploy` command: one job in the foreground, through the same code."""
+############################################################################
+# Command line
+############################################################################
+
+HANDOVER_WAIT = 60.0  # seconds `deploy` waits for a service to take its job or free the lock
+
+
+def deploy_command(config: Config, target: str, clock: Callable[[], float] = time.monotonic,
+                   sleep: Callable[[float], None] = time.sleep) -> int:
+    """The `deploy` command: hand the job to the running service through
+    its control socket; with no service running, run it here through a
+    service of its own (same journal, same code). Either way it is in the
+    journal, `history`, `show` and (when a service runs) /jobs and /metrics,
+    and never overlaps a service's job for the same container."""
     repository, tag = target, ""
     if ":" in target.rsplit("/", 1)[-1]:
         repository, tag = target.rsplit(":", 1)
@@ -2962,21 +3431,101 @@ def deploy_once(config: Config, target: str) -> int:
     if app is None:
         print("%s is not configured in %s" % (repository, config.path), file=sys.stderr)
         return 2
-    job = Job(id=new_job_id(), app=app, tag=tag or app.tags[0], received=time.time(), source="cli")
-    Deployer(make_engine(config), config.docker_config).run(job)
-    print("%s: %s" % (job.state, job.description))
-    return 0 if job.state in ("succeeded", "up_to_date") else 1
+    push = Push(repository, tag or app.tags[0], sender="cli")
+    lock = InstanceLock(config.state_file("autodeploy.lock"))
+    give_up = clock() + HANDOVER_WAIT
+    told = False
+    while True:
+        try:
+            return deploy_through_service(config, push)
+        except ControlError:
+            pass  # no service listens
+        try:
+            if lock.acquire("deploy"):
+                try:
+                    return deploy_here(config, push)
+                finally:
+                    lock.release()
+        except OSError as exc:
+            print("autodeploy: cannot use the state directory %s: %s" % (config.state_dir, exc),
+                  file=sys.stderr)
+            return 2
+        if clock() > give_up:
+            print("autodeploy: the state directory %s is held by pid %s, which takes no jobs"
+                  % (config.state_dir, lock.holder()), file=sys.stderr)
+            return 1
+        if not told:
+            print("waiting for pid %s, which holds %s" % (lock.holder(), config.state_dir),
+                  file=sys.stderr)
+            told = True
+        sleep(0.2)
+
+
+def deploy_through_service(config: Config, push: Push) -> int:
+    """Hand `push` to the running service and print its outcome; ControlError
+    when no service listens on the control socket."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        try:
+            sock.connect(config.state_file("control.sock"))
+        except OSError as exc:
+            raise ControlError(str(exc)) from exc
+        sock.sendall((json.dumps({"repository": push.repository, "tag": push.tag}) + "\n").encode())
+        replies = sock.makefile("rb")
+        accepted = json.loads(replies.readline() or b"{}")
+        if "job" not in accepted:
+            print("autodeploy: %s" % accepted.get("error", "the service did not answer"),
+                  file=sys.stderr)
+            return 1
+        print("job %s queued by the running service" % accepted["job"])
+        line = replies.readline()
+    finally:
+        sock.close()
+    if not line:
+        print("the service stopped before job %s finished; it stays queued for its next start"
+              % accepted["job"], file=sys.stderr)
+        return 1
+    return print_outcome(json.loads(line), accepted["job"])
+
+
+def deploy_here(config: Config, push: Push) -> int:
+    """No service runs: run one without its listener until `push` is
+    deployed. Like serve's start, it first resumes what the journal holds
+    unfinished."""
+    service = build_service(config, make_engine(config))
+    service.start()
+    try:
+        waiter = Waiter()
+        try:
+            job = service.submit(push, waiter)
+        except PayloadError as exc:
+            print("autodeploy: %s" % exc.message, file=sys.stderr)
+            return 1
+        print("job %s" % job.id)
+        waiter.event.wait()
+    finally:
+        service.stop()
+    return print_outcome(waiter.outcome, job.id)
+
+
+def print_outcome(outcome: Dict[str, Any], job_id: str) -> int:
+    """Print a deploy's outcome; 0 when the app runs the image."""
+    if outcome.get("job") not in (None, job_id):
+        print("superseded by job %s:" % outcome["job"])
+    print("%s: %s" % (outcome.get("state"), outcome.get("description")))
+    return 0 if outcome.get("state") in (SUCCEEDED, UP_TO_DATE) else 1
 
 
 def print_history(config: Config, args: argparse.Namespace) -> int:
     """The `history` and `show` commands: the journal, for a terminal."""
-    path = os.path.join(config.state_dir, "journal.sqlite3")
+    path = config.state_file("journal.sqlite3")
     if not os.path.exists(path):
         print("no journal at %s (nothing deployed yet, or another state_dir)" % path, file=sys.stderr)
         return 1
-    journal = Journal(path)
+    journal = Journal(path).open()
     try:
-        journal._open()
+        if journal.error:
+            raise JournalError(journal.error)
         if args.command == "show":
             row = journal.get(args.job_id)
             if row is None:
@@ -3028,7 +3577,7 @@ def check(config: Config) -> int:
     for app in config.apps.values():
         print("  %s -> container %s, image %s, tags %s"
               % (app.repository, app.container, app.image, " ".join(app.tags)))
-    if not config.tokens:
+    if not config.has_tokens():
         print("warning: no token configured; serve will refuse to start", file=sys.stderr)
     engine = make_engine(config)
     try:
@@ -3060,7 +3609,7 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     commands.add_parser("check", help="validate the config and reach the Docker Engine")
     history = commands.add_parser("history", help="recent jobs, from the journal")
     history.add_argument("--app", help="only this repository")
-    history.add_argument("--state", choices=FINAL_STATES + ("queued", "running"))
+    history.add_argument("--state", choices=tuple(STATES))
     history.add_argument("--limit", type=int, default=30)
     show = commands.add_parser("show", help="one job, with its log lines")
     show.add_argument("job_id", metavar="JOB_ID")
@@ -3072,9 +3621,8 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
 def main(argv: Optional[List[str]] = None) -> int:
     """The command line: serve, deploy or check."""
     args = parse_args(argv)
-    # The format uses none of the caller, process or thread fields: skip
-    # collecting them for every line (the logging HOWTO's "Optimization").
-    logging._srcfile = None
+    # The format uses none of the process or thread fields: skip collecting
+    # them for every line (the logging HOWTO's "Optimization").
     logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(message)s")
@@ -3086,7 +3634,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.command == "serve":
         return serve(config._replace(insecure_no_token=args.insecure_no_token))
     if args.command == "deploy":
-        return deploy_once(config, args.target)
+        return deploy_command(config, args.target)
     if args.command in ("history", "show"):
         return print_history(config, args)
     return check(config)

@@ -182,7 +182,9 @@ class FaithfulRecreationTest(unittest.TestCase):
     @classmethod
     def _set_up_shared(cls):
         reg = cls.registry.host
-        sections = ["[autodeploy]\ntoken = %s\n" % TOKEN]
+        # The `deploy` command journals its jobs: in the test's folder, not /var/lib.
+        sections = ["[autodeploy]\ntoken = %s\nstate_dir = %s\n"
+                    % (TOKEN, os.path.join(cls.folder, "state"))]
         for key, order in cls.SCENARIOS.items():
             sections.append("[e2e/{key}]\nimage = {reg}/e2e/{key}\ncontainer = {name}\n"
                             "settle = 1\norder = {order}\n".format(

@@ -78,7 +78,7 @@ class HandlerTest(unittest.TestCase):
         status, doc, _ = self.request("POST", "/deploy/" + TOKEN, hub_body())
         self.assertEqual(status, 202)
         self.assertEqual(doc["state"], "queued")
-        self.assertIn(doc["job"], self.service.jobs)
+        self.assertIsNotNone(self.service.job_detail(doc["job"]))
         self.assertEqual(self.service.queue.depth(), 1)
 
     def test_wrong_or_missing_token_is_404(self):

@@ -1,0 +1,117 @@
+"""Unit tests: the health gate against an in-process fake Engine, with a
+fake clock and scripted events (no sleeps)."""
+
+import logging
+import unittest
+
+import autodeploy
+from autodeploy import DeployFailed, HealthGate, StopDeadline
+from tests.fake_engine import FakeClock, FakeEngine, app_config, die_event, new_job, quiet_logs
+
+JLOG = autodeploy.JobLog(logging.getLogger("autodeploy.test"), new_job(app_config()))
+
+
+class HealthGateTest(unittest.TestCase):
+
+    def setUp(self):
+        quiet_logs(self)
+        self.clock = FakeClock()
+        self.engine = FakeEngine(self.clock)
+        self.engine.add_image("img:v2", "sha256:v2")
+        self.probes = []
+        self.answers = []  # what the probe answers, call by call; then False
+        self.deadline = StopDeadline(self.clock)
+        self.gate = HealthGate(self.engine, self.clock, self.clock.sleep, self.probe,
+                               self.deadline.check)
+
+    def probe(self, target, timeout):
+        self.probes.append(target)
+        return self.answers.pop(0) if self.answers else False
+
+    def container(self, health=None, running=True):
+        return self.engine.add_container("web", "sha256:v2", running=running, health=health)
+
+    def test_without_a_check_it_passes_once_the_container_stayed_up_for_settle(self):
+        cid = self.container()
+        started = self.clock()
+        how = self.gate.wait_healthy(cid, app_config(settle=3), started, JLOG)
+        self.assertEqual(how, "still running after 3s")
+        self.assertEqual(self.clock() - started, 3)
+        self.assertEqual(self.clock.slept, [])  # the events stream was the wait
+
+    def test_a_death_during_the_settle_time_fails_with_its_exit_code(self):
+        cid = self.container()
+        die_event(self.engine, cid, self.clock() + 1.5, code=3)
+        with self.assertRaisesRegex(DeployFailed, r"exited \(exit code 3\)"):
+            self.gate.wait_healthy(cid, app_config(settle=3), self.clock(), JLOG)
+
+    def test_a_container_already_dead_and_restarted_names_the_exit_code_from_its_events(self):
+        cid = self.container()
+        self.engine.containers[cid]["RestartCount"] = 1
+        started = self.clock()
+        die_event(self.engine, cid, started + 0.1, code=7)
+        self.clock.now += 0.5
+        with self.assertRaisesRegex(DeployFailed, r"exit code 7"):
+            self.gate.wait_healthy(cid, app_config(), started, JLOG)
+
+    def test_healthcheck_healthy_event_passes(self):
+        cid = self.container(health="starting")
+        self.engine.events_script.append({"time": self.clock() + 4, "id": cid,
+                                          "Action": "health_status: healthy"})
+        how = self.gate.wait_healthy(cid, app_config(health_timeout=60), self.clock(), JLOG)
+        self.assertEqual(how, "HEALTHCHECK healthy")
+
+    def test_healthcheck_unhealthy_fails_at_once(self):
+        cid = self.container(health="starting")
+        start = self.clock()
+        self.engine.events_script.append({"time": start + 2, "id": cid,
+                                          "Action": "health_status: unhealthy"})
+        with self.assertRaisesRegex(DeployFailed, "unhealthy"):
+            self.gate.wait_healthy(cid, app_config(health_timeout=60), start, JLOG)
+        self.assertLess(self.clock() - start, 3)
+
+    def test_healthcheck_silent_until_the_timeout_fails(self):
+        cid = self.container(health="starting")
+        with self.assertRaisesRegex(DeployFailed, "did not report healthy"):
+            self.gate.wait_healthy(cid, app_config(health_timeout=5), self.clock(), JLOG)
+
+    def test_probe_uses_the_container_address_and_passes_when_it_answers(self):
+        cid = self.container()
+        self.answers = [False, False, True]
+        app = app_config(health_url="http://{ip}:8080/health")
+        how = self.gate.wait_healthy(cid, app, self.clock(), JLOG)
+        self.assertEqual(how, "http://172.17.0.2:8080/health answered")
+        self.assertEqual(len(self.probes), 3)
+        self.assertEqual(self.clock.slept, [0.2, 0.2])
+
+    def test_probe_that_never_answers_fails_at_the_health_timeout(self):
+        cid = self.container()
+        start = self.clock()
+        with self.assertRaisesRegex(DeployFailed, r"tcp://127.0.0.1:9 did not answer within 2s"):
+            self.gate.wait_healthy(cid, app_config(health_tcp="127.0.0.1:9", health_timeout=2),
+                                   start, JLOG)
+        self.assertGreaterEqual(self.clock() - start, 2)
+
+    def test_a_shutdown_past_its_deadline_cuts_the_wait_short(self):
+        cid = self.container()
+        self.deadline.start(1.0)
+        with self.assertRaises(autodeploy.CutOff):
+            self.gate.wait_healthy(cid, app_config(settle=30), self.clock(), JLOG)
+        self.assertLess(self.clock.now - 1_000_000.0, 3)
+
+    def test_an_exited_container_fails(self):
+        cid = self.container(running=False)
+        with self.assertRaisesRegex(DeployFailed, "exited"):
+            self.gate.wait_healthy(cid, app_config(), self.clock(), JLOG)
+
+
+class EventActionTest(unittest.TestCase):
+
+    def test_old_engines_name_the_action_status(self):
+        self.assertEqual(autodeploy.event_action({"status": "die"}), "die")
+        self.assertEqual(autodeploy.event_action({"Action": "start", "status": "x"}), "start")
+        self.assertEqual(autodeploy.event_action({}), "")
+
+
+if __name__ == "__main__":
+    unittest.main()

@@ -1,0 +1,193 @@
+"""Unit tests: running a job (outcomes, a lost Engine) and recovery after a
+crash (converging a swap, resuming the journal's unfinished jobs), against
+an in-process fake Engine with a fake clock."""
+
+import logging
+import unittest
+
+import autodeploy
+from autodeploy import ContainerTarget, HealthGate, JobQueue, JobRunner, StopDeadline
+from tests.fake_engine import FakeClock, FakeEngine, app_config, die_event, new_job, quiet_logs
+
+
+class RecoveryTestCase(unittest.TestCase):
+
+    def setUp(self):
+        quiet_logs(self)
+        self.clock = FakeClock()
+        self.engine = FakeEngine(self.clock)
+        self.engine.add_image("reg.example/team/web:latest", "sha256:v2")
+        self.engine.add_image("sha256:v1", "sha256:v1")
+        self.deadline = StopDeadline(self.clock)
+        gate = HealthGate(self.engine, self.clock, self.clock.sleep, lambda t, s: False,
+                          self.deadline.check)
+        self.target = ContainerTarget(self.engine, gate, self.deadline, "/nonexistent/config.json",
+                                      clock=self.clock)
+        self.runner = JobRunner(self.engine, self.target, self.deadline, engine_wait=60,
+                                clock=self.clock, sleep=self.clock.sleep)
+        self.job = new_job(app_config(order="stop-first"), "j1")
+        self.jlog = autodeploy.JobLog(logging.getLogger("autodeploy.test"), self.job)
+
+    def crash_mid_swap(self, new_running: bool = True) -> str:
+        """The Engine as a crash between create and the old container's
+        removal leaves it: the old one set aside (stopped), the new one under
+        the app's name. Returns the old container's id."""
+        old_id = self.engine.add_container("web-autodeploy-old-j1", "sha256:v1", running=False)
+        self.engine.add_container("web", "sha256:v2", running=new_running)
+        return old_id
+
+
+class ConvergeTest(RecoveryTestCase):
+
+    def test_a_new_container_that_passes_the_gate_again_wins_and_the_old_one_goes(self):
+        old_id = self.crash_mid_swap()
+        self.target.converge(self.job, {"id": "j1", "was_running": 1}, self.jlog)
+        self.assertEqual(self.job.state, "succeeded")
+        self.assertIn("finished after a restart", self.job.description)
+        self.assertNotIn(old_id, self.engine.containers)
+        self.assertEqual(self.engine.names(), ["web"])
+
+    def test_a_new_container_that_is_not_running_is_rolled_back_and_the_old_one_started(self):
+        old_id = self.crash_mid_swap(new_running=False)
+        self.target.converge(self.job, {"id": "j1", "was_running": 1}, self.jlog)
+        self.assertEqual(self.job.state, "rolled_back")
+        web = self.engine.named("web")
+        self.assertEqual(web["Id"], old_id)
+        self.assertTrue(web["State"]["Running"])
+
+    def test_no_new_container_yet_puts_the_old_one_back_and_leaves_the_job_to_run_again(self):
+        old_id = self.engine.add_container("web-autodeploy-old-j1", "sha256:v1", running=False)
+        self.job.state = "running"
+        self.target.converge(self.job, {"id": "j1", "was_running": 1}, self.jlog)
+        self.assertEqual(self.job.state, "running")
+        self.assertEqual(self.engine.named("web")["Id"], old_id)
+        self.assertTrue(self.engine.named("web")["State"]["Running"])
+
+    def test_nothing_set_aside_changes_nothing(self):
+        self.engine.add_container("web", "sha256:v1")
+        before = len(self.engine.calls)
+        self.target.converge(self.job, {"id": "j1", "was_running": 1}, self.jlog)
+        self.assertEqual([c[0] for c in self.engine.calls[before:]], ["inspect_container"])
+
+
+class JobRunnerTest(RecoveryTestCase):
+
+    def test_a_crashed_swap_is_converged_before_anything_else(self):
+        self.crash_mid_swap()
+        self.job.resume = {"id": "j1", "was_running": 1, "state": "running"}
+        self.runner.run(self.job)
+        self.assertEqual(self.job.state, "succeeded")
+        self.assertNotIn("pull_image", [c[0] for c in self.engine.calls])
+
+    def test_a_newer_job_converges_the_swap_of_the_one_it_replaced_then_deploys(self):
+        self.crash_mid_swap(new_running=False)  # left by j1
+        self.engine.add_image("reg.example/team/web:latest", "sha256:v3")
+        newer = new_job(app_config(order="stop-first"), "j2")
+        newer.resume = {"id": "j1", "was_running": 1, "state": "running"}
+        self.runner.run(newer)
+        self.assertEqual(newer.state, "succeeded", newer.description)
+        self.assertEqual(self.engine.named("web")["Image"], "sha256:v3")
+        self.assertEqual(self.engine.names(), ["web"])
+
+    def test_an_engine_lost_mid_gate_is_waited_for_then_the_swap_converged(self):
+        old_id = self.engine.add_container("web", "sha256:v1")
+        outage = {"left": 3}
+
+        def flaky(method):
+            if method == "events" and outage["left"] == 3:
+                self.engine.down = True
+            elif self.engine.down and method == "ping":
+                outage["left"] -= 1
+                self.engine.down = outage["left"] > 0
+        self.engine.on_call = flaky
+        self.runner.run(self.job)
+        self.assertEqual(self.job.state, "succeeded", self.job.description)
+        self.assertIn("finished after a restart", self.job.description)
+        self.assertNotIn(old_id, self.engine.containers)
+        self.assertEqual(self.engine.names(), ["web"])
+        self.assertEqual(self.clock.slept, [1.0])  # waited for it, on the fake clock
+
+    def test_an_engine_lost_before_the_new_container_started_rolls_back(self):
+        old_id = self.engine.add_container("web", "sha256:v1")
+
+        def flaky(method):
+            if method == "start_container" and not self.clock.slept:
+                self.engine.down = True
+            elif method == "ping" and self.engine.down:
+                self.engine.down = not self.clock.slept
+        self.engine.on_call = flaky
+        self.runner.run(self.job)
+        self.assertEqual(self.job.state, "rolled_back", self.job.description)
+        self.assertIn("not running after the restart", self.job.description)
+        self.assertEqual(self.engine.named("web")["Id"], old_id)
+        self.assertTrue(self.engine.named("web")["State"]["Running"])
+
+    def test_an_engine_that_stays_down_past_engine_wait_is_an_error(self):
+        self.engine.down = True
+        self.runner.run(self.job)
+        self.assertEqual(self.job.state, "error")
+        self.assertLessEqual(sum(self.clock.slept), 60)
+
+    def test_a_rollback_and_a_failure_are_told_apart(self):
+        self.engine.add_container("web", "sha256:v1")
+        self.engine.on_start = lambda info: info["Image"] == "sha256:v2" and die_event(
+            self.engine, info["Id"], self.clock() + 1)
+        self.runner.run(self.job)
+        self.assertEqual(self.job.state, "rolled_back")
+        self.engine.images.pop("reg.example/team/web:latest")
+        self.runner.run(self.job)
+        self.assertEqual(self.job.state, "failed")
+
+    def test_a_shutdown_mid_gate_puts_the_old_one_back_and_leaves_the_job_queued(self):
+        old_id = self.engine.add_container("web", "sha256:v1")
+        self.deadline.start(1.0)
+        self.runner.run(self.job)
+        self.assertEqual(self.job.state, "queued")
+        self.assertIn("cut off by a shutdown", self.job.description)
+        self.assertEqual(self.engine.named("web")["Id"], old_id)
+
+    def test_a_bug_is_an_error_of_the_job_not_of_the_worker(self):
+        self.target.deploy = lambda job, jlog: 1 / 0
+        self.runner.run(self.job)
+        self.assertEqual(self.job.state, "error")
+        self.assertIn("ZeroDivisionError", self.job.description)
+
+
+class ResumeUnfinishedTest(unittest.TestCase):
+
+    def setUp(self):
+        quiet_logs(self)
+        self.config = autodeploy.Config(
+            path="x.conf", listen_host="127.0.0.1", listen_port=1, tokens=[], workers=1,
+            state_dir="/nonexistent", callback_allow=[], max_body=1024, max_queue=10,
+            docker_host=None, docker_config=None, apps={"team/web": app_config()})
+        self.queue = JobQueue()
+        self.ended = []
+
+    def row(self, job_id, state, app="team/web", tag="latest"):
+        return {"id": job_id, "app": app, "container": "web", "tag": tag, "source": "dockerhub",
+                "callback_url": None, "received": 1.0, "state": state, "log": "a\nb"}
+
+    def resume(self, rows):
+        return autodeploy.resume_unfinished(rows, self.config, self.queue, self.ended.append,
+                                            clock=lambda: 5.0)
+
+    def test_a_job_cut_short_mid_swap_carries_its_row_to_be_converged(self):
+        self.assertEqual(self.resume([self.row("j1", "running")]), 1)
+        job = self.queue.get(timeout=0)
+        self.assertEqual((job.id, job.resume["id"], job.lines), ("j1", "j1", ["a", "b"]))
+
+    def test_a_newer_queued_push_replaces_it_and_inherits_the_swap_to_converge(self):
+        self.resume([self.row("j1", "running"), self.row("j2", "queued")])
+        job = self.queue.get(timeout=0)
+        self.assertEqual((job.id, job.resume["id"]), ("j2", "j1"))
+
+    def test_a_job_for_an_app_or_tag_no_longer_configured_ends_as_an_error(self):
+        self.resume([self.row("j1", "queued", app="team/gone"), self.row("j2", "queued", tag="beta")])
+        self.assertEqual([(j.id, j.state, j.finished) for j in self.ended],
+                         [("j1", "error", 5.0), ("j2", "error", 5.0)])
+        self.assertEqual(self.queue.depth(), 0)
+
+
+if __name__ == "__main__":
+    unittest.main()

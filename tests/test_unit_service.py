@@ -1,0 +1,159 @@
+"""Unit tests: the service (workers, reporting, the in-memory journal), the
+queue's hand-off of superseded jobs, and the `check` command's token rule,
+with an in-process fake Engine."""
+
+import contextlib
+import io
+import os
+import tempfile
+import threading
+import unittest
+
+import autodeploy
+from autodeploy import (CallbackSender, ContainerTarget, HealthGate, JobQueue, JobRunner,
+                        MemoryJournal, Push, Service, StopDeadline)
+from tests.fake_engine import FakeClock, FakeEngine, app_config, new_job, quiet_logs
+
+
+def make_config(**fields):
+    defaults = dict(path="x.conf", listen_host="127.0.0.1", listen_port=1, tokens=[], workers=1,
+                    state_dir="/nonexistent", callback_allow=[], max_body=1024, max_queue=10,
+                    docker_host=None, docker_config=None,
+                    apps={"team/web": app_config(cooldown=0)})
+    defaults.update(fields)
+    return autodeploy.Config(**defaults)
+
+
+class ServiceTest(unittest.TestCase):
+
+    def setUp(self):
+        quiet_logs(self)
+        self.clock = FakeClock()
+        self.engine = FakeEngine(self.clock)
+        self.engine.add_image("reg.example/team/web:latest", "sha256:v2")
+        self.engine.add_image("sha256:v1", "sha256:v1")
+        self.engine.add_container("web", "sha256:v1")
+        deadline = StopDeadline(self.clock)
+        gate = HealthGate(self.engine, self.clock, self.clock.sleep, lambda t, s: False, deadline.check)
+        target = ContainerTarget(self.engine, gate, deadline, "/nonexistent/config.json",
+                                 clock=self.clock)
+        runner = JobRunner(self.engine, target, deadline, clock=self.clock, sleep=self.clock.sleep)
+        self.journal = MemoryJournal()
+        self.service = Service(make_config(), runner, CallbackSender([]), self.journal,
+                               clock=self.clock, hostname="host")
+
+    def wait_for(self, waiter):
+        self.assertTrue(waiter.event.wait(10), "the job did not finish")
+        return waiter.outcome
+
+    def test_a_submitted_push_is_deployed_and_recorded_in_the_memory_journal(self):
+        self.service.start()
+        self.addCleanup(self.service.stop, 0)
+        waiter = autodeploy.Waiter()
+        job = self.service.submit(Push("team/web", "latest", sender="cli"), waiter)
+        self.assertEqual(self.wait_for(waiter)["state"], "succeeded")
+        row = self.service.job_detail(job.id)
+        self.assertEqual((row["state"], row["source"]), ("succeeded", "cli"))
+        self.assertIn("now runs", row["description"])
+        self.assertTrue(row["log"])
+        self.assertEqual([r["id"] for r in self.service.job_list(state="succeeded")], [job.id])
+
+    def test_a_bug_in_reporting_does_not_kill_the_worker(self):
+        calls, reported = [], threading.Event()
+
+        def broken_tell(job):
+            calls.append(job.id)
+            reported.set()
+            if len(calls) == 1:
+                raise RuntimeError("reporting bug")
+        self.service.reporter.tell = broken_tell
+        self.service.start()
+        self.addCleanup(self.service.stop, 0)
+        waiter = autodeploy.Waiter()
+        with self.assertLogs("autodeploy", "ERROR") as logs:
+            first = self.service.submit(Push("team/web", "latest"))
+            self.assertTrue(reported.wait(10))
+            # The first job's report blew up; the worker still takes the second.
+            second = self.service.submit(Push("team/web", "latest"), waiter)
+            self.wait_for(waiter)
+        self.assertEqual(calls, [first.id, second.id])
+        self.assertIn("internal error while reporting", "\n".join(logs.output))
+        self.assertTrue(self.service.alive())
+
+    def test_unknown_repository_or_tag_is_422(self):
+        with self.assertRaises(autodeploy.PayloadError) as caught:
+            self.service.submit(Push("team/other", "latest"))
+        self.assertEqual(caught.exception.status, 422)
+        with self.assertRaisesRegex(autodeploy.PayloadError, "follows: latest"):
+            self.service.submit(Push("team/web", "beta"))
+
+    def test_a_job_superseded_in_the_queue_is_recorded_as_superseded(self):
+        first = self.service.submit(Push("team/web", "latest"))
+        self.service.submit(Push("team/web", "latest"))
+        self.service.flush_superseded()
+        self.assertEqual(self.journal.get(first.id)["state"], "superseded")
+
+
+class QueueHandOffTest(unittest.TestCase):
+
+    def test_superseded_jobs_are_handed_over_after_the_queue_lock_is_released(self):
+        seen = []
+
+        def on_superseded(job):
+            # Another thread must be able to use the queue now: the lock is free.
+            probe = threading.Thread(target=queue.depth)
+            probe.start()
+            probe.join(5)
+            seen.append((job.id, probe.is_alive()))
+        queue = JobQueue(on_superseded=on_superseded)
+        app = app_config()
+        for n in range(3):
+            job = new_job(app, "j%d" % n)
+            queue.put(job)
+        self.assertEqual(seen, [("j0", False), ("j1", False)])
+
+    def test_a_job_someone_awaits_is_kept_to_hear_the_newer_outcome(self):
+        queue = JobQueue()
+        app = app_config()
+        awaited = new_job(app, "j0")
+        awaited.waiter = autodeploy.Waiter()
+        queue.put(awaited)
+        queue.put(new_job(app, "j1"))
+        self.assertEqual([j.id for j in queue.get(timeout=0).superseded], ["j0"])
+
+
+class CheckCommandTest(unittest.TestCase):
+
+    def check_output(self, config):
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            autodeploy.check(config._replace(docker_host="unix:///nonexistent/docker.sock"))
+        return err.getvalue()
+
+    def test_per_app_tokens_count_as_configured(self):
+        config = make_config(apps={"team/web": app_config(tokens=("a" * 32,))})
+        self.assertTrue(config.has_tokens())
+        self.assertNotIn("no token configured", self.check_output(config))
+
+    def test_no_token_at_all_is_warned_about(self):
+        self.assertFalse(make_config().has_tokens())
+        self.assertIn("no token configured", self.check_output(make_config()))
+
+
+class InstanceLockTest(unittest.TestCase):
+
+    def test_one_holder_at_a_time_and_the_file_names_it(self):
+        folder = tempfile.TemporaryDirectory()
+        self.addCleanup(folder.cleanup)
+        path = os.path.join(folder.name, "state", "autodeploy.lock")
+        first, second = autodeploy.InstanceLock(path), autodeploy.InstanceLock(path)
+        self.assertTrue(first.acquire("serve"))
+        self.assertFalse(second.acquire("deploy"))
+        self.assertEqual(second.holder(), "%d serve" % os.getpid())
+        first.release()
+        self.assertTrue(second.acquire("deploy"))
+        second.release()
+
+
+if __name__ == "__main__":
+    unittest.main()

@@ -1,0 +1,121 @@
+"""Unit tests: ContainerTarget (pull, swap, rollback) against an in-process
+fake Engine, for the faults a real Engine cannot produce on demand."""
+
+import logging
+import unittest
+
+import autodeploy
+from autodeploy import ContainerTarget, DeployFailed, HealthGate, RolledBack, StopDeadline
+from dockerapi import DockerError
+from tests.fake_engine import FakeClock, FakeEngine, app_config, die_event, new_job, quiet_logs
+
+
+class ContainerTargetTest(unittest.TestCase):
+
+    def setUp(self):
+        quiet_logs(self)
+        self.clock = FakeClock()
+        self.engine = FakeEngine(self.clock)
+        self.engine.add_image("reg.example/team/web:latest", "sha256:v2")
+        self.engine.add_image("sha256:v1", "sha256:v1")
+        self.old_id = self.engine.add_container("web", "sha256:v1")
+        self.steps = []
+        self.deadline = StopDeadline(self.clock)
+        gate = HealthGate(self.engine, self.clock, self.clock.sleep, lambda t, s: False,
+                          self.deadline.check)
+        self.target = ContainerTarget(self.engine, gate, self.deadline, "/nonexistent/config.json",
+                                      lambda job, **fields: self.steps.append(fields), self.clock)
+        self.job = new_job(app_config(order="stop-first"))
+        self.jlog = autodeploy.JobLog(logging.getLogger("autodeploy.test"), self.job)
+
+    def deploy(self):
+        return self.target.deploy(self.job, self.jlog)
+
+    def test_a_healthy_new_container_replaces_the_old_one_under_its_name(self):
+        state, description = self.deploy()
+        self.assertEqual(state, "succeeded", description)
+        web = self.engine.named("web")
+        self.assertEqual(web["Image"], "sha256:v2")
+        self.assertTrue(web["State"]["Running"])
+        self.assertNotIn(self.old_id, self.engine.containers)
+        self.assertEqual(self.engine.names(), ["web"])
+        self.assertNotIn("sha256:v1", self.engine.images)  # the unused image went
+        recorded = {key for fields in self.steps for key in fields}
+        self.assertEqual(recorded, {"new_image", "old_container", "old_image", "was_running",
+                                    "new_container"})
+        self.assertIsNone(self.job.swap)
+
+    def test_the_same_image_is_up_to_date_and_nothing_changes(self):
+        self.engine.containers[self.old_id]["Image"] = "sha256:v2"
+        state, _ = self.deploy()
+        self.assertEqual(state, "up_to_date")
+        self.assertEqual([c[0] for c in self.engine.calls if c[0] in ("rename_container",
+                                                                      "create_container")], [])
+
+    def test_a_new_container_that_dies_is_rolled_back_and_the_old_one_runs_again(self):
+        self.engine.on_start = lambda info: info["Image"] == "sha256:v2" and die_event(
+            self.engine, info["Id"], self.clock() + 1, code=2)
+        with self.assertRaisesRegex(RolledBack, r"exit code 2.*the old one runs again; last output: boom"):
+            self.deploy()
+        web = self.engine.named("web")
+        self.assertEqual(web["Id"], self.old_id)
+        self.assertTrue(web["State"]["Running"])
+        self.assertEqual(self.engine.names(), ["web"])
+        self.assertIsNone(self.job.swap)
+
+    def test_start_first_failure_never_stops_the_old_container(self):
+        self.job = new_job(app_config(order="start-first"))
+        self.engine.on_start = lambda info: info["Image"] == "sha256:v2" and die_event(
+            self.engine, info["Id"], self.clock() + 1)
+        with self.assertRaisesRegex(DeployFailed, "the old one kept running"):
+            self.target.deploy(self.job, self.jlog)
+        self.assertNotIn(("stop_container", self.old_id), self.engine.calls)
+        self.assertEqual(self.engine.named("web")["Id"], self.old_id)
+
+    def test_a_refused_pull_changes_nothing(self):
+        self.engine.images.pop("reg.example/team/web:latest")
+        with self.assertRaisesRegex(DeployFailed, "pull failed: manifest .* not found"):
+            self.deploy()
+        self.assertEqual(self.engine.named("web")["Id"], self.old_id)
+        self.assertEqual(self.steps, [])
+
+    def test_a_failed_create_gives_the_old_container_its_name_back(self):
+        self.engine.fail_at["create_container"] = 1
+        with self.assertRaisesRegex(DeployFailed, "cannot create the new container"):
+            self.deploy()
+        self.assertEqual(self.engine.names(), ["web"])
+        self.assertTrue(self.engine.named("web")["State"]["Running"])
+
+    def test_the_engine_lost_mid_swap_leaves_the_swap_for_the_runner_to_converge(self):
+        def lose_engine(method):
+            if method == "start_container":
+                self.engine.down = True
+        self.engine.on_call = lose_engine
+        with self.assertRaises(DockerError):
+            self.deploy()
+        self.assertEqual(self.job.swap, {"id": "j1", "was_running": True})
+
+    def test_a_shutdown_before_the_swap_changes_nothing(self):
+        self.deadline.start(0)
+        with self.assertRaises(autodeploy.CutOff):
+            self.deploy()
+        self.assertEqual(self.engine.names(), ["web"])
+
+    def test_no_container_yet_creates_the_first_from_the_section(self):
+        del self.engine.containers[self.old_id]
+        state, description = self.deploy()
+        self.assertEqual(state, "succeeded")
+        self.assertIn("created web running reg.example/team/web:latest", description)
+
+    def test_describe_names_the_container(self):
+        self.assertEqual(self.target.describe(app_config()), "container web")
+
+
+class AsideNameTest(unittest.TestCase):
+
+    def test_the_old_container_is_set_aside_under_a_name_with_the_job_id(self):
+        self.assertEqual(autodeploy.aside_name("web", "abc"), "web-autodeploy-old-abc")
+
+
+if __name__ == "__main__":
+    unittest.main()
