@@ -483,27 +483,23 @@ def _parse_networks(section: configparser.SectionProxy, key: str, where: str) ->
 
 def _int_option(section: configparser.SectionProxy, key: str, default: int, where: str,
                 low: int, high: int) -> int:
-    raw = section.get(key)
-    if raw is None:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ConfigError("%s %s: %r is not a whole number" % (where, key, raw)) from None
-    if not low <= value <= high:
-        raise ConfigError("%s %s: %d is outside %d..%d" % (where, key, value, low, high))
-    return value
+    return _number_option(section, key, default, where, low, high, int, "a whole number")
 
 
 def _float_option(section: configparser.SectionProxy, key: str, default: float, where: str,
                   low: float, high: float) -> float:
+    return _number_option(section, key, default, where, low, high, float, "a number")
+
+
+def _number_option(section: configparser.SectionProxy, key: str, default: Any, where: str,
+                   low: Any, high: Any, kind: Callable[[str], Any], what: str) -> Any:
     raw = section.get(key)
     if raw is None:
         return default
     try:
-        value = float(raw)
+        value = kind(raw)
     except ValueError:
-        raise ConfigError("%s %s: %r is not a number" % (where, key, raw)) from None
+        raise ConfigError("%s %s: %r is not %s" % (where, key, raw, what)) from None
     if not low <= value <= high:
         raise ConfigError("%s %s: %s is outside %s..%s" % (where, key, raw, low, high))
     return value
@@ -723,12 +719,6 @@ class Job:
     @property
     def final(self) -> bool:
         return STATES[self.state].final
-
-    def summary(self) -> Dict[str, Any]:
-        """The job as JSON-ready data (no secrets: callback URLs are not shown)."""
-        return {"id": self.id, "app": self.app.repository, "container": self.app.container,
-                "tag": self.tag, "state": self.state, "description": self.description,
-                "received": self.received, "started": self.started, "finished": self.finished}
 
 
 def new_job_id() -> str:
@@ -1153,6 +1143,30 @@ def _short(image_or_container_id: Optional[str]) -> str:
     return value.split(":", 1)[-1][:12]
 
 
+def remove_unused_image(engine: DockerClient, image_id: Optional[str],
+                        jlog: logging.LoggerAdapter) -> None:
+    """Remove the previous image unless a container (any state) still uses it."""
+    if not image_id:
+        return
+    try:
+        if any(c.get("ImageID") == image_id for c in engine.list_containers(all=True)):
+            jlog.info("kept previous image %s: a container still uses it", _short(image_id))
+            return
+        engine.remove_image(image_id)
+        jlog.info("removed previous image %s", _short(image_id))
+    except DockerError as exc:
+        jlog.info("kept previous image %s: %s", _short(image_id), exc.message)
+
+
+def last_logs(engine: DockerClient, container_id: str, lines: int = 10) -> str:
+    """'; last output: ...' from the container, or '' when there is none."""
+    try:
+        text = engine.container_logs(container_id, tail=lines).strip()
+    except DockerError:
+        return ""
+    return "; last output: %s" % " | ".join(text.splitlines()[-lines:]) if text else ""
+
+
 class ContainerTarget:
     """The app's container, replaced by one that keeps its configuration
     but runs the new image.
@@ -1194,7 +1208,7 @@ class ContainerTarget:
         self.deadline.check()  # the last moment to stop with nothing changed
         how = self.replace(job, old, body, later_networks, jlog)
         if app.remove_old_image:
-            self.remove_unused_image(old.get("Image"), jlog)
+            remove_unused_image(self.engine, old.get("Image"), jlog)
         return SUCCEEDED, "%s now runs %s (%s), %s" % (
             app.container, job.reference, _short(new_image.get("Id")), how)
 
@@ -1222,7 +1236,7 @@ class ContainerTarget:
             self.engine.start_container(new_id)
             how = self.gate.wait_healthy(new_id, app, started, jlog)
         except (DockerError, DeployFailed) as exc:
-            logs = self.last_logs(new_id)
+            logs = last_logs(self.engine, new_id)
             self.remove_quietly(new_id, jlog)
             raise DeployFailed("the first container did not become healthy: %s%s"
                                % (_reason_of(exc), logs)) from exc
@@ -1282,7 +1296,7 @@ class ContainerTarget:
             jlog.info("started new container %s", _short(new_id))
             return self.gate.wait_healthy(new_id, app, started, jlog)
         except (DockerError, DeployFailed) as exc:
-            logs = self.last_logs(new_id)
+            logs = last_logs(self.engine, new_id)
             try:
                 self.restore_old(old_id, new_id, app.container, was_running, jlog)
             except DockerError as restore_exc:
@@ -1301,7 +1315,7 @@ class ContainerTarget:
             jlog.info("started new container %s next to the old one", _short(new_id))
             how = self.gate.wait_healthy(new_id, app, started, jlog)
         except (DockerError, DeployFailed) as exc:
-            logs = self.last_logs(new_id)
+            logs = last_logs(self.engine, new_id)
             self.remove_quietly(new_id, jlog, force=True)
             self.engine.rename_container(old_id, app.container)
             raise DeployFailed("the new container failed: %s; the old one kept running%s"
@@ -1365,7 +1379,7 @@ class ContainerTarget:
             jlog.info("resuming: gating new container %s again", _short(new_id))
             how = self.gate.wait_healthy(new_id, app, self.clock(), jlog)
         except (DockerError, DeployFailed) as exc:
-            logs = self.last_logs(new_id)
+            logs = last_logs(self.engine, new_id)
             self.restore_old(old["Id"], new_id, app.container, was_running, jlog)
             if cut_off(exc):
                 raise
@@ -1385,27 +1399,6 @@ class ContainerTarget:
             return self.engine.inspect_container(name)
         except NotFound:
             return None
-
-    def remove_unused_image(self, image_id: Optional[str], jlog: logging.LoggerAdapter) -> None:
-        """Remove the previous image unless a container (any state) still uses it."""
-        if not image_id:
-            return
-        try:
-            if any(c.get("ImageID") == image_id for c in self.engine.list_containers(all=True)):
-                jlog.info("kept previous image %s: a container still uses it", _short(image_id))
-                return
-            self.engine.remove_image(image_id)
-            jlog.info("removed previous image %s", _short(image_id))
-        except DockerError as exc:
-            jlog.info("kept previous image %s: %s", _short(image_id), exc.message)
-
-    def last_logs(self, container_id: str, lines: int = 10) -> str:
-        """'; last output: ...' from the container, or '' when there is none."""
-        try:
-            text = self.engine.container_logs(container_id, tail=lines).strip()
-        except DockerError:
-            return ""
-        return "; last output: %s" % " | ".join(text.splitlines()[-lines:]) if text else ""
 
     def remove_quietly(self, container_id: str, jlog: logging.LoggerAdapter, force: bool = True) -> None:
         try:
@@ -1578,15 +1571,13 @@ class JobRunner:
     to `engine_wait` seconds); a swap that a crash (the journal's row in
     job.resume) or a lost Engine (job.swap) interrupted is converged first."""
 
-    def __init__(self, engine: DockerClient, target: ContainerTarget, deadline: StopDeadline,
+    def __init__(self, target: ContainerTarget, deadline: StopDeadline,
                  engine_wait: float = ENGINE_WAIT, clock: Callable[[], float] = time.time,
                  sleep: Callable[[float], None] = time.sleep):
-        self.engine = engine
         self.target = target
-        self.deadline = deadline
-        self.engine_wait = engine_wait
-        self.clock = clock
-        self.sleep = sleep
+        self.engine = target.engine  # the Engine every target of this host talks to
+        self.deadline, self.engine_wait = deadline, engine_wait
+        self.clock, self.sleep = clock, sleep
 
     def target_for(self, app: AppConfig) -> ContainerTarget:
         """The target an app deploys to (one kind today: its container)."""
@@ -3187,7 +3178,7 @@ def build_service(config: Config, engine: DockerClient,
                           config.keep_days).open()
     target = ContainerTarget(engine, gate, deadline, config.docker_config, Recorder(journal).save,
                              clock)
-    runner = JobRunner(engine, target, deadline, config.engine_wait, clock, sleep)
+    runner = JobRunner(target, deadline, config.engine_wait, clock, sleep)
     return Service(config, runner, CallbackSender(config.callback_allow, urlopen), journal, clock)
 
 
@@ -3324,17 +3315,24 @@ def serve(config: Config, stop_event: Optional[threading.Event] = None,
 
 def take_instance_lock(config: Config, stop_event: threading.Event) -> Optional[InstanceLock]:
     """The state directory's lock, waiting while a `deploy` command holds it;
-    None when the folder cannot be used (logged: the service runs anyway)."""
+    SystemExit when another service holds it (two services on one journal
+    would each resume the other's jobs); None when the folder cannot be
+    used (logged: the service runs anyway)."""
     lock = InstanceLock(config.state_file("autodeploy.lock"))
     try:
         told = False
         while not lock.acquire("serve"):
+            if stop_event.wait(0.2):
+                return None
+            holder = lock.holder()  # read after a pause: a new holder writes its name first
+            if holder.endswith(" serve"):
+                raise SystemExit("%s: another autodeploy serve (pid %s) uses the state directory "
+                                 "%s; give each service its own state_dir"
+                                 % (config.path, holder.split()[0], config.state_dir))
             if not told:
                 log.warning("waiting for the state directory %s: held by pid %s",
-                            config.state_dir, lock.holder())
+                            config.state_dir, holder)
                 told = True
-            if stop_event.wait(0.5):
-                return None
     except OSError as exc:
         log.warning("cannot lock the state directory %s: %s; a `deploy` command run meanwhile "
                     "may overlap this service's jobs", config.state_dir, exc)
@@ -3604,7 +3602,8 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     serve_command.add_argument("--insecure-no-token", action="store_true",
                                help="serve even with no token configured: anyone who reaches "
                                     "the port can deploy (for a private network only)")
-    deploy = commands.add_parser("deploy", help="deploy one repository now, in the foreground")
+    deploy = commands.add_parser("deploy", help="deploy one repository now and wait for the "
+                                 "outcome (through the running service, if any)")
     deploy.add_argument("target", metavar="REPO[:TAG]")
     commands.add_parser("check", help="validate the config and reach the Docker Engine")
     history = commands.add_parser("history", help="recent jobs, from the journal")

@@ -1421,6 +1421,8 @@ def measure_without_journal(client: str, wrk: Optional[str], folder: str, config
     """acks at 8 clients from a second service, the same but for `journal = no`."""
     port = free_port()
     config = config_for_port(port).replace("[autodeploy]\n", "[autodeploy]\njournal = no\n", 1)
+    # Its own state directory: a second service on the first one's is refused.
+    config = config.replace(os.path.join(folder, "state"), os.path.join(folder, "state-no-journal"))
     service = ServiceProcess(folder, config, port, env, name="no-journal")
     try:
         service.launch()

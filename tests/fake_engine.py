@@ -201,6 +201,16 @@ def app_config(name: str = "web", **settings: Any) -> autodeploy.AppConfig:
                                 tags=("latest",), container=name, **settings)
 
 
+def make_config(**fields: Any) -> autodeploy.Config:
+    """A Config with one app, team/web (container web), changed by `fields`."""
+    defaults = dict(path="x.conf", listen_host="127.0.0.1", listen_port=1, tokens=[], workers=1,
+                    state_dir="/nonexistent", callback_allow=[], max_body=1024, max_queue=10,
+                    docker_host=None, docker_config=None,
+                    apps={"team/web": app_config(cooldown=0)})
+    defaults.update(fields)
+    return autodeploy.Config(**defaults)
+
+
 def new_job(app: autodeploy.AppConfig, job_id: str = "j1") -> autodeploy.Job:
     return autodeploy.Job(id=job_id, app=app, tag="latest", received=1.0)
 
@@ -211,3 +221,25 @@ def quiet_logs(test: "unittest.TestCase") -> None:
     level = logger.level
     logger.setLevel(logging.CRITICAL)
     test.addCleanup(logger.setLevel, level)
+
+
+class Rig:
+    """A fake clock and Engine, with the real health gate, container target
+    and job runner wired to them as build_service wires them. The Engine
+    has the app's new image (v2) and the old one (v1)."""
+
+    def __init__(self, test: "unittest.TestCase", probe: Callable[[str, float], bool] = lambda t, s: False):
+        quiet_logs(test)
+        self.clock = FakeClock()
+        self.engine = FakeEngine(self.clock)
+        self.engine.add_image("reg.example/team/web:latest", "sha256:v2")
+        self.engine.add_image("sha256:v1", "sha256:v1")
+        self.steps: List[Dict[str, Any]] = []
+        self.deadline = autodeploy.StopDeadline(self.clock)
+        self.gate = autodeploy.HealthGate(self.engine, self.clock, self.clock.sleep, probe,
+                                          self.deadline.check)
+        self.target = autodeploy.ContainerTarget(
+            self.engine, self.gate, self.deadline, "/nonexistent/config.json",
+            lambda job, **fields: self.steps.append(fields), self.clock)
+        self.runner = autodeploy.JobRunner(self.target, self.deadline, engine_wait=60,
+                                           clock=self.clock, sleep=self.clock.sleep)

@@ -877,6 +877,16 @@ def start_class_fixture(cls) -> None:
     cls.callbacks = CallbackReceiver()
 
 
+def start_app_fixture(cls, name: str, versions: Iterable[str], **image) -> Dict[str, str]:
+    """start_class_fixture (stopped by a class cleanup), then images
+    <registry>/e2e/<name>:<version> pushed; cls.ref is that repository.
+    Returns version -> image ID."""
+    start_class_fixture(cls)
+    cls.addClassCleanup(stop_class_fixture, cls)
+    cls.ref = "%s/e2e/%s" % (cls.registry.host, name)
+    return make_versions(cls.images, cls.ref, versions, **image)
+
+
 def stop_class_fixture(cls) -> None:
     """Close the callbacks, remove the run's containers and cls.images, stop the registry."""
     cls.callbacks.close()

@@ -23,10 +23,7 @@ class DeployCommandTest(unittest.TestCase):
 
     @classmethod
     def setUpClass(cls):
-        support.start_class_fixture(cls)
-        cls.addClassCleanup(support.stop_class_fixture, cls)
-        ref = "%s/e2e/cmd" % cls.registry.host
-        cls.ids = support.make_versions(cls.images, ref, ("v1", "v2", "v3"), cmd=support.app_cmd())
+        cls.ids = support.start_app_fixture(cls, "cmd", ("v1", "v2", "v3"), cmd=support.app_cmd())
         cls.container = "e2e-cmd-%s" % cls.label
         cls.port = support.free_port()
         cls.config_text = main_section(cls.port, cls.callbacks) + """
@@ -38,7 +35,7 @@ settle = 2
 cooldown = 0
 remove_old_image = no
 labels = autodeploy.test={run}
-""".format(ref=ref, name=cls.container, run=cls.label)
+""".format(ref=cls.ref, name=cls.container, run=cls.label)
         cls.service = ServiceProcess(cls.config_text, cls.env)
         cls.addClassCleanup(cls.service.stop)
         cls.service.start(cls.port)

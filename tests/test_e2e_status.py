@@ -298,10 +298,8 @@ class StatusTest(unittest.TestCase):
 
     @classmethod
     def setUpClass(cls):
-        support.start_class_fixture(cls)
-        cls.addClassCleanup(support.stop_class_fixture, cls)
-        ref = "%s/e2e/stat" % cls.registry.host
-        support.make_versions(cls.images, ref, ("v1", "v2"), cmd=support.app_cmd())
+        support.start_app_fixture(cls, "stat", ("v1", "v2"), cmd=support.app_cmd())
+        ref = cls.ref
         support.make_versions(cls.images, ref, ("bad",), cmd=["/bin/sh", "-c", "echo boom; exit 3"])
         port = support.free_port()
         config = main_section(port, cls.callbacks) + """

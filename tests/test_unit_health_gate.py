@@ -5,8 +5,8 @@ import logging
 import unittest
 
 import autodeploy
-from autodeploy import DeployFailed, HealthGate, StopDeadline
-from tests.fake_engine import FakeClock, FakeEngine, app_config, die_event, new_job, quiet_logs
+from autodeploy import DeployFailed
+from tests.fake_engine import Rig, app_config, die_event, new_job
 
 JLOG = autodeploy.JobLog(logging.getLogger("autodeploy.test"), new_job(app_config()))
 
@@ -14,15 +14,10 @@ JLOG = autodeploy.JobLog(logging.getLogger("autodeploy.test"), new_job(app_confi
 class HealthGateTest(unittest.TestCase):
 
     def setUp(self):
-        quiet_logs(self)
-        self.clock = FakeClock()
-        self.engine = FakeEngine(self.clock)
-        self.engine.add_image("img:v2", "sha256:v2")
+        rig = Rig(self, probe=self.probe)
+        self.clock, self.engine, self.deadline, self.gate = rig.clock, rig.engine, rig.deadline, rig.gate
         self.probes = []
         self.answers = []  # what the probe answers, call by call; then False
-        self.deadline = StopDeadline(self.clock)
-        self.gate = HealthGate(self.engine, self.clock, self.clock.sleep, self.probe,
-                               self.deadline.check)
 
     def probe(self, target, timeout):
         self.probes.append(target)

@@ -6,25 +6,16 @@ import logging
 import unittest
 
 import autodeploy
-from autodeploy import ContainerTarget, HealthGate, JobQueue, JobRunner, StopDeadline
-from tests.fake_engine import FakeClock, FakeEngine, app_config, die_event, new_job, quiet_logs
+from autodeploy import JobQueue
+from tests.fake_engine import Rig, app_config, die_event, make_config, new_job, quiet_logs
 
 
 class RecoveryTestCase(unittest.TestCase):
 
     def setUp(self):
-        quiet_logs(self)
-        self.clock = FakeClock()
-        self.engine = FakeEngine(self.clock)
-        self.engine.add_image("reg.example/team/web:latest", "sha256:v2")
-        self.engine.add_image("sha256:v1", "sha256:v1")
-        self.deadline = StopDeadline(self.clock)
-        gate = HealthGate(self.engine, self.clock, self.clock.sleep, lambda t, s: False,
-                          self.deadline.check)
-        self.target = ContainerTarget(self.engine, gate, self.deadline, "/nonexistent/config.json",
-                                      clock=self.clock)
-        self.runner = JobRunner(self.engine, self.target, self.deadline, engine_wait=60,
-                                clock=self.clock, sleep=self.clock.sleep)
+        rig = Rig(self)
+        self.clock, self.engine, self.deadline = rig.clock, rig.engine, rig.deadline
+        self.target, self.runner = rig.target, rig.runner
         self.job = new_job(app_config(order="stop-first"), "j1")
         self.jlog = autodeploy.JobLog(logging.getLogger("autodeploy.test"), self.job)
 
@@ -157,10 +148,7 @@ class ResumeUnfinishedTest(unittest.TestCase):
 
     def setUp(self):
         quiet_logs(self)
-        self.config = autodeploy.Config(
-            path="x.conf", listen_host="127.0.0.1", listen_port=1, tokens=[], workers=1,
-            state_dir="/nonexistent", callback_allow=[], max_body=1024, max_queue=10,
-            docker_host=None, docker_config=None, apps={"team/web": app_config()})
+        self.config = make_config()
         self.queue = JobQueue()
         self.ended = []
 

@@ -10,34 +10,16 @@ import threading
 import unittest
 
 import autodeploy
-from autodeploy import (CallbackSender, ContainerTarget, HealthGate, JobQueue, JobRunner,
-                        MemoryJournal, Push, Service, StopDeadline)
-from tests.fake_engine import FakeClock, FakeEngine, app_config, new_job, quiet_logs
-
-
-def make_config(**fields):
-    defaults = dict(path="x.conf", listen_host="127.0.0.1", listen_port=1, tokens=[], workers=1,
-                    state_dir="/nonexistent", callback_allow=[], max_body=1024, max_queue=10,
-                    docker_host=None, docker_config=None,
-                    apps={"team/web": app_config(cooldown=0)})
-    defaults.update(fields)
-    return autodeploy.Config(**defaults)
+from autodeploy import CallbackSender, JobQueue, MemoryJournal, Push, Service
+from tests.fake_engine import Rig, app_config, make_config, new_job
 
 
 class ServiceTest(unittest.TestCase):
 
     def setUp(self):
-        quiet_logs(self)
-        self.clock = FakeClock()
-        self.engine = FakeEngine(self.clock)
-        self.engine.add_image("reg.example/team/web:latest", "sha256:v2")
-        self.engine.add_image("sha256:v1", "sha256:v1")
-        self.engine.add_container("web", "sha256:v1")
-        deadline = StopDeadline(self.clock)
-        gate = HealthGate(self.engine, self.clock, self.clock.sleep, lambda t, s: False, deadline.check)
-        target = ContainerTarget(self.engine, gate, deadline, "/nonexistent/config.json",
-                                 clock=self.clock)
-        runner = JobRunner(self.engine, target, deadline, clock=self.clock, sleep=self.clock.sleep)
+        rig = Rig(self)
+        rig.engine.add_container("web", "sha256:v1")
+        self.clock, runner = rig.clock, rig.runner
         self.journal = MemoryJournal()
         self.service = Service(make_config(), runner, CallbackSender([]), self.journal,
                                clock=self.clock, hostname="host")
@@ -153,6 +135,15 @@ class InstanceLockTest(unittest.TestCase):
         first.release()
         self.assertTrue(second.acquire("deploy"))
         second.release()
+
+    def test_a_second_service_on_one_state_directory_is_refused(self):
+        folder = tempfile.TemporaryDirectory()
+        self.addCleanup(folder.cleanup)
+        config = make_config(state_dir=folder.name)
+        first = autodeploy.take_instance_lock(config, threading.Event())
+        self.addCleanup(first.release)
+        with self.assertRaisesRegex(SystemExit, "another autodeploy serve .* own state_dir"):
+            autodeploy.take_instance_lock(config, threading.Event())
 
 
 if __name__ == "__main__":

@@ -5,26 +5,18 @@ import logging
 import unittest
 
 import autodeploy
-from autodeploy import ContainerTarget, DeployFailed, HealthGate, RolledBack, StopDeadline
+from autodeploy import DeployFailed, RolledBack
 from dockerapi import DockerError
-from tests.fake_engine import FakeClock, FakeEngine, app_config, die_event, new_job, quiet_logs
+from tests.fake_engine import Rig, app_config, die_event, new_job
 
 
 class ContainerTargetTest(unittest.TestCase):
 
     def setUp(self):
-        quiet_logs(self)
-        self.clock = FakeClock()
-        self.engine = FakeEngine(self.clock)
-        self.engine.add_image("reg.example/team/web:latest", "sha256:v2")
-        self.engine.add_image("sha256:v1", "sha256:v1")
+        rig = Rig(self)
+        self.clock, self.engine, self.deadline, self.target = rig.clock, rig.engine, rig.deadline, rig.target
+        self.steps = rig.steps
         self.old_id = self.engine.add_container("web", "sha256:v1")
-        self.steps = []
-        self.deadline = StopDeadline(self.clock)
-        gate = HealthGate(self.engine, self.clock, self.clock.sleep, lambda t, s: False,
-                          self.deadline.check)
-        self.target = ContainerTarget(self.engine, gate, self.deadline, "/nonexistent/config.json",
-                                      lambda job, **fields: self.steps.append(fields), self.clock)
         self.job = new_job(app_config(order="stop-first"))
         self.jlog = autodeploy.JobLog(logging.getLogger("autodeploy.test"), self.job)
 
