@@ -85,7 +85,6 @@ IMAGE_RE = re.compile(r"^(?:[A-Za-z0-9.-]+(?::[0-9]+)?/)?" + REPOSITORY_RE.patte
 CONTAINER_NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]*$")
 
 
-
 ############################################################################
 # Errors
 ############################################################################
@@ -557,7 +556,6 @@ def _split_list(value: str) -> List[str]:
 
 def _lines(value: str) -> List[str]:
     return [line.strip() for line in (value or "").splitlines() if line.strip()]
-
 
 
 ############################################################################
@@ -2346,7 +2344,6 @@ def _label(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
-
 ############################################################################
 # The service: accepted jobs, the workers that run them, who hears outcomes
 ############################################################################
@@ -2468,20 +2465,21 @@ class Service:
     def finish(self, job: Job) -> None:
         """Record a final outcome and tell whoever waits for it, and for the
         jobs it replaced."""
-        self.save(job)
-        self.metrics.count_deploy(job)
-        self.reporter.tell(job)
-        if job.waiter is not None:
-            job.waiter.settle(job)
-        for older in job.superseded:
-            older.state, older.finished = SUPERSEDED, job.finished
-            older.description = "superseded by job %s" % job.id
-            self.save(older, superseded_by=job.id)
-            self.metrics.count_deploy(older)
-            self.reporter.tell_superseded(older, job)
-            if older.waiter is not None:
-                older.waiter.settle(job)
-        job.superseded = []
+        try:
+            self.save(job)
+            self.metrics.count_deploy(job)
+            self.reporter.tell(job)
+            for older in job.superseded:
+                older.state, older.finished = SUPERSEDED, job.finished
+                older.description = "superseded by job %s" % job.id
+                self.save(older, superseded_by=job.id)
+                self.metrics.count_deploy(older)
+                self.reporter.tell_superseded(older, job)
+        finally:  # whatever failed above, a waiting `deploy` command hears the outcome
+            for waiting in [job] + job.superseded:
+                if waiting.waiter is not None:
+                    waiting.waiter.settle(job)
+            job.superseded = []
 
     def _superseded_in_queue(self, job: Job) -> None:
         """A waiting job replaced by a newer push, nobody awaiting it. Its

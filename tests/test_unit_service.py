@@ -51,10 +51,12 @@ class ServiceTest(unittest.TestCase):
         self.service.reporter.tell = broken_tell
         self.service.start()
         self.addCleanup(self.service.stop, 0)
-        waiter = autodeploy.Waiter()
+        waiter, first_waiter = autodeploy.Waiter(), autodeploy.Waiter()
         with self.assertLogs("autodeploy", "ERROR") as logs:
-            first = self.service.submit(Push("team/web", "latest"))
+            first = self.service.submit(Push("team/web", "latest"), first_waiter)
             self.assertTrue(reported.wait(10))
+            # Its waiter hears the outcome all the same.
+            self.assertEqual(self.wait_for(first_waiter)["state"], "succeeded")
             # The first job's report blew up; the worker still takes the second.
             second = self.service.submit(Push("team/web", "latest"), waiter)
             self.wait_for(waiter)
