@@ -6,15 +6,13 @@ import base64
 import http.server
 import json
 import os
-import shutil
 import socketserver
-import tempfile
-import threading
 import time
 import unittest
 
 import dockerapi
 from dockerapi import DockerClient, DockerError, NotFound, Conflict
+from tests.unit_support import serve_in_thread, temp_folder, write_file
 
 
 class FakeEngine(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
@@ -77,15 +75,8 @@ class FakeHandler(http.server.BaseHTTPRequestHandler):
 class FakeEngineTest(unittest.TestCase):
 
     def start_engine(self, **kwargs):
-        folder = tempfile.mkdtemp(prefix="fake-engine-")
-        self.addCleanup(shutil.rmtree, folder, True)
-        self.socket_path = os.path.join(folder, "docker.sock")
-        engine = FakeEngine(self.socket_path, **kwargs)
-        thread = threading.Thread(target=engine.serve_forever, args=(0.05,), daemon=True)
-        thread.start()
-        self.addCleanup(engine.server_close)
-        self.addCleanup(engine.shutdown)
-        return engine
+        self.socket_path = os.path.join(temp_folder(self, "fake-engine-"), "docker.sock")
+        return serve_in_thread(self, FakeEngine(self.socket_path, **kwargs))
 
     def client(self, **kwargs):
         return DockerClient("unix://" + self.socket_path, environ={}, **kwargs)
@@ -229,14 +220,10 @@ class PullTest(FakeEngineTest):
     def test_registry_credentials_from_docker_config(self):
         engine = self.start_engine()
         engine.routes[("POST", "/v1.41/images/create")] = lambda h: h.send_chunks([b'{"status":"ok"}\r\n'])
-        folder = tempfile.mkdtemp(prefix="docker-config-")
-        self.addCleanup(shutil.rmtree, folder, True)
-        config = os.path.join(folder, "config.json")
-        with open(config, "w") as fh:
-            json.dump({"auths": {
-                "https://index.docker.io/v1/": {"auth": base64.b64encode(b"hubuser:hubpass").decode()},
-                "127.0.0.1:5000": {"auth": base64.b64encode(b"me:se:cret").decode()},
-            }}, fh)
+        config = write_file(temp_folder(self, "docker-config-"), "config.json", json.dumps({"auths": {
+            "https://index.docker.io/v1/": {"auth": base64.b64encode(b"hubuser:hubpass").decode()},
+            "127.0.0.1:5000": {"auth": base64.b64encode(b"me:se:cret").decode()},
+        }}))
         auth = dockerapi.load_registry_auth("127.0.0.1:5000/team/app", config)
         self.assertEqual(auth, {"username": "me", "password": "se:cret", "serveraddress": "127.0.0.1:5000"})
         self.assertEqual(dockerapi.load_registry_auth("myname/myrepo", config)["username"], "hubuser")
