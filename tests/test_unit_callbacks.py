@@ -10,40 +10,57 @@ from typing import Any, List, Tuple
 
 import autodeploy
 from autodeploy import AppConfig, CallbackSender, Job, no_redirects_opener
-from tests.unit_support import BoundedTestCase, Receiver, wait_until
+from tests.unit_support import BoundedTestCase, Receiver
 
 
 class BlackHole:
-    """A listening socket that accepts connections and never answers."""
+    """A listening socket that accepts connections and never answers, until
+    hang_up() closes those it holds."""
 
     def __init__(self, test: unittest.TestCase):
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(16)
-        self.sock.settimeout(0.05)
         self.port = self.sock.getsockname()[1]
         self.origin = ("http", "127.0.0.1", self.port)
         self.url = "http://127.0.0.1:%d/hook/1" % self.port
         self.accepted: List[socket.socket] = []
-        self._stop = threading.Event()
-        thread = threading.Thread(target=self._accept, daemon=True)
+        self._cond = threading.Condition()
+        self._stopping = False
+        thread = threading.Thread(target=self._accept, name="black-hole", daemon=True)
         thread.start()
         test.addCleanup(self._close, thread)
 
     def _accept(self) -> None:
-        while not self._stop.is_set():
+        while True:
             try:
-                self.accepted.append(self.sock.accept()[0])
-            except socket.timeout:
-                continue
+                conn = self.sock.accept()[0]
             except OSError:
                 return
+            with self._cond:
+                if self._stopping:
+                    conn.close()
+                    return
+                self.accepted.append(conn)
+                self._cond.notify_all()
+
+    def wait_accepted(self, count: int, timeout: float = 5.0) -> bool:
+        with self._cond:
+            return self._cond.wait_for(lambda: len(self.accepted) >= count, timeout)
+
+    def hang_up(self) -> None:
+        """Close the connections held so far."""
+        with self._cond:
+            held, self.accepted = self.accepted, []
+        for conn in held:
+            conn.close()
 
     def _close(self, thread: threading.Thread) -> None:
-        self._stop.set()
+        with self._cond:
+            self._stopping = True
+        socket.create_connection(("127.0.0.1", self.port), timeout=5).close()  # wakes accept()
         thread.join(5)
-        for conn in self.accepted:
-            conn.close()
+        self.hang_up()
         self.sock.close()
 
 
@@ -55,6 +72,7 @@ def a_job(n: int = 1) -> Job:
 
 
 BODY = {"state": "success", "description": "deployed", "context": "autodeploy"}
+NOT_SENT = "callback(s) not sent: stopping"  # stop() counts what was queued but not due
 
 
 class CallbackTest(BoundedTestCase):
@@ -83,8 +101,9 @@ class CallbackTest(BoundedTestCase):
             with self.subTest(url=url):
                 self.assertFalse(autodeploy.callback_allowed(url, sender.allow))
                 sender.send(a_job(), url, BODY)
-        time.sleep(0.2)
+        sender.stop()  # what was queued and due is sent now; what was not, counted
         self.assertEqual(receiver.count(), 0)
+        self.assertFalse(self.logs.matching(NOT_SENT))
         self.assertEqual(len(self.logs.matching("not an allowed callback origin")), len(refused))
         for line in self.logs.lines():
             self.assertNotIn("secret-pw", line)
@@ -94,23 +113,25 @@ class CallbackTest(BoundedTestCase):
         receiver = Receiver(self)
         sender = self.sender([("https", "127.0.0.1", receiver.port)])
         sender.send(a_job(), receiver.url, BODY)
-        self.assertFalse(receiver.wait_for(1, 0.3))
+        self.assertEqual(len(self.logs.matching("not an allowed callback origin")), 1)
         sender.allow = [receiver.origin]  # Service.reload() does this
         sender.send(a_job(), receiver.url, BODY)
-        self.assertTrue(receiver.wait_for(1, 3))
+        self.assertTrue(receiver.wait_for(1))
+        sender.stop()
+        self.assertEqual(receiver.count(), 1)  # the refused one was never queued
         _, method, path, body = receiver.hits[0]
         self.assertEqual((method, path, json.loads(body.decode())), ("POST", "/hook/1", BODY))
 
     def test_redirects_are_not_followed(self):
         target = Receiver(self)
         redirector = Receiver(self, statuses=(302,), location=target.url)
-        sender = self.sender([redirector.origin, target.origin], retry_delays=(0.05, 0.05))
+        sender = self.sender([redirector.origin, target.origin], retry_delays=(0.01, 0.01))
         sender.send(a_job(), redirector.url, BODY)
-        self.assertTrue(redirector.wait_for(1, 3))
-        self.assertTrue(wait_until(lambda: self.logs.matching("refused: HTTP 302"), 3), self.logs.lines())
-        time.sleep(0.3)  # a retry or a redirect would have come by now
+        self.assertTrue(self.logs.wait_for("refused: HTTP 302"), self.logs.lines())
+        sender.stop()  # a retry would now be sent, or counted as not sent
         self.assertEqual(target.count(), 0)
         self.assertEqual(redirector.count(), 1)  # a redirect will not change: not retried
+        self.assertFalse(self.logs.matching(NOT_SENT))
 
     def test_no_redirect_opener_on_its_own(self):
         import urllib.error
@@ -127,53 +148,61 @@ class CallbackTest(BoundedTestCase):
     def test_a_host_that_never_answers_holds_one_thread_only(self):
         hole = BlackHole(self)
         receiver = Receiver(self)
-        sender = self.sender([hole.origin, receiver.origin], timeout=1.0, threads=4)
         failed = "callback success to http://127.0.0.1/... failed"
-        started = time.monotonic()
+        # A timeout longer than the test: the post to the hole stays stuck until it hangs up.
+        sender = self.sender([hole.origin, receiver.origin], timeout=60.0, threads=4)
         sender.send(a_job(1), hole.url, BODY)
-        self.assertTrue(wait_until(lambda: hole.accepted, 2))  # a thread is now stuck on it
+        self.assertTrue(hole.wait_accepted(1))  # a thread is now stuck on it
         sender.send(a_job(2), receiver.url, BODY)
-        self.assertTrue(receiver.wait_for(1, 0.9))
+        self.assertTrue(receiver.wait_for(1))
         self.assertFalse(self.logs.matching(failed))  # it came while the other one was stuck
-        # and the stuck one gives up after `timeout`
-        self.assertTrue(wait_until(lambda: self.logs.matching(failed), 3), self.logs.lines())
-        self.assertGreater(time.monotonic() - started, 0.9)
+        hole.hang_up()
+        self.assertTrue(self.logs.wait_for(failed), self.logs.lines())
+        # and a post that gets no answer gives up after `timeout`
+        quick = self.sender([hole.origin], timeout=0.05)
+        started = time.monotonic()
+        quick.send(a_job(3), hole.url, BODY)
+        self.assertEqual(len(self.logs.wait_for(failed, count=2)), 2, self.logs.lines())
+        self.assertGreater(time.monotonic() - started, 0.049)
         self.assertLess(time.monotonic() - started, 3.0)
 
     def test_retries_follow_retry_delays(self):
         receiver = Receiver(self, statuses=(500, 503, 200))
-        sender = self.sender([receiver.origin], retry_delays=(0.1, 0.3, 0.05))
+        sender = self.sender([receiver.origin], retry_delays=(0.01, 0.03, 0.005))
         sender.send(a_job(), receiver.url, BODY)
-        self.assertTrue(receiver.wait_for(3, 3))
-        time.sleep(0.3)  # sent at the third attempt: no fourth
+        self.assertTrue(self.logs.wait_for("callback success sent"), self.logs.lines())
+        sender.stop()  # sent at the third attempt: a fourth would now be sent, or counted as not sent
         times = [hit[0] for hit in receiver.hits]
         self.assertEqual(len(times), 3)
-        self.assertGreaterEqual(times[1] - times[0], 0.09)
-        self.assertGreaterEqual(times[2] - times[1], 0.29)
+        self.assertGreaterEqual(times[1] - times[0], 0.0099)
+        self.assertGreaterEqual(times[2] - times[1], 0.0299)
         self.assertLess(times[2] - times[0], 2.0)
-        self.assertEqual(len(self.logs.matching("attempt 1 failed, next in 0.1s")), 1)
-        self.assertEqual(len(self.logs.matching("attempt 2 failed, next in 0.3s")), 1)
+        self.assertEqual(len(self.logs.matching("attempt 1 failed, next in 0.01s")), 1)
+        self.assertEqual(len(self.logs.matching("attempt 2 failed, next in 0.03s")), 1)
         self.assertEqual(len(self.logs.matching("callback success sent")), 1)
+        self.assertFalse(self.logs.matching(NOT_SENT))
 
     def test_retries_stop_after_the_last_delay(self):
         receiver = Receiver(self, statuses=(500,))
-        sender = self.sender([receiver.origin], retry_delays=(0.05, 0.05))
+        sender = self.sender([receiver.origin], retry_delays=(0.01, 0.01))
         sender.send(a_job(), receiver.url, BODY)
-        self.assertTrue(receiver.wait_for(3, 3))
-        time.sleep(0.3)
+        self.assertEqual(len(self.logs.wait_for("refused: HTTP 500", count=3)), 3, self.logs.lines())
+        sender.stop()  # a fourth attempt would now be sent, or counted as not sent
         self.assertEqual(receiver.count(), 3)
+        self.assertFalse(self.logs.matching("attempt 3 failed"))
+        self.assertFalse(self.logs.matching(NOT_SENT))
 
     def test_429_is_retried_but_404_is_not(self):
         retried = Receiver(self, statuses=(429, 200))
         final = Receiver(self, statuses=(404,))
-        sender = self.sender([retried.origin, final.origin], retry_delays=(0.05, 0.05, 0.05))
+        sender = self.sender([retried.origin, final.origin], retry_delays=(0.01, 0.01, 0.01))
         sender.send(a_job(1), retried.url, BODY)
         sender.send(a_job(2), final.url, BODY)
-        self.assertTrue(retried.wait_for(2, 3))
-        self.assertTrue(final.wait_for(1, 3))
-        time.sleep(0.3)
+        self.assertTrue(self.logs.wait_for("callback success sent"), self.logs.lines())
+        self.assertTrue(self.logs.wait_for("refused: HTTP 404"), self.logs.lines())
+        sender.stop()  # a retry would now be sent, or counted as not sent
         self.assertEqual((retried.count(), final.count()), (2, 1))
-        self.assertTrue(self.logs.matching("refused: HTTP 404"))
+        self.assertFalse(self.logs.matching(NOT_SENT))
 
     def test_the_queue_is_bounded(self):
         sender = CallbackSender([("http", "127.0.0.1", 9)], max_pending=2)  # not started
@@ -181,7 +210,7 @@ class CallbackTest(BoundedTestCase):
             sender.send(a_job(n), "http://127.0.0.1:9/hook", BODY)
         self.assertEqual(len(self.logs.matching("dropped: 2 posts are waiting already")), 2)
         sender.stop(0.1)
-        self.assertTrue(self.logs.matching("2 callback(s) not sent"))
+        self.assertTrue(self.logs.matching("2 " + NOT_SENT))
 
 if __name__ == "__main__":
     unittest.main()

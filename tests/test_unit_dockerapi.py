@@ -3,10 +3,12 @@ Unix socket: what the real Engine cannot be made to do on demand (report
 another API version, hang up mid-stream, go quiet)."""
 
 import base64
+import concurrent.futures
 import http.server
 import json
 import os
 import socketserver
+import threading
 import time
 import unittest
 
@@ -52,7 +54,9 @@ class FakeHandler(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
-    def send_chunks(self, chunks, hang_up=False, pause=0.0):
+    def send_chunks(self, chunks, hang_up=False, pause=0.0, hold=None):
+        """A chunked 200 with `chunks`, `pause` s apart; then a chunk cut
+        short (`hang_up`), or nothing until the Event `hold` is set, or the end."""
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Transfer-Encoding", "chunked")
@@ -61,6 +65,8 @@ class FakeHandler(http.server.BaseHTTPRequestHandler):
             self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
             self.wfile.flush()
             time.sleep(pause)
+        if hold is not None:
+            hold.wait(10)
         if hang_up:
             self.wfile.write(b"40\r\n{\"status\":")  # a chunk cut short
             self.wfile.flush()
@@ -76,7 +82,7 @@ class FakeEngineTest(unittest.TestCase):
 
     def start_engine(self, **kwargs):
         self.socket_path = os.path.join(temp_folder(self, "fake-engine-"), "docker.sock")
-        return serve_in_thread(self, FakeEngine(self.socket_path, **kwargs))
+        return serve_in_thread(self.addCleanup, FakeEngine(self.socket_path, **kwargs))
 
     def client(self, **kwargs):
         return DockerClient("unix://" + self.socket_path, environ={}, **kwargs)
@@ -202,14 +208,22 @@ class PullTest(FakeEngineTest):
 
     def test_idle_timeout_not_total_timeout(self):
         engine = self.start_engine()
-        steady = [b'{"status":"Downloading"}\r\n'] * 6
-        engine.routes[("POST", "/v1.41/images/create")] = lambda h: h.send_chunks(steady, pause=0.1)
-        client = self.client(pull_idle_timeout=0.4)
-        client.pull_image("app", "v1")  # 0.6 s in all, never 0.4 s idle
-        engine.routes[("POST", "/v1.41/images/create")] = lambda h: h.send_chunks(
-            [b'{"status":"Downloading"}\r\n'], pause=1.5)
-        with self.assertRaises(DockerError) as caught:
-            client.pull_image("app", "v1")
+        silence = threading.Event()
+        self.addCleanup(silence.set)
+
+        def pull(handler):
+            if "fromImage=steady" in handler.path:  # 0.12 s in all, never 0.1 s idle
+                handler.send_chunks([b'{"status":"Downloading"}\r\n'] * 6, pause=0.02)
+            else:  # then nothing
+                handler.send_chunks([b'{"status":"Downloading"}\r\n'], hold=silence)
+        engine.routes[("POST", "/v1.41/images/create")] = pull
+        # The two at once: one wait for both.
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            steady, stalled = (pool.submit(self.client(pull_idle_timeout=0.1).pull_image, image, "v1")
+                               for image in ("steady", "stalled"))
+            steady.result(5)
+            with self.assertRaises(DockerError) as caught:
+                stalled.result(5)
         self.assertIn("timed out", str(caught.exception))
 
     def test_never_pulls_without_a_tag(self):

@@ -27,7 +27,8 @@ class HandlerTest(ServerTestCase):
 
     def setUp(self):
         super().setUp()
-        apps = {"myname/myrepo": AppConfig("myname/myrepo", "myname/myrepo", ("latest", "v2"), "myname-myrepo"),
+        apps = {"myname/myrepo": AppConfig("myname/myrepo", "myname/myrepo", ("latest", "v2"),
+                                           "myname-myrepo"),
                 "team/api": AppConfig("team/api", "team/api", ("latest",), "api")}
         self.start_server(tokens=[TOKEN], max_body=1024, max_queue=1, apps=apps)
 

@@ -3,12 +3,11 @@
 import os
 import shutil
 import sqlite3
-import time
 import unittest
 
 import autodeploy
 from autodeploy import AppConfig, Job, Journal, JournalError
-from tests.unit_support import BoundedTestCase, FakeClock, temp_folder
+from tests.unit_support import BoundedTestCase, FakeClock, temp_folder, wait_until
 
 APP = AppConfig("team/api", "team/api", ("latest",), "team-api")
 OTHER = AppConfig("team/web", "team/web", ("latest",), "team-web")
@@ -78,21 +77,27 @@ class JournalTest(BoundedTestCase):
         self.assertIn("jobs_by_app", indexes)
         self.assertNotIn("jobs_by_state", indexes)
 
+    def rows_in_database_file(self) -> int:
+        """The rows in a copy of the journal's database file without its WAL
+        (-1 when the copy caught a checkpoint half-way)."""
+        copy = os.path.join(self.folder, "copy.sqlite3")
+        shutil.copyfile(self.journal.path, copy)
+        db = sqlite3.connect(copy)
+        try:
+            return db.execute("SELECT count(*) FROM jobs").fetchone()[0]
+        except sqlite3.DatabaseError:
+            return -1
+        finally:
+            db.close()
+
     def test_checkpoints_run_on_the_housekeeping_thread(self):
         self.journal.start_housekeeping(interval=0.01)
         self.assertEqual(self.journal._db.execute("PRAGMA wal_autocheckpoint").fetchone()[0], 0)
         for _ in range(50):
             self.job()
-        deadline = time.monotonic() + 5
-        while self.journal._written.is_set() and time.monotonic() < deadline:
-            time.sleep(0.01)
-        time.sleep(0.1)  # the checkpoint after the last wake-up
-        # The database file alone, without its WAL, holds the rows: they were checkpointed.
-        copy = os.path.join(self.folder, "copy.sqlite3")
-        shutil.copyfile(self.journal.path, copy)
-        db = sqlite3.connect(copy)
-        self.addCleanup(db.close)
-        self.assertEqual(db.execute("SELECT count(*) FROM jobs").fetchone()[0], 50)
+        # The database file alone, without its WAL, comes to hold the rows: they were checkpointed.
+        self.assertTrue(wait_until(lambda: self.rows_in_database_file() == 50, 5),
+                        self.rows_in_database_file())
         self.assertTrue(self.journal.alive())
         self.journal.close()
         self.assertFalse(self.journal._housekeeper.is_alive())

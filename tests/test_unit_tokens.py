@@ -18,7 +18,7 @@ from autodeploy import ANY_APP, ConfigError, load_config, token_scope
 from tests.unit_support import (APP_TOKEN, CREDENTIAL_TOKEN, ENV_TOKEN, GLOBAL_SECRET, GLOBAL_TOKEN,
                                 OTHER_APP_TOKEN, ROTATED_TOKEN, SECRETS, ServerTestCase, for_tests,
                                 hub_body, make_apps, make_config, raw_post, run_serve, sign,
-                                temp_folder, wait_until, write_file)
+                                temp_folder, write_file)
 
 
 class TokenTest(ServerTestCase):
@@ -134,7 +134,7 @@ class TokenTest(ServerTestCase):
     def test_serve_with_insecure_no_token_starts_and_warns(self):
         config = make_config(tokens=[])._replace(insecure_no_token=True, listen_port=0)
         stop, thread, result = run_serve(self, config, environ={})
-        listening = wait_until(lambda: self.logs.matching("listening on"), 5)
+        listening = self.logs.wait_for("listening on")
         self.assertTrue(listening, self.logs.lines())
         warnings_ = [r for r in self.logs.records if r.levelno == logging.WARNING
                      and "INSECURE" in r.getMessage()]
@@ -191,7 +191,7 @@ class TokenSecrecyTest(ServerTestCase):
         # serve(): the start-up line names the URL as /deploy/<token>
         config = make_config(tokens=[GLOBAL_TOKEN], workers=1)
         stop, thread, result = run_serve(self, config, environ={})
-        listening = wait_until(lambda: self.logs.matching("listening on"), 5)
+        listening = self.logs.wait_for("listening on")
         self.assertTrue(listening)
         self.assertIn("/deploy/<token>", listening[0])
         self.assertFalse(self.logs.matching("INSECURE"))

@@ -22,9 +22,11 @@ import json
 import logging
 import os
 import re
+import selectors
 import shutil
 import socket
 import ssl
+import subprocess
 import tempfile
 import threading
 import time
@@ -47,9 +49,6 @@ SECRETS = (GLOBAL_TOKEN, ROTATED_TOKEN, APP_TOKEN, OTHER_APP_TOKEN, ENV_TOKEN, C
            GLOBAL_SECRET, APP_SECRET)
 NO_ENGINE = "unix:///nonexistent/autodeploy-test.sock"
 TEST_LIMIT = 60  # seconds any one test may take before the process is stopped with tracebacks
-# socketserver's shutdown() waits for serve_forever()'s next poll: a short
-# poll stops a server in milliseconds instead of 50 ms (or serve()'s 0.5 s).
-SERVE_POLL = 0.005
 
 
 ############################################################################
@@ -113,6 +112,20 @@ def split_response(raw: bytes) -> Tuple[int, Dict[str, str], bytes]:
         key, _, value = line.partition(":")
         headers[key.strip().lower()] = value.strip()
     return int(lines[0].split()[1]), headers, body
+
+
+def read_until_closed(sock: socket.socket) -> bytes:
+    """What the peer sends until it closes, resets, or the socket times out."""
+    chunks = []
+    try:
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    except OSError:
+        pass
+    return b"".join(chunks)
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float, step: float = 0.005) -> Any:
@@ -201,6 +214,21 @@ class LogCapture(logging.Handler):
         return self.matching(fragment)
 
 
+def capture_logs(add_cleanup: Callable[..., None]) -> LogCapture:
+    """Capture the 'autodeploy' logger (and keep it off stderr) until the
+    cleanups of `add_cleanup` (a test's addCleanup, a class's addClassCleanup) run."""
+    logger = logging.getLogger("autodeploy")
+    handler = LogCapture()
+    old = logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    logger.propagate = False  # no output on stderr
+    add_cleanup(setattr, logger, "propagate", old[1])
+    add_cleanup(logger.setLevel, old[0])
+    add_cleanup(logger.removeHandler, handler)
+    return handler
+
+
 class BoundedTestCase(unittest.TestCase):
     """A test that cannot hang, with its logs captured in self.logs (and
     kept off stderr)."""
@@ -211,16 +239,7 @@ class BoundedTestCase(unittest.TestCase):
         self.logs = self.capture_logs()
 
     def capture_logs(self) -> LogCapture:
-        logger = logging.getLogger("autodeploy")
-        handler = LogCapture()
-        old = logger.level, logger.propagate
-        logger.addHandler(handler)
-        logger.setLevel(logging.DEBUG)
-        logger.propagate = False  # no output on stderr
-        self.addCleanup(setattr, logger, "propagate", old[1])
-        self.addCleanup(logger.setLevel, old[0])
-        self.addCleanup(logger.removeHandler, handler)
-        return handler
+        return capture_logs(self.addCleanup)
 
     def assertNoSecretLogged(self) -> None:
         lines = self.logs.lines()
@@ -236,16 +255,81 @@ class BoundedTestCase(unittest.TestCase):
 # In-process servers
 ############################################################################
 
-def serve_in_thread(test: unittest.TestCase, server: Any) -> Any:
-    """Run a socketserver server in a thread of its own until `test` ends:
-    then it is shut down, closed and joined."""
-    thread = threading.Thread(target=server.serve_forever, args=(SERVE_POLL,),
-                              name="server-under-test", daemon=True)
+class ServeLoop:
+    """serve_forever() for a socketserver server, without polling: stop()
+    wakes it at once. (socketserver's own loop polls, every 0.5 s by
+    default, and its shutdown() waits for the next poll.)"""
+
+    def __init__(self, server: Any):
+        self.server = server
+        self._stopping = threading.Event()
+        self._ended = threading.Event()
+        self._waker, self._woken = socket.socketpair()
+
+    def run(self) -> None:
+        try:
+            with selectors.DefaultSelector() as selector:
+                selector.register(self.server, selectors.EVENT_READ)
+                selector.register(self._woken, selectors.EVENT_READ)
+                while not self._stopping.is_set():
+                    for key, _ in selector.select():
+                        if key.fileobj is self.server and not self._stopping.is_set():
+                            self.server.handle_request()  # a connection waits: returns at once
+        finally:
+            self._ended.set()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """End run() (when it runs) and wait for that."""
+        self._stopping.set()
+        self._waker.send(b"\0")
+        self._ended.wait(timeout)
+        self._waker.close()
+        self._woken.close()
+
+
+def serve_in_thread(add_cleanup: Callable[..., None], server: Any) -> Any:
+    """Run a socketserver server in a thread of its own; the cleanups of
+    `add_cleanup` (a test's addCleanup, a class's addClassCleanup) stop it,
+    join the thread and close the server."""
+    loop = ServeLoop(server)
+    thread = threading.Thread(target=loop.run, name="server-under-test", daemon=True)
     thread.start()
-    test.addCleanup(thread.join, 5)
-    test.addCleanup(server.server_close)
-    test.addCleanup(server.shutdown)
+    add_cleanup(server.server_close)
+    add_cleanup(thread.join, 5)
+    add_cleanup(loop.stop)
     return server
+
+
+def start_webhook_server(add_cleanup: Callable[..., None], config: autodeploy.Config,
+                         tls: Any = None) -> autodeploy.WebhookServer:
+    """A WebhookServer on 127.0.0.1 in a thread (see serve_in_thread); its
+    service (server.service) is not started, so accepted jobs stay queued."""
+    service = autodeploy.build_service(config, autodeploy.DockerClient(config.docker_host))
+    return serve_in_thread(add_cleanup, autodeploy.WebhookServer(("127.0.0.1", 0), service, tls))
+
+
+def make_certificate(add_cleanup: Callable[..., None]) -> Tuple[str, str]:
+    """A self-signed certificate for localhost and 127.0.0.1 made by
+    `openssl`, valid 2 days, removed by the cleanups of `add_cleanup`:
+    (cert, key). SkipTest when it cannot be made, except under CI=true,
+    where that fails."""
+    folder = tempfile.mkdtemp(prefix="autodeploy-tls-")
+    add_cleanup(shutil.rmtree, folder, True)
+    cert, key = os.path.join(folder, "cert.pem"), os.path.join(folder, "key.pem")
+    try:
+        if shutil.which("openssl") is None:
+            raise OSError("openssl is not installed")
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                        "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", key, "-out", cert,
+                        "-days", "2", "-subj", "/CN=localhost",
+                        "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+                       check=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=30)
+    except (OSError, subprocess.SubprocessError) as exc:
+        if os.environ.get("CI") == "true":
+            raise AssertionError("cannot make a test certificate (CI=true: failing, not skipping): %s"
+                                 % exc) from exc
+        raise unittest.SkipTest("cannot make a test certificate: %s" % exc) from exc
+    return cert, key
 
 
 class ServerTestCase(BoundedTestCase):
@@ -258,10 +342,8 @@ class ServerTestCase(BoundedTestCase):
 
     def start_server(self, config: Optional[autodeploy.Config] = None, tls: Any = None,
                      **overrides: Any) -> autodeploy.WebhookServer:
-        config = config or make_config(**overrides)
-        self.service = autodeploy.build_service(config, autodeploy.DockerClient(config.docker_host))
-        server = serve_in_thread(self, autodeploy.WebhookServer(("127.0.0.1", 0), self.service, tls))
-        self.server, self.port = server, server.server_address[1]
+        server = start_webhook_server(self.addCleanup, config or make_config(**overrides), tls)
+        self.server, self.service, self.port = server, server.service, server.server_address[1]
         return server
 
     def connect(self, timeout: float = 5.0) -> socket.socket:
@@ -314,16 +396,7 @@ class ServerTestCase(BoundedTestCase):
 
     def read_all(self, sock: socket.socket) -> bytes:
         """Everything until the server closes (or the socket's timeout)."""
-        chunks = []
-        try:
-            while True:
-                chunk = sock.recv(65536)
-                if not chunk:
-                    break
-                chunks.append(chunk)
-        except (socket.timeout, ConnectionError):
-            pass
-        raw = b"".join(chunks)
+        raw = read_until_closed(sock)
         self.answers.append(raw)
         return raw
 
@@ -336,11 +409,18 @@ class ServerTestCase(BoundedTestCase):
 
 
 class QuickStopServer(autodeploy.WebhookServer):
-    """WebhookServer polling every SERVE_POLL s: serve() stops its server
-    with shutdown(), which otherwise waits up to 0.5 s for the next poll."""
+    """WebhookServer whose shutdown() (serve() stops its server so) ends
+    serve_forever() at once, not at its next poll up to 0.5 s later."""
 
-    def serve_forever(self, poll_interval: float = SERVE_POLL) -> None:
-        super().serve_forever(poll_interval)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.loop = ServeLoop(self)
+
+    def serve_forever(self, poll_interval: float = 0.5) -> None:
+        self.loop.run()
+
+    def shutdown(self) -> None:
+        self.loop.stop()
 
 
 def run_serve(test: unittest.TestCase, config: autodeploy.Config, environ: Dict[str, str]
@@ -401,7 +481,7 @@ class Receiver:
         self.port = self.server.server_address[1]
         self.origin = ("http", "127.0.0.1", self.port)
         self.url = "http://127.0.0.1:%d/hook/1" % self.port
-        serve_in_thread(test, self.server)
+        serve_in_thread(test.addCleanup, self.server)
 
     def wait_for(self, count: int, timeout: float = 5.0) -> bool:
         """True once `count` requests came; False when `timeout` passed first."""
