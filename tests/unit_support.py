@@ -25,6 +25,7 @@ import re
 import selectors
 import shutil
 import socket
+import socketserver
 import ssl
 import subprocess
 import tempfile
@@ -408,25 +409,25 @@ class ServerTestCase(BoundedTestCase):
         return status
 
 
-class QuickStopServer(autodeploy.WebhookServer):
-    """WebhookServer whose shutdown() (serve() stops its server so) ends
-    serve_forever() at once, not at its next poll up to 0.5 s later."""
+def quick_polling(poll_interval: float = 0.005) -> Any:
+    """A patch of socketserver's serve_forever() to poll every `poll_interval`
+    s: serve() stops its servers with shutdown(), which waits for the next
+    poll, 0.5 s apart by default."""
+    serve_forever = socketserver.BaseServer.serve_forever
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.loop = ServeLoop(self)
+    def polling_often(server: Any, interval: float = poll_interval) -> None:
+        serve_forever(server, min(interval, poll_interval))
 
-    def serve_forever(self, poll_interval: float = 0.5) -> None:
-        self.loop.run()
-
-    def shutdown(self) -> None:
-        self.loop.stop()
+    return unittest.mock.patch.object(socketserver.BaseServer, "serve_forever", polling_often)
 
 
 def run_serve(test: unittest.TestCase, config: autodeploy.Config, environ: Dict[str, str]
               ) -> Tuple[threading.Event, threading.Thread, Dict[str, Any]]:
-    """autodeploy.serve() in a thread (it sets no signal handler there);
-    stopped and joined at cleanup. `result` gets 'status' or 'error'."""
+    """autodeploy.serve() in a thread (it sets no signal handler there), with
+    a state directory of its own and quick_polling(); stopped and joined at
+    cleanup. `result` gets 'status' or 'error'."""
+    if not config.state_dir:  # not the current directory
+        config = config._replace(state_dir=temp_folder(test, "autodeploy-state-"))
     stop = threading.Event()
     result: Dict[str, Any] = {}
 
@@ -436,7 +437,7 @@ def run_serve(test: unittest.TestCase, config: autodeploy.Config, environ: Dict[
         except BaseException as exc:  # SystemExit too
             result["error"] = exc
 
-    patcher = unittest.mock.patch.object(autodeploy, "WebhookServer", QuickStopServer)
+    patcher = quick_polling()
     patcher.start()
     test.addCleanup(patcher.stop)
     thread = threading.Thread(target=target, name="serve-under-test", daemon=True)
