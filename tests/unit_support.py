@@ -8,9 +8,10 @@ security layer is under test, not deploys. Every socket and join has a
 timeout, and a test that runs over TEST_LIMIT seconds stops the process
 with every thread's traceback.
 
-Waiting is for a condition (a log line, a request, a thread ending), never
+Waiting is for a condition (a log line, a request, a thread ending), not
 for a fixed time: "nothing more came" is checked after joining whatever
-could still have sent it.
+could still have sent it. Where a timeout itself is under test, it is
+short, and the waits for it run at once.
 """
 
 import faulthandler
