@@ -2,38 +2,20 @@
 
 import json
 import os
-import tempfile
 import unittest
 
 import autodeploy
 from autodeploy import ConfigError, PayloadError, load_config, parse_push
+from tests.unit_support import write_config, write_file
 
 TOKEN = "t" * 40
 PAYLOADS = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "payloads")
 
 
-def setUpModule():
-    global FOLDER
-    FOLDER = tempfile.TemporaryDirectory(prefix="autodeploy-config-")
-
-
-def tearDownModule():
-    FOLDER.cleanup()
-
-
-def write_config(text: str) -> str:
-    """Write `text` to a config file in a folder of its own; return its path."""
-    folder = tempfile.mkdtemp(dir=FOLDER.name)
-    path = os.path.join(folder, "autodeploy.conf")
-    with open(path, "w", encoding="utf-8") as fh:
-        fh.write(text)
-    return path
-
-
 class ConfigTest(unittest.TestCase):
 
     def load(self, text: str) -> autodeploy.Config:
-        return load_config(write_config(text))
+        return load_config(write_config(self, text))
 
     def assertConfigError(self, text: str, *fragments: str) -> None:
         with self.assertRaises(ConfigError) as caught:
@@ -98,9 +80,8 @@ command = httpd -f -p "80"
         self.assertEqual(body["ExposedPorts"], {"80/tcp": {}, "443/tcp": {}})
 
     def test_token_file_relative_to_config(self):
-        path = write_config("[autodeploy]\ntoken_file = token\n")
-        with open(os.path.join(os.path.dirname(path), "token"), "w") as fh:
-            fh.write(TOKEN + "\n")
+        path = write_config(self, "[autodeploy]\ntoken_file = token\n")
+        write_file(os.path.dirname(path), "token", TOKEN + "\n")
         self.assertEqual(load_config(path).tokens, [TOKEN])
 
     def test_errors_name_file_section_and_problem(self):

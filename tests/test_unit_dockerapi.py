@@ -3,18 +3,18 @@ Unix socket: what the real Engine cannot be made to do on demand (report
 another API version, hang up mid-stream, go quiet)."""
 
 import base64
+import concurrent.futures
 import http.server
 import json
 import os
-import shutil
 import socketserver
-import tempfile
 import threading
 import time
 import unittest
 
 import dockerapi
 from dockerapi import DockerClient, DockerError, NotFound, Conflict
+from tests.unit_support import serve_in_thread, temp_folder, write_file
 
 
 class FakeEngine(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
@@ -54,7 +54,9 @@ class FakeHandler(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
-    def send_chunks(self, chunks, hang_up=False, pause=0.0):
+    def send_chunks(self, chunks, hang_up=False, pause=0.0, hold=None):
+        """A chunked 200 with `chunks`, `pause` s apart; then a chunk cut
+        short (`hang_up`), or nothing until the Event `hold` is set, or the end."""
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Transfer-Encoding", "chunked")
@@ -63,6 +65,8 @@ class FakeHandler(http.server.BaseHTTPRequestHandler):
             self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
             self.wfile.flush()
             time.sleep(pause)
+        if hold is not None:
+            hold.wait(10)
         if hang_up:
             self.wfile.write(b"40\r\n{\"status\":")  # a chunk cut short
             self.wfile.flush()
@@ -77,15 +81,8 @@ class FakeHandler(http.server.BaseHTTPRequestHandler):
 class FakeEngineTest(unittest.TestCase):
 
     def start_engine(self, **kwargs):
-        folder = tempfile.mkdtemp(prefix="fake-engine-")
-        self.addCleanup(shutil.rmtree, folder, True)
-        self.socket_path = os.path.join(folder, "docker.sock")
-        engine = FakeEngine(self.socket_path, **kwargs)
-        thread = threading.Thread(target=engine.serve_forever, args=(0.05,), daemon=True)
-        thread.start()
-        self.addCleanup(engine.server_close)
-        self.addCleanup(engine.shutdown)
-        return engine
+        self.socket_path = os.path.join(temp_folder(self, "fake-engine-"), "docker.sock")
+        return serve_in_thread(self.addCleanup, FakeEngine(self.socket_path, **kwargs))
 
     def client(self, **kwargs):
         return DockerClient("unix://" + self.socket_path, environ={}, **kwargs)
@@ -211,14 +208,22 @@ class PullTest(FakeEngineTest):
 
     def test_idle_timeout_not_total_timeout(self):
         engine = self.start_engine()
-        steady = [b'{"status":"Downloading"}\r\n'] * 6
-        engine.routes[("POST", "/v1.41/images/create")] = lambda h: h.send_chunks(steady, pause=0.1)
-        client = self.client(pull_idle_timeout=0.4)
-        client.pull_image("app", "v1")  # 0.6 s in all, never 0.4 s idle
-        engine.routes[("POST", "/v1.41/images/create")] = lambda h: h.send_chunks(
-            [b'{"status":"Downloading"}\r\n'], pause=1.5)
-        with self.assertRaises(DockerError) as caught:
-            client.pull_image("app", "v1")
+        silence = threading.Event()
+        self.addCleanup(silence.set)
+
+        def pull(handler):
+            if "fromImage=steady" in handler.path:  # 0.12 s in all, never 0.1 s idle
+                handler.send_chunks([b'{"status":"Downloading"}\r\n'] * 6, pause=0.02)
+            else:  # then nothing
+                handler.send_chunks([b'{"status":"Downloading"}\r\n'], hold=silence)
+        engine.routes[("POST", "/v1.41/images/create")] = pull
+        # The two at once: one wait for both.
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            steady, stalled = (pool.submit(self.client(pull_idle_timeout=0.1).pull_image, image, "v1")
+                               for image in ("steady", "stalled"))
+            steady.result(5)
+            with self.assertRaises(DockerError) as caught:
+                stalled.result(5)
         self.assertIn("timed out", str(caught.exception))
 
     def test_never_pulls_without_a_tag(self):
@@ -229,14 +234,10 @@ class PullTest(FakeEngineTest):
     def test_registry_credentials_from_docker_config(self):
         engine = self.start_engine()
         engine.routes[("POST", "/v1.41/images/create")] = lambda h: h.send_chunks([b'{"status":"ok"}\r\n'])
-        folder = tempfile.mkdtemp(prefix="docker-config-")
-        self.addCleanup(shutil.rmtree, folder, True)
-        config = os.path.join(folder, "config.json")
-        with open(config, "w") as fh:
-            json.dump({"auths": {
-                "https://index.docker.io/v1/": {"auth": base64.b64encode(b"hubuser:hubpass").decode()},
-                "127.0.0.1:5000": {"auth": base64.b64encode(b"me:se:cret").decode()},
-            }}, fh)
+        config = write_file(temp_folder(self, "docker-config-"), "config.json", json.dumps({"auths": {
+            "https://index.docker.io/v1/": {"auth": base64.b64encode(b"hubuser:hubpass").decode()},
+            "127.0.0.1:5000": {"auth": base64.b64encode(b"me:se:cret").decode()},
+        }}))
         auth = dockerapi.load_registry_auth("127.0.0.1:5000/team/app", config)
         self.assertEqual(auth, {"username": "me", "password": "se:cret", "serveraddress": "127.0.0.1:5000"})
         self.assertEqual(dockerapi.load_registry_auth("myname/myrepo", config)["username"], "hubuser")

@@ -1,4 +1,5 @@
-"""Unit tests: every HTTP answer of the webhook listener, and the job queue.
+"""Unit tests: every HTTP answer of the webhook listener, and its own
+parsing of plain requests (the same outcome as http.server's).
 
 The service is not started here, so accepted jobs stay queued and no Docker
 Engine is involved; deploying is covered end to end in test_e2e_deploy.
@@ -7,72 +8,32 @@ Engine is involved; deploying is covered end to end in test_e2e_deploy.
 import http.client
 import http.server
 import io
-import json
-import logging
-import socket
-import threading
-import time
 import unittest
 
 import autodeploy
-from autodeploy import AppConfig, Job, JobQueue
+from autodeploy import AppConfig
+from tests import unit_support
+from tests.unit_support import ServerTestCase
 
 TOKEN = "k" * 40
-
-
-def make_config(**overrides) -> autodeploy.Config:
-    apps = {"myname/myrepo": AppConfig("myname/myrepo", "myname/myrepo", ("latest", "v2"), "myname-myrepo"),
-            "team/api": AppConfig("team/api", "team/api", ("latest",), "api")}
-    values = dict(path="test.conf", listen_host="127.0.0.1", listen_port=0, tokens=[TOKEN],
-                  workers=1, state_dir="", callback_allow=[], max_body=1024, max_queue=1,
-                  docker_host="unix:///nonexistent.sock", docker_config=None, apps=apps,
-                  journal=False, engine_wait=0)
-    values.update(overrides)
-    return autodeploy.Config(**values)
+CALLBACK = "https://registry.hub.docker.com/u/a/b/hook/1/"
 
 
 def hub_body(repo="myname/myrepo", tag="latest") -> bytes:
-    return json.dumps({"push_data": {"tag": tag}, "repository": {"repo_name": repo},
-                       "callback_url": "https://registry.hub.docker.com/u/a/b/hook/1/"}).encode()
+    return unit_support.hub_body(repo, tag, CALLBACK)
 
 
-class HandlerTest(unittest.TestCase):
+class HandlerTest(ServerTestCase):
 
     def setUp(self):
-        config = make_config()
-        engine = autodeploy.DockerClient(config.docker_host)
-        self.service = autodeploy.build_service(config, engine)
-        self.server = autodeploy.WebhookServer(("127.0.0.1", 0), self.service)
-        self.port = self.server.server_address[1]
-        thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
-        thread.start()
-        self.addCleanup(self.server.server_close)
-        self.addCleanup(self.server.shutdown)
-        self.logs = self.enterContext_logs()
-
-    def enterContext_logs(self):
-        records = []
-
-        class Keep(logging.Handler):
-            def emit(self, record):
-                records.append(self.format(record))
-        handler = Keep()
-        logger = logging.getLogger("autodeploy")
-        logger.addHandler(handler)
-        old_level = logger.level
-        logger.setLevel(logging.DEBUG)
-        self.addCleanup(logger.removeHandler, handler)
-        self.addCleanup(logger.setLevel, old_level)
-        return records
+        super().setUp()
+        apps = {"myname/myrepo": AppConfig("myname/myrepo", "myname/myrepo", ("latest", "v2"),
+                                           "myname-myrepo"),
+                "team/api": AppConfig("team/api", "team/api", ("latest",), "api")}
+        self.start_server(tokens=[TOKEN], max_body=1024, max_queue=1, apps=apps)
 
     def request(self, method, path, body=None, headers=None):
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
-        self.addCleanup(conn.close)
-        conn.request(method, path, body=body, headers=headers or {})
-        response = conn.getresponse()
-        raw = response.read()
-        doc = json.loads(raw) if raw else None
-        return response.status, doc, response
+        return self.post(path, body, headers, method=method)
 
     def test_accepted_push_answers_202_with_the_job_id(self):
         status, doc, _ = self.request("POST", "/deploy/" + TOKEN, hub_body())
@@ -126,13 +87,11 @@ class HandlerTest(unittest.TestCase):
         self.assertEqual(status, 413)
 
     def test_missing_length_and_chunked_bodies_are_refused(self):
-        sock = socket.create_connection(("127.0.0.1", self.port), timeout=5)
-        self.addCleanup(sock.close)
+        sock = self.connect()
         sock.sendall(b"POST /deploy/" + TOKEN.encode() + b" HTTP/1.1\r\nHost: x\r\n"
                      b"Transfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n")
         self.assertIn(b" 411 ", sock.recv(4096))
-        sock = socket.create_connection(("127.0.0.1", self.port), timeout=5)
-        self.addCleanup(sock.close)
+        sock = self.connect()
         sock.sendall(b"POST /deploy/" + TOKEN.encode() + b" HTTP/1.1\r\nHost: x\r\n\r\n")
         self.assertIn(b" 411 ", sock.recv(4096))
         status, _, _ = self.request("POST", "/deploy/" + TOKEN, b"{}", {"Content-Length": "abc"})
@@ -150,19 +109,12 @@ class HandlerTest(unittest.TestCase):
         self.request("POST", "/deploy/" + TOKEN, hub_body())
         self.request("GET", "/deploy/" + TOKEN)
         self.request("POST", "/deploy/" + TOKEN, b"junk")
-        sock = socket.create_connection(("127.0.0.1", self.port), timeout=5)
+        sock = self.connect()
         sock.sendall(b"BROKEN /deploy/" + TOKEN.encode() + b"\r\n\r\n")
         sock.recv(4096)
-        sock.close()
-        self.assertTrue(self.logs)
-        for line in self.logs:
+        self.assertTrue(self.logs.lines())
+        for line in self.logs.lines():
             self.assertNotIn(TOKEN, line)
-
-
-def job(container: str, n: int, cooldown: float = 0.0) -> Job:
-    app = AppConfig(container, container, ("latest",), container, cooldown=cooldown)
-    return Job(id="%s-%d" % (container, n), app=app, tag="latest",
-               callback_url="https://registry.hub.docker.com/u/x/hook/%d/" % n)
 
 
 class _StdlibHandler(http.server.BaseHTTPRequestHandler):
@@ -246,56 +198,6 @@ class PlainRequestParsingTest(unittest.TestCase):
                      b"POST /d\xc3\xa9ploy HTTP/1.1", b"POST /deploy/x HTTP/1.10"):
             with self.subTest(line=line):
                 self.assertSameParse(line + b"\r\nHost: a\r\n\r\n{}", plain=False)
-
-
-class JobQueueTest(unittest.TestCase):
-
-    def test_one_job_per_container_at_a_time_and_newest_waiting_wins(self):
-        queue = JobQueue()
-        queue.put(job("a", 1))
-        queue.put(job("b", 1))
-        first = queue.get(timeout=1)
-        self.assertEqual(first.id, "a-1")
-        queue.put(job("a", 2))
-        replaced = queue.put(job("a", 3))  # replaces a-2, which is still waiting
-        self.assertEqual(replaced.id, "a-2")
-        self.assertEqual(queue.get(timeout=1).id, "b-1")
-        self.assertIsNone(queue.get(timeout=0.05))  # a is busy with a-1
-        queue.task_done(first)
-        third = queue.get(timeout=1)
-        self.assertEqual(third.id, "a-3")
-        self.assertEqual([j.id for j in third.superseded], ["a-2"])
-
-    def test_a_flood_of_pushes_keeps_memory_bounded(self):
-        queue = JobQueue()
-        for n in range(autodeploy.MAX_SUPERSEDED + 50):
-            queue.put(job("a", n))
-        waiting = queue.get(timeout=1)
-        self.assertEqual(len(waiting.superseded), autodeploy.MAX_SUPERSEDED)
-        self.assertEqual(waiting.superseded[-1].id, "a-%d" % (autodeploy.MAX_SUPERSEDED + 48))
-
-    def test_next_job_for_a_container_waits_out_its_cooldown(self):
-        queue = JobQueue()
-        first = job("a", 1, cooldown=0.3)
-        queue.put(first)
-        self.assertIs(queue.get(timeout=1), first)
-        queue.task_done(first)
-        queue.put(job("a", 2, cooldown=0.3))
-        queue.put(job("b", 1))
-        ended = time.monotonic()
-        self.assertEqual(queue.get(timeout=1).id, "b-1")  # another container does not wait
-        self.assertIsNone(queue.get(timeout=0.1))
-        self.assertEqual(queue.get(timeout=2).id, "a-2")
-        self.assertGreaterEqual(time.monotonic() - ended, 0.29)
-
-    def test_close_wakes_workers(self):
-        queue = JobQueue()
-        results = []
-        worker = threading.Thread(target=lambda: results.append(queue.get()))
-        worker.start()
-        queue.close()
-        worker.join(2)
-        self.assertEqual(results, [None])
 
 
 if __name__ == "__main__":

@@ -3,35 +3,26 @@
 import os
 import shutil
 import sqlite3
-import tempfile
-import time
 import unittest
 
 import autodeploy
 from autodeploy import AppConfig, Job, Journal, JournalError
+from tests.unit_support import BoundedTestCase, FakeClock, temp_folder, wait_until
 
 APP = AppConfig("team/api", "team/api", ("latest",), "team-api")
 OTHER = AppConfig("team/web", "team/web", ("latest",), "team-web")
 
 
-class FakeClock:
-    def __init__(self, now: float = 1_000_000.0):
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
-class JournalTest(unittest.TestCase):
+class JournalTest(BoundedTestCase):
 
     def setUp(self):
-        self.folder = tempfile.TemporaryDirectory(prefix="autodeploy-journal-")
-        self.addCleanup(self.folder.cleanup)
+        super().setUp()
+        self.folder = temp_folder(self, "autodeploy-journal-")
         self.clock = FakeClock()
         self.journal = self.open(keep_per_app=3, keep_days=1)
 
     def open(self, **kwargs) -> Journal:
-        journal = Journal(os.path.join(self.folder.name, "state", "journal.sqlite3"),
+        journal = Journal(os.path.join(self.folder, "state", "journal.sqlite3"),
                           clock=self.clock, **kwargs).open()
         self.addCleanup(journal.close)
         return journal
@@ -86,32 +77,39 @@ class JournalTest(unittest.TestCase):
         self.assertIn("jobs_by_app", indexes)
         self.assertNotIn("jobs_by_state", indexes)
 
+    def rows_in_database_file(self) -> int:
+        """The rows in a copy of the journal's database file without its WAL
+        (-1 when the copy caught a checkpoint half-way)."""
+        copy = os.path.join(self.folder, "copy.sqlite3")
+        shutil.copyfile(self.journal.path, copy)
+        db = sqlite3.connect(copy)
+        try:
+            return db.execute("SELECT count(*) FROM jobs").fetchone()[0]
+        except sqlite3.DatabaseError:
+            return -1
+        finally:
+            db.close()
+
     def test_checkpoints_run_on_the_housekeeping_thread(self):
         self.journal.start_housekeeping(interval=0.01)
         self.assertEqual(self.journal._db.execute("PRAGMA wal_autocheckpoint").fetchone()[0], 0)
         for _ in range(50):
             self.job()
-        deadline = time.monotonic() + 5
-        while self.journal._written.is_set() and time.monotonic() < deadline:
-            time.sleep(0.01)
-        time.sleep(0.1)  # the checkpoint after the last wake-up
-        # The database file alone, without its WAL, holds the rows: they were checkpointed.
-        copy = os.path.join(self.folder.name, "copy.sqlite3")
-        shutil.copyfile(self.journal.path, copy)
-        db = sqlite3.connect(copy)
-        self.addCleanup(db.close)
-        self.assertEqual(db.execute("SELECT count(*) FROM jobs").fetchone()[0], 50)
+        # The database file alone, without its WAL, comes to hold the rows: they were checkpointed.
+        self.assertTrue(wait_until(lambda: self.rows_in_database_file() == 50, 5),
+                        self.rows_in_database_file())
         self.assertTrue(self.journal.alive())
         self.journal.close()
         self.assertFalse(self.journal._housekeeper.is_alive())
 
     def test_an_unopenable_journal_reports_and_refuses(self):
-        blocker = os.path.join(self.folder.name, "file")
+        blocker = os.path.join(self.folder, "file")
         with open(blocker, "w"):
             pass
         journal = Journal(os.path.join(blocker, "journal.sqlite3")).open()  # its folder is a file
         self.addCleanup(journal.close)
         self.assertIn("cannot open the journal", journal.error)
+        self.assertTrue(self.logs.matching("cannot open the journal"))
         with self.assertRaises(JournalError):
             journal.add(Job(id="j1", app=APP, tag="latest"))
 

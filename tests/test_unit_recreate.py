@@ -15,13 +15,11 @@ and inspect-image-1.41.json is that image (CMD httpd, EXPOSE-less, no ENV).
 import copy
 import json
 import os
+import socket
 import unittest
 
-import http.server
-import socket
-import threading
-
 from autodeploy import AppConfig, build_create_body, choose_order, probe_endpoint
+from tests.unit_support import Receiver
 
 HERE = os.path.join(os.path.dirname(__file__), "fixtures")
 
@@ -172,20 +170,8 @@ class OrderTest(unittest.TestCase):
 class ProbeTest(unittest.TestCase):
 
     def serve(self, status):
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):
-                self.send_response(status)
-                self.send_header("Location", "http://127.0.0.1:1/elsewhere")
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args):
-                pass
-        server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
-        self.addCleanup(server.server_close)
-        self.addCleanup(server.shutdown)
-        return "http://127.0.0.1:%d/health" % server.server_address[1]
+        """A URL answering `status`, with a Location that must not be followed."""
+        return Receiver(self, statuses=(status,), location="http://127.0.0.1:1/elsewhere").url
 
     def test_2xx_and_3xx_are_healthy_others_not(self):
         self.assertTrue(probe_endpoint(self.serve(200), 2))

@@ -1,0 +1,495 @@
+"""What the unit tests share: configs, log capture, in-process servers, a
+fake clock, and a test case that cannot hang.
+
+In-process servers listen on 127.0.0.1 port 0 (or a temporary AF_UNIX
+socket) and are shut down, closed and joined when their test ends. The
+service under test gets a Docker socket that does not exist: the HTTP and
+security layer is under test, not deploys. Every socket and join has a
+timeout, and a test that runs over TEST_LIMIT seconds stops the process
+with every thread's traceback.
+
+Waiting is for a condition (a log line, a request, a thread ending), not
+for a fixed time: "nothing more came" is checked after joining whatever
+could still have sent it. Where a timeout itself is under test, it is
+short, and the waits for it run at once.
+"""
+
+import faulthandler
+import hashlib
+import hmac
+import http.client
+import http.server
+import json
+import logging
+import os
+import re
+import selectors
+import shutil
+import socket
+import socketserver
+import ssl
+import subprocess
+import tempfile
+import threading
+import time
+import unittest
+import unittest.mock
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import autodeploy
+from autodeploy import AppConfig
+
+GLOBAL_TOKEN = "global-token-" + "g" * 27
+ROTATED_TOKEN = "rotated-token-" + "r" * 26
+APP_TOKEN = "app-token-for-myrepo-" + "a" * 19
+OTHER_APP_TOKEN = "app-token-for-api-" + "b" * 22
+ENV_TOKEN = "env-token-" + "e" * 30
+CREDENTIAL_TOKEN = "credential-token-" + "c" * 23
+GLOBAL_SECRET = "global-signing-secret-0123"
+APP_SECRET = "app-signing-secret-for-myrepo"
+SECRETS = (GLOBAL_TOKEN, ROTATED_TOKEN, APP_TOKEN, OTHER_APP_TOKEN, ENV_TOKEN, CREDENTIAL_TOKEN,
+           GLOBAL_SECRET, APP_SECRET)
+NO_ENGINE = "unix:///nonexistent/autodeploy-test.sock"
+TEST_LIMIT = 60  # seconds any one test may take before the process is stopped with tracebacks
+
+
+############################################################################
+# Configs and requests
+############################################################################
+
+def make_apps(**tokens: Tuple[str, ...]) -> Dict[str, AppConfig]:
+    """Two apps; make_apps(myrepo=(...), api=(...)) gives them tokens of their own."""
+    return {"myname/myrepo": AppConfig("myname/myrepo", "myname/myrepo", ("latest",), "myname-myrepo",
+                                       tokens=tokens.get("myrepo", ())),
+            "team/api": AppConfig("team/api", "team/api", ("latest",), "api",
+                                  tokens=tokens.get("api", ()))}
+
+
+def make_config(**overrides: Any) -> autodeploy.Config:
+    """A Config for an in-process server on 127.0.0.1 with no Engine and no journal."""
+    values = dict(path="test.conf", listen_host="127.0.0.1", listen_port=0, tokens=[GLOBAL_TOKEN],
+                  workers=1, state_dir="", callback_allow=[], max_body=64 * 1024, max_queue=100,
+                  docker_host=NO_ENGINE, docker_config=None, apps=make_apps(), journal=False,
+                  engine_wait=0)
+    values.update(overrides)
+    return autodeploy.Config(**values)
+
+
+def for_tests(config: autodeploy.Config) -> autodeploy.Config:
+    """A loaded Config made safe to serve here: port 0, no Engine, no journal."""
+    return config._replace(listen_host="127.0.0.1", listen_port=0, docker_host=NO_ENGINE,
+                           journal=False, engine_wait=0, workers=1)
+
+
+def hub_body(repo: str = "myname/myrepo", tag: str = "latest", callback: Optional[str] = None) -> bytes:
+    """A minimal Docker Hub push payload."""
+    doc = {"push_data": {"tag": tag}, "repository": {"repo_name": repo}}
+    if callback:
+        doc["callback_url"] = callback
+    return json.dumps(doc).encode()
+
+
+def sign(secret: str, body: bytes) -> str:
+    """The X-Hub-Signature-256 value of `body`."""
+    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+
+
+def raw_post(path: str = "/deploy/" + GLOBAL_TOKEN, headers: Sequence[str] = (),
+             body: bytes = b"", length: Optional[int] = -1) -> bytes:
+    """A request as bytes: Content-Length is added unless `length` is None."""
+    lines = ["POST %s HTTP/1.1" % path, "Host: 127.0.0.1"] + list(headers)
+    if length is not None:
+        lines.append("Content-Length: %d" % (len(body) if length == -1 else length))
+    return "\r\n".join(lines).encode("latin-1") + b"\r\n\r\n" + body
+
+
+def split_response(raw: bytes) -> Tuple[int, Dict[str, str], bytes]:
+    """(status, headers with lower-case names, body) of one raw HTTP/1.1 answer."""
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    if not lines[0].startswith("HTTP/1."):
+        raise AssertionError("not an HTTP answer: %r" % raw[:200])
+    headers = {}
+    for line in lines[1:]:
+        key, _, value = line.partition(":")
+        headers[key.strip().lower()] = value.strip()
+    return int(lines[0].split()[1]), headers, body
+
+
+def read_until_closed(sock: socket.socket) -> bytes:
+    """What the peer sends until it closes, resets, or the socket times out."""
+    chunks = []
+    try:
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    except OSError:
+        pass
+    return b"".join(chunks)
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float, step: float = 0.005) -> Any:
+    """Poll `predicate` until it is true or `timeout` passes; its last value.
+    For conditions nothing signals (a file's content, a port freeing up)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() >= deadline:
+            return value
+        time.sleep(step)
+
+
+############################################################################
+# Files
+############################################################################
+
+def temp_folder(test: unittest.TestCase, prefix: str = "autodeploy-test-") -> str:
+    """A new folder, removed when `test` ends."""
+    folder = tempfile.mkdtemp(prefix=prefix)
+    test.addCleanup(shutil.rmtree, folder, True)
+    return folder
+
+
+def write_file(folder: str, name: str, text: str) -> str:
+    """Write `text` to `folder`/`name`; its path."""
+    path = os.path.join(folder, name)
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write(text)
+    return path
+
+
+def write_config(test: unittest.TestCase, text: str) -> str:
+    """Write `text` to an autodeploy.conf in a folder of its own; its path."""
+    return write_file(temp_folder(test, "autodeploy-config-"), "autodeploy.conf", text)
+
+
+############################################################################
+# Time
+############################################################################
+
+class FakeClock:
+    """A clock that stands still until advanced: for clock= parameters."""
+
+    def __init__(self, now: float = 1_000_000.0):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+############################################################################
+# Logs, and tests that cannot hang
+############################################################################
+
+class LogCapture(logging.Handler):
+    """Every record of the 'autodeploy' logger, DEBUG and up; wait_for() a line."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: List[logging.LogRecord] = []
+        self._cond = threading.Condition()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.format(record)  # fills record.exc_text: tracebacks are searched too
+        with self._cond:
+            self.records.append(record)
+            self._cond.notify_all()
+
+    def lines(self) -> List[str]:
+        with self._cond:
+            records = list(self.records)
+        return [self.format(record) for record in records]
+
+    def matching(self, fragment: str) -> List[str]:
+        return [line for line in self.lines() if fragment in line]
+
+    def wait_for(self, fragment: str, count: int = 1, timeout: float = 5.0) -> List[str]:
+        """The lines holding `fragment`, once there are `count` of them (or
+        when `timeout` passed first: then fewer)."""
+        with self._cond:
+            self._cond.wait_for(lambda: len(self.matching(fragment)) >= count, timeout)
+        return self.matching(fragment)
+
+
+def capture_logs(add_cleanup: Callable[..., None]) -> LogCapture:
+    """Capture the 'autodeploy' logger (and keep it off stderr) until the
+    cleanups of `add_cleanup` (a test's addCleanup, a class's addClassCleanup) run."""
+    logger = logging.getLogger("autodeploy")
+    handler = LogCapture()
+    old = logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    logger.propagate = False  # no output on stderr
+    add_cleanup(setattr, logger, "propagate", old[1])
+    add_cleanup(logger.setLevel, old[0])
+    add_cleanup(logger.removeHandler, handler)
+    return handler
+
+
+class BoundedTestCase(unittest.TestCase):
+    """A test that cannot hang, with its logs captured in self.logs (and
+    kept off stderr)."""
+
+    def setUp(self) -> None:
+        faulthandler.dump_traceback_later(TEST_LIMIT, exit=True)
+        self.addCleanup(faulthandler.cancel_dump_traceback_later)
+        self.logs = self.capture_logs()
+
+    def capture_logs(self) -> LogCapture:
+        return capture_logs(self.addCleanup)
+
+    def assertNoSecretLogged(self) -> None:
+        lines = self.logs.lines()
+        for secret in SECRETS:
+            for line in lines:
+                self.assertNotIn(secret, line)
+
+    def assertNoErrorLogged(self) -> None:
+        self.assertFalse([r for r in self.logs.records if r.levelno >= logging.ERROR], self.logs.lines())
+
+
+############################################################################
+# In-process servers
+############################################################################
+
+class ServeLoop:
+    """serve_forever() for a socketserver server, without polling: stop()
+    wakes it at once. (socketserver's own loop polls, every 0.5 s by
+    default, and its shutdown() waits for the next poll.)"""
+
+    def __init__(self, server: Any):
+        self.server = server
+        self._stopping = threading.Event()
+        self._ended = threading.Event()
+        self._waker, self._woken = socket.socketpair()
+
+    def run(self) -> None:
+        try:
+            with selectors.DefaultSelector() as selector:
+                selector.register(self.server, selectors.EVENT_READ)
+                selector.register(self._woken, selectors.EVENT_READ)
+                while not self._stopping.is_set():
+                    for key, _ in selector.select():
+                        if key.fileobj is self.server and not self._stopping.is_set():
+                            self.server.handle_request()  # a connection waits: returns at once
+        finally:
+            self._ended.set()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """End run() (when it runs) and wait for that."""
+        self._stopping.set()
+        self._waker.send(b"\0")
+        self._ended.wait(timeout)
+        self._waker.close()
+        self._woken.close()
+
+
+def serve_in_thread(add_cleanup: Callable[..., None], server: Any) -> Any:
+    """Run a socketserver server in a thread of its own; the cleanups of
+    `add_cleanup` (a test's addCleanup, a class's addClassCleanup) stop it,
+    join the thread and close the server."""
+    loop = ServeLoop(server)
+    thread = threading.Thread(target=loop.run, name="server-under-test", daemon=True)
+    thread.start()
+    add_cleanup(server.server_close)
+    add_cleanup(thread.join, 5)
+    add_cleanup(loop.stop)
+    return server
+
+
+def start_webhook_server(add_cleanup: Callable[..., None], config: autodeploy.Config,
+                         tls: Any = None) -> autodeploy.WebhookServer:
+    """A WebhookServer on 127.0.0.1 in a thread (see serve_in_thread); its
+    service (server.service) is not started, so accepted jobs stay queued."""
+    service = autodeploy.build_service(config, autodeploy.DockerClient(config.docker_host))
+    return serve_in_thread(add_cleanup, autodeploy.WebhookServer(("127.0.0.1", 0), service, tls))
+
+
+def make_certificate(add_cleanup: Callable[..., None]) -> Tuple[str, str]:
+    """A self-signed certificate for localhost and 127.0.0.1 made by
+    `openssl`, valid 2 days, removed by the cleanups of `add_cleanup`:
+    (cert, key). SkipTest when it cannot be made, except under CI=true,
+    where that fails."""
+    folder = tempfile.mkdtemp(prefix="autodeploy-tls-")
+    add_cleanup(shutil.rmtree, folder, True)
+    cert, key = os.path.join(folder, "cert.pem"), os.path.join(folder, "key.pem")
+    try:
+        if shutil.which("openssl") is None:
+            raise OSError("openssl is not installed")
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                        "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", key, "-out", cert,
+                        "-days", "2", "-subj", "/CN=localhost",
+                        "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+                       check=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=30)
+    except (OSError, subprocess.SubprocessError) as exc:
+        if os.environ.get("CI") == "true":
+            raise AssertionError("cannot make a test certificate (CI=true: failing, not skipping): %s"
+                                 % exc) from exc
+        raise unittest.SkipTest("cannot make a test certificate: %s" % exc) from exc
+    return cert, key
+
+
+class ServerTestCase(BoundedTestCase):
+    """Runs a WebhookServer in-process; its service is not started, so
+    accepted jobs stay queued."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.answers: List[bytes] = []  # every answer read, for the secrecy checks
+
+    def start_server(self, config: Optional[autodeploy.Config] = None, tls: Any = None,
+                     **overrides: Any) -> autodeploy.WebhookServer:
+        server = start_webhook_server(self.addCleanup, config or make_config(**overrides), tls)
+        self.server, self.service, self.port = server, server.service, server.server_address[1]
+        return server
+
+    def connect(self, timeout: float = 5.0) -> socket.socket:
+        sock = socket.create_connection(("127.0.0.1", self.port), timeout=timeout)
+        self.addCleanup(sock.close)
+        return sock
+
+    def post(self, path: str, body: bytes = b"", headers: Optional[Dict[str, str]] = None,
+             method: str = "POST", context: Optional[ssl.SSLContext] = None
+             ) -> Tuple[int, Any, http.client.HTTPResponse]:
+        """One request on a connection of its own: (status, JSON answer, response)."""
+        if context is None:
+            conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
+        else:
+            conn = http.client.HTTPSConnection("127.0.0.1", self.port, timeout=5, context=context)
+        self.addCleanup(conn.close)
+        conn.request(method, path, body=body if method == "POST" else None, headers=headers or {})
+        response = conn.getresponse()
+        raw = response.read()
+        self.answers.append(raw)
+        doc = json.loads(raw.decode("utf-8")) if raw and method != "HEAD" else None
+        if raw:
+            self.assertEqual(response.getheader("Content-Type"), "application/json")
+        return response.status, doc, response
+
+    def exchange(self, data: bytes, timeout: float = 5.0) -> bytes:
+        """Send raw bytes; the server's first answer (or what it sent before
+        closing, or before `timeout` passed with nothing more)."""
+        sock = self.connect(timeout)
+        sock.sendall(data)
+        return self.read_answer(sock)
+
+    def read_answer(self, sock: socket.socket) -> bytes:
+        """One HTTP answer: its head, then Content-Length bytes of body."""
+        data, need = b"", None
+        try:
+            while need is None or len(data) < need:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+                if need is None and b"\r\n\r\n" in data:
+                    head = data.split(b"\r\n\r\n", 1)[0]
+                    match = re.search(br"\r\ncontent-length: *(\d+)", head, re.IGNORECASE)
+                    need = len(head) + 4 + int(match.group(1)) if match else 0
+        except (socket.timeout, ConnectionError):
+            pass
+        self.answers.append(data)
+        return data
+
+    def read_all(self, sock: socket.socket) -> bytes:
+        """Everything until the server closes (or the socket's timeout)."""
+        raw = read_until_closed(sock)
+        self.answers.append(raw)
+        return raw
+
+    def status_of(self, data: bytes) -> int:
+        """The status of the answer to raw request bytes; its body must be a JSON object."""
+        status, headers, body = split_response(self.exchange(data))
+        self.assertEqual(headers.get("content-type"), "application/json")
+        self.assertIsInstance(json.loads(body.decode("utf-8")), dict)
+        return status
+
+
+def quick_polling(poll_interval: float = 0.005) -> Any:
+    """A patch of socketserver's serve_forever() to poll every `poll_interval`
+    s: serve() stops its servers with shutdown(), which waits for the next
+    poll, 0.5 s apart by default."""
+    serve_forever = socketserver.BaseServer.serve_forever
+
+    def polling_often(server: Any, interval: float = poll_interval) -> None:
+        serve_forever(server, min(interval, poll_interval))
+
+    return unittest.mock.patch.object(socketserver.BaseServer, "serve_forever", polling_often)
+
+
+def run_serve(test: unittest.TestCase, config: autodeploy.Config, environ: Dict[str, str]
+              ) -> Tuple[threading.Event, threading.Thread, Dict[str, Any]]:
+    """autodeploy.serve() in a thread (it sets no signal handler there), with
+    a state directory of its own and quick_polling(); stopped and joined at
+    cleanup. `result` gets 'status' or 'error'."""
+    if not config.state_dir:  # not the current directory
+        config = config._replace(state_dir=temp_folder(test, "autodeploy-state-"))
+    stop = threading.Event()
+    result: Dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            result["status"] = autodeploy.serve(config, stop, environ)
+        except BaseException as exc:  # SystemExit too
+            result["error"] = exc
+
+    patcher = quick_polling()
+    patcher.start()
+    test.addCleanup(patcher.stop)
+    thread = threading.Thread(target=target, name="serve-under-test", daemon=True)
+    thread.start()
+    test.addCleanup(thread.join, 10)
+    test.addCleanup(stop.set)
+    return stop, thread, result
+
+
+class Receiver:
+    """A local HTTP server recording every request; answers with `statuses`
+    in turn (the last one repeats), with a Location header when given."""
+
+    def __init__(self, test: unittest.TestCase, statuses: Sequence[int] = (200,),
+                 location: Optional[str] = None):
+        self.hits: List[Tuple[float, str, str, bytes]] = []  # (time, method, path, body)
+        self._cond = threading.Condition()
+        script = list(statuses)
+        receiver = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                with receiver._cond:
+                    receiver.hits.append((time.monotonic(), self.command, self.path, body))
+                    status = script.pop(0) if len(script) > 1 else script[0]
+                    receiver._cond.notify_all()
+                self.send_response(status)
+                if location:
+                    self.send_header("Location", location)
+                self.send_header("Content-Length", "0")
+                self.send_header("Connection", "close")
+                self.end_headers()
+
+            do_GET = do_HEAD = do_PUT = do_POST
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self.origin = ("http", "127.0.0.1", self.port)
+        self.url = "http://127.0.0.1:%d/hook/1" % self.port
+        serve_in_thread(test.addCleanup, self.server)
+
+    def wait_for(self, count: int, timeout: float = 5.0) -> bool:
+        """True once `count` requests came; False when `timeout` passed first."""
+        with self._cond:
+            return self._cond.wait_for(lambda: len(self.hits) >= count, timeout)
+
+    def count(self) -> int:
+        with self._cond:
+            return len(self.hits)
