@@ -6,7 +6,7 @@ import unittest
 
 import autodeploy
 from autodeploy import DeployFailed
-from tests.fake_engine import Rig, app_config, die_event, new_job
+from tests.unit_support import Rig, app_config, die_event, new_job
 
 JLOG = autodeploy.JobLog(logging.getLogger("autodeploy.test"), new_job(app_config()))
 

@@ -7,7 +7,7 @@ import unittest
 
 import autodeploy
 from autodeploy import JobQueue
-from tests.fake_engine import Rig, app_config, die_event, make_config, new_job, quiet_logs
+from tests.unit_support import Rig, app_config, die_event, web_config, new_job, quiet_logs
 
 
 class RecoveryTestCase(unittest.TestCase):
@@ -148,7 +148,7 @@ class ResumeUnfinishedTest(unittest.TestCase):
 
     def setUp(self):
         quiet_logs(self)
-        self.config = make_config()
+        self.config = web_config()
         self.queue = JobQueue()
         self.ended = []
 

@@ -11,7 +11,7 @@ import unittest
 
 import autodeploy
 from autodeploy import CallbackSender, JobQueue, MemoryJournal, Push, Service
-from tests.fake_engine import Rig, app_config, make_config, new_job
+from tests.unit_support import Rig, app_config, web_config, new_job
 
 
 class ServiceTest(unittest.TestCase):
@@ -21,7 +21,7 @@ class ServiceTest(unittest.TestCase):
         rig.engine.add_container("web", "sha256:v1")
         self.clock, runner = rig.clock, rig.runner
         self.journal = MemoryJournal()
-        self.service = Service(make_config(), runner, CallbackSender([]), self.journal,
+        self.service = Service(web_config(), runner, CallbackSender([]), self.journal,
                                clock=self.clock, hostname="host")
 
     def wait_for(self, waiter):
@@ -115,13 +115,13 @@ class CheckCommandTest(unittest.TestCase):
         return err.getvalue()
 
     def test_per_app_tokens_count_as_configured(self):
-        config = make_config(apps={"team/web": app_config(tokens=("a" * 32,))})
+        config = web_config(apps={"team/web": app_config(tokens=("a" * 32,))})
         self.assertTrue(config.has_tokens())
         self.assertNotIn("no token configured", self.check_output(config))
 
     def test_no_token_at_all_is_warned_about(self):
-        self.assertFalse(make_config().has_tokens())
-        self.assertIn("no token configured", self.check_output(make_config()))
+        self.assertFalse(web_config().has_tokens())
+        self.assertIn("no token configured", self.check_output(web_config()))
 
 
 class InstanceLockTest(unittest.TestCase):
@@ -141,7 +141,7 @@ class InstanceLockTest(unittest.TestCase):
     def test_a_second_service_on_one_state_directory_is_refused(self):
         folder = tempfile.TemporaryDirectory()
         self.addCleanup(folder.cleanup)
-        config = make_config(state_dir=folder.name)
+        config = web_config(state_dir=folder.name)
         first = autodeploy.take_instance_lock(config, threading.Event())
         self.addCleanup(first.release)
         with self.assertRaisesRegex(SystemExit, "another autodeploy serve .* own state_dir"):

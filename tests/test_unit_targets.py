@@ -7,7 +7,7 @@ import unittest
 import autodeploy
 from autodeploy import DeployFailed, RolledBack
 from dockerapi import DockerError
-from tests.fake_engine import Rig, app_config, die_event, new_job
+from tests.unit_support import Rig, app_config, die_event, new_job
 
 
 class ContainerTargetTest(unittest.TestCase):
