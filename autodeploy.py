@@ -3311,7 +3311,8 @@ def serve(config: Config, stop_event: Optional[threading.Event] = None,
     return 0
 
 
-def take_instance_lock(config: Config, stop_event: threading.Event) -> Optional[InstanceLock]:
+def take_instance_lock(config: Config, stop_event: threading.Event,
+                       pause: float = 0.2) -> Optional[InstanceLock]:
     """The state directory's lock, waiting while a `deploy` command holds it;
     SystemExit when another service holds it (two services on one journal
     would each resume the other's jobs); None when the folder cannot be
@@ -3320,7 +3321,7 @@ def take_instance_lock(config: Config, stop_event: threading.Event) -> Optional[
     try:
         told = False
         while not lock.acquire("serve"):
-            if stop_event.wait(0.2):
+            if stop_event.wait(pause):
                 return None
             holder = lock.holder()  # read after a pause: a new holder writes its name first
             if holder.endswith(" serve"):

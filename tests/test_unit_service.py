@@ -145,7 +145,7 @@ class InstanceLockTest(unittest.TestCase):
         first = autodeploy.take_instance_lock(config, threading.Event())
         self.addCleanup(first.release)
         with self.assertRaisesRegex(SystemExit, "another autodeploy serve .* own state_dir"):
-            autodeploy.take_instance_lock(config, threading.Event())
+            autodeploy.take_instance_lock(config, threading.Event(), pause=0)
 
 
 if __name__ == "__main__":
