@@ -59,7 +59,28 @@ __all__ = [
     "main",
 ]
 
-log = logging.getLogger("autodeploy")
+
+
+class QuickLogger(logging.Logger):
+    """A Logger that does not look up its caller: the log format names no
+    file, line or function, and the lookup walks every frame of the stack
+    on each line (15% of the CPU an accepted webhook costs)."""
+
+    def findCaller(self, stack_info: bool = False, stacklevel: int = 1) -> Any:
+        return "(unknown file)", 0, "(unknown function)", None
+
+
+def _quick_logger(name: str) -> logging.Logger:
+    """logging.getLogger(name), made a QuickLogger if it does not exist yet."""
+    usual = logging.getLoggerClass()
+    logging.setLoggerClass(QuickLogger)
+    try:
+        return logging.getLogger(name)
+    finally:
+        logging.setLoggerClass(usual)
+
+
+log = _quick_logger("autodeploy")
 
 DEFAULT_CONFIG = "/etc/autodeploy/autodeploy.conf"
 DEFAULT_LISTEN = "127.0.0.1:3456"
@@ -2830,24 +2851,24 @@ class RequestParser:
         if line is None or line.group(2).startswith(b"//"):
             return None
         command, path, version = (part.decode("latin-1") for part in line.groups())
-        head = PlainHead(command, path, version, raw_requestline.decode("latin-1").rstrip("\r\n"))
+        request = (command, path, version, raw_requestline.decode("latin-1").rstrip("\r\n"))
         lines = []
         while True:
             raw = rfile.readline(MAX_HEADER_LINE + 1)
             if len(raw) > MAX_HEADER_LINE:
-                return head._replace(error=(431, "Line too long", "header line"))
+                return PlainHead(*request, error=(431, "Line too long", "header line"))
             lines.append(raw)
             if len(lines) > MAX_HEADERS:
-                return head._replace(error=(431, "Too many headers", None))
+                return PlainHead(*request, error=(431, "Too many headers", None))
             if raw in (b"\r\n", b"\n", b""):
                 break
         items = []
         for raw in lines[:-1]:
             header = PLAIN_HEADER.fullmatch(raw)
             if header is None:
-                return head._replace(header_block=b"".join(lines))
+                return PlainHead(*request, header_block=b"".join(lines))
             items.append((header.group(1).decode("ascii").lower(), header.group(2).decode("ascii")))
-        return head._replace(headers=RequestHeaders(items))
+        return PlainHead(*request, headers=RequestHeaders(items))
 
 
 Answer = Tuple[int, Dict[str, Any], Optional[Dict[str, str]]]
