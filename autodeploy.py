@@ -60,7 +60,6 @@ __all__ = [
 ]
 
 
-
 class QuickLogger(logging.Logger):
     """A Logger that does not look up its caller: the log format names no
     file, line or function, and the lookup walks every frame of the stack
@@ -362,9 +361,6 @@ def _parse_app(repository: str, section: configparser.SectionProxy, where: str,
         **dict(zip(("notify_url", "slack_url", "notify_on"), _parse_notify(section, where, notify))))
 
 
-NOTIFY_ON_CHOICES = ("success", "failure", "rollback")  # the events of STATES (see Jobs)
-
-
 def _parse_notify(section: configparser.SectionProxy, where: str,
                   inherited: Tuple[str, str, FrozenSet[str]]) -> Tuple[str, str, FrozenSet[str]]:
     """(notify_url, slack_url, notify_on): the section's own, else `inherited`.
@@ -379,10 +375,11 @@ def _parse_notify(section: configparser.SectionProxy, where: str,
     events = inherited[2]
     if "notify_on" in section:
         events = frozenset(_split_list(section["notify_on"]))
-        unknown = events - set(NOTIFY_ON_CHOICES)
+        choices = {meaning.event for meaning in STATES.values() if meaning.event}
+        unknown = events - choices
         if unknown:
-            raise ConfigError("%s notify_on: %s; use any of success, failure, rollback"
-                              % (where, ", ".join(sorted(unknown))))
+            raise ConfigError("%s notify_on: %s; use any of %s" % (
+                where, ", ".join(sorted(unknown)), ", ".join(sorted(choices, reverse=True))))
     return urls[0], urls[1], events
 
 
@@ -721,7 +718,7 @@ class Job:
         self.lines: List[str] = []  # its log lines, for the journal (at most MAX_JOB_LINES)
         self.resume: Optional[Dict[str, Any]] = None  # its journal row, when a crash interrupted it
         self.swap: Optional[Dict[str, Any]] = None  # what converge() needs, once the old one is set aside
-        self.waiter: Optional[threading.Event] = None  # set when a `deploy` command awaits it
+        self.waiter: Optional["Waiter"] = None  # set when a `deploy` command awaits it
 
     def __repr__(self) -> str:
         return "<Job %s %s:%s %s>" % (self.id, self.app.repository, self.tag, self.state)
@@ -2826,17 +2823,18 @@ class RequestHeaders:
     def __contains__(self, name: str) -> bool:
         return self.get(name) is not None
 
-class PlainHead(NamedTuple):
+class PlainHead:
     """A request head read by RequestParser: the request line's parts, then
     the headers, or the error to answer, or (when a header line is not
     plain) the header block read so far, for http.server to parse."""
-    command: str
-    path: str
-    version: str
-    requestline: str
-    headers: Optional[RequestHeaders] = None
-    error: Optional[Tuple[int, str, Optional[str]]] = None
-    header_block: bytes = b""
+    __slots__ = ("command", "path", "version", "requestline", "headers", "error", "header_block")
+
+    def __init__(self, request: Tuple[str, str, str, str], headers: Optional[RequestHeaders] = None,
+                 error: Optional[Tuple[int, str, Optional[str]]] = None, header_block: bytes = b""):
+        self.command, self.path, self.version, self.requestline = request
+        self.headers = headers
+        self.error = error
+        self.header_block = header_block
 
 
 class RequestParser:
@@ -2856,19 +2854,19 @@ class RequestParser:
         while True:
             raw = rfile.readline(MAX_HEADER_LINE + 1)
             if len(raw) > MAX_HEADER_LINE:
-                return PlainHead(*request, error=(431, "Line too long", "header line"))
+                return PlainHead(request, error=(431, "Line too long", "header line"))
             lines.append(raw)
             if len(lines) > MAX_HEADERS:
-                return PlainHead(*request, error=(431, "Too many headers", None))
+                return PlainHead(request, error=(431, "Too many headers", None))
             if raw in (b"\r\n", b"\n", b""):
                 break
         items = []
         for raw in lines[:-1]:
             header = PLAIN_HEADER.fullmatch(raw)
             if header is None:
-                return PlainHead(*request, header_block=b"".join(lines))
+                return PlainHead(request, header_block=b"".join(lines))
             items.append((header.group(1).decode("ascii").lower(), header.group(2).decode("ascii")))
-        return PlainHead(*request, headers=RequestHeaders(items))
+        return PlainHead(request, RequestHeaders(items))
 
 
 Answer = Tuple[int, Dict[str, Any], Optional[Dict[str, str]]]
