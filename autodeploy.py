@@ -2200,12 +2200,14 @@ class Journal:
 
 class MemoryJournal:
     """The journal's interface, in memory (journal = no): the newest
-    KEPT_JOBS jobs for /jobs, nothing to resume after a restart."""
+    KEPT_JOBS jobs for /jobs, nothing to resume after a restart. It keeps
+    the Job objects themselves, so a row is made only when one is read."""
     error: Optional[str] = None
 
     def __init__(self, limit: int = KEPT_JOBS):
         self.limit = limit
-        self._rows: "collections.OrderedDict[str, Dict[str, Any]]" = collections.OrderedDict()
+        self._jobs: "collections.OrderedDict[str, Job]" = collections.OrderedDict()
+        self._extra: Dict[str, Dict[str, Any]] = {}  # columns save() was given besides the job's own
         self._lock = threading.Lock()
 
     def open(self) -> "MemoryJournal":
@@ -2222,26 +2224,23 @@ class MemoryJournal:
 
     def add(self, job: Job) -> None:
         with self._lock:
-            self._rows[job.id] = job_row(job)
-            while len(self._rows) > self.limit:
-                self._rows.popitem(last=False)
+            self._jobs[job.id] = job
+            while len(self._jobs) > self.limit:
+                self._extra.pop(self._jobs.popitem(last=False)[0], None)
 
     def save(self, job: Job, **extra: Any) -> None:
-        with self._lock:
-            row = self._rows.get(job.id)
-            if row is not None:
-                row.update(job_row(job), **extra)
+        if extra:
+            with self._lock:
+                if job.id in self._jobs:
+                    self._extra.setdefault(job.id, {}).update(extra)
 
     def mark_superseded(self, rows: List[Tuple[float, str, str]]) -> None:
-        with self._lock:
-            for finished, description, job_id in rows:
-                if job_id in self._rows:
-                    self._rows[job_id].update(state=SUPERSEDED, finished=finished,
-                                              description=description)
+        pass  # the jobs themselves say so already
 
     def forget(self, job: Job) -> None:
         with self._lock:
-            self._rows.pop(job.id, None)
+            self._jobs.pop(job.id, None)
+            self._extra.pop(job.id, None)
 
     def unfinished(self) -> List[Dict[str, Any]]:
         return []  # nothing survives a restart
@@ -2249,14 +2248,19 @@ class MemoryJournal:
     def recent(self, app: Optional[str] = None, state: Optional[str] = None,
                limit: int = 100) -> List[Dict[str, Any]]:
         with self._lock:
-            rows = [dict(row) for row in reversed(self._rows.values())
-                    if (not app or row["app"] == app) and (not state or row["state"] == state)]
-        return rows[:limit]
+            jobs = [job for job in reversed(self._jobs.values())
+                    if (not app or job.app.repository == app) and (not state or job.state == state)]
+            return [self._row(job) for job in jobs[:limit]]
 
     def get(self, job_id: str) -> Optional[Dict[str, Any]]:
         with self._lock:
-            row = self._rows.get(job_id)
-            return dict(row) if row else None
+            job = self._jobs.get(job_id)
+            return self._row(job) if job is not None else None
+
+    def _row(self, job: Job) -> Dict[str, Any]:
+        row = job_row(job)
+        row.update(self._extra.get(job.id, {}))
+        return row
 
 
 class Recorder:
@@ -3295,7 +3299,6 @@ def serve(config: Config, stop_event: Optional[threading.Event] = None,
     service = build_service(config, make_engine(config))
     server = WebhookServer((config.listen_host, config.listen_port), service, tls)
     service.start()
-    control = start_control_server(config, service)
     if threading.current_thread() is threading.main_thread():  # only it may set handlers
         # Handlers only set flags: the loop below acts on them.
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -3308,6 +3311,7 @@ def serve(config: Config, stop_event: Optional[threading.Event] = None,
              __version__, "https" if tls else "http", host if ":" not in host else "[%s]" % host,
              port, len(config.apps), config.workers)
     sd_notify("READY=1\nSTATUS=listening on port %d" % port, environ)
+    control = start_control_server(config, service)  # after the first answer can be given
     interval = watchdog_interval(environ)
     # Wake at least once a second: a SIGHUP's reload waits no longer than that.
     while not stop_event.wait(min(interval or 1.0, 1.0)):
