@@ -80,6 +80,14 @@ def _quick_logger(name: str) -> logging.Logger:
 
 
 log = _quick_logger("autodeploy")
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\\]")
+
+
+def printable(text: Any) -> str:
+    """`text` for a log line: control characters (and backslashes) as \\xNN,
+    so nothing a client sent can forge or hide a line."""
+    return _UNPRINTABLE.sub(lambda m: "\\x%02x" % ord(m.group()), str(text))
+
 
 DEFAULT_CONFIG = "/etc/autodeploy/autodeploy.conf"
 DEFAULT_LISTEN = "127.0.0.1:3456"
@@ -90,6 +98,10 @@ MIN_TOKEN_LENGTH = 32
 MIN_SECRET_LENGTH = 16
 DEFAULT_MAX_CONNECTIONS = 64
 DEFAULT_REQUEST_TIMEOUT = 10.0  # seconds a client has to send one whole request
+DEFAULT_HEADER_TIMEOUT = 5.0  # seconds from accept (or a request's first byte) to the end of its headers
+DEFAULT_KEEPALIVE_TIMEOUT = 5.0  # seconds a connection may sit idle between requests
+DEFAULT_MAX_HEADER_BYTES = 16 * 1024  # request line and headers together
+DEFAULT_MAX_CONNECTIONS_PER_SOURCE = 8  # one address (an IPv6 /64) of max_connections
 CALLBACK_TIMEOUT = 5.0
 CALLBACK_RETRY_DELAYS = (1.0, 5.0, 30.0)  # seconds before the 2nd, 3rd and 4th attempt
 CALLBACK_THREADS = 4
@@ -203,6 +215,10 @@ class Config(NamedTuple):
     trusted_proxies: Tuple[Network, ...] = ()
     max_connections: int = DEFAULT_MAX_CONNECTIONS
     request_timeout: float = DEFAULT_REQUEST_TIMEOUT
+    header_timeout: float = DEFAULT_HEADER_TIMEOUT
+    keepalive_timeout: float = DEFAULT_KEEPALIVE_TIMEOUT
+    max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES
+    max_connections_per_source: int = DEFAULT_MAX_CONNECTIONS_PER_SOURCE
     tls_cert: Optional[str] = None
     tls_key: Optional[str] = None
     insecure_no_token: bool = False  # serve --insecure-no-token
@@ -232,7 +248,8 @@ MAIN_KEYS = {"listen", "token", "token_file", "workers", "state_dir", "callback_
              "signing_secret_file", "allow_from", "trusted_proxies", "max_connections",
              "request_timeout", "tls_cert", "tls_key", "engine_wait", "journal", "keep_jobs",
              "keep_days", "admin_token", "metrics_public", "notify_url", "slack_url",
-             "notify_on", "stop_deadline"}
+             "notify_on", "stop_deadline", "header_timeout", "keepalive_timeout",
+             "max_header_bytes", "max_connections_per_source"}
 APP_KEYS = {"image", "tag", "container", "stop_timeout", "order", "health_url", "health_tcp",
             "health_timeout", "settle", "cooldown", "remove_old_image", "ports", "env", "volumes",
             "labels", "restart", "network", "command", "token", "token_file", "signing_secret",
@@ -292,6 +309,13 @@ def load_config(path: str, environ: Optional[Mapping[str, str]] = None) -> Confi
         trusted_proxies=_parse_networks(main, "trusted_proxies", where),
         max_connections=_int_option(main, "max_connections", DEFAULT_MAX_CONNECTIONS, where, 1, 10000),
         request_timeout=_float_option(main, "request_timeout", DEFAULT_REQUEST_TIMEOUT, where, 0.5, 600),
+        header_timeout=_float_option(main, "header_timeout", DEFAULT_HEADER_TIMEOUT, where, 0.5, 600),
+        keepalive_timeout=_float_option(main, "keepalive_timeout", DEFAULT_KEEPALIVE_TIMEOUT, where,
+                                        0.5, 600),
+        max_header_bytes=_int_option(main, "max_header_bytes", DEFAULT_MAX_HEADER_BYTES, where,
+                                     1024, 65536),
+        max_connections_per_source=_int_option(main, "max_connections_per_source",
+                                               DEFAULT_MAX_CONNECTIONS_PER_SOURCE, where, 1, 10000),
         tls_cert=tls_cert and os.path.join(base, tls_cert),
         tls_key=tls_key and os.path.join(base, tls_key),
         engine_wait=_float_option(main, "engine_wait", ENGINE_WAIT, where, 0, 3600),
@@ -2700,11 +2724,61 @@ def in_networks(address: str, networks: Sequence[Network]) -> bool:
 # HTTP: the listener, the request parser, the handler and its routes
 ############################################################################
 
+class Slot:
+    """One open connection, as the listener sees it."""
+    __slots__ = ("sock", "source", "accepted", "phase")
+
+    def __init__(self, sock: socket.socket, source: str, accepted: float):
+        self.sock = sock
+        self.source = source
+        self.accepted = accepted
+        self.phase = "head"  # reading a head; "busy" answering it; "idle" between requests
+
+
+def source_of(address: str) -> str:
+    """Whose share of the connections a peer uses: its IPv4 address, or its IPv6 /64."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is None:
+            return str(ipaddress.ip_network("%s/64" % ip, strict=False))
+        ip = ip.ipv4_mapped
+    return str(ip)
+
+
+class LogLimiter:
+    """At most one log line per `interval` seconds for each kind of event,
+    with the count of those left out since: an attack cannot flood the log."""
+
+    def __init__(self, interval: float = 1.0, clock: Callable[[], float] = time.monotonic):
+        self.interval = interval
+        self.clock = clock
+        self._next: Dict[str, float] = {}
+        self._skipped: Dict[str, int] = collections.Counter()
+        self._lock = threading.Lock()
+
+    def allow(self, kind: str) -> Optional[int]:
+        """None: leave this line out; else how many were left out before it."""
+        with self._lock:
+            now = self.clock()
+            if now < self._next.get(kind, 0.0):
+                self._skipped[kind] += 1
+                return None
+            self._next[kind] = now + self.interval
+            return self._skipped.pop(kind, 0)
+
+
 class WebhookServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
     """The webhook listener: one thread per connection, state in `service`.
 
-    At most `max_connections` connections are served at once; a client
-    beyond that gets a 503 at once instead of a thread of its own."""
+    Before a byte is read, a connection is refused (closed, no thread)
+    when its source is not in allow_from, or answered 503 when its source
+    holds max_connections_per_source already. When all max_connections
+    are taken, the oldest connection still reading its head or idle between
+    requests is closed to make room; with none such, the newcomer gets 503.
+    """
     daemon_threads = True
     allow_reuse_address = True
     request_queue_size = 128
@@ -2714,38 +2788,91 @@ class WebhookServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
         self.service = service
         self.admin = AdminPages(service)
         self.tls = tls  # an ssl.SSLContext, or None for plain HTTP
-        self._active = 0
-        self._active_lock = threading.Lock()
+        self._slots: Dict[socket.socket, Slot] = {}
+        self._slots_lock = threading.Lock()
+        self._log_limiter = LogLimiter()
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         super().__init__(address, WebhookHandler)
 
     def process_request(self, request: Any, client_address: Any) -> None:
-        with self._active_lock:
-            full = self._active >= self.service.config.max_connections
-            if not full:
-                self._active += 1
-        if full:
-            log.warning("%s refused: %d connections open already", client_address[0], self._active)
+        peer, config = client_address[0], self.service.config
+        if config.allow_from and not in_networks(peer, config.allow_from) \
+                and not in_networks(peer, config.trusted_proxies):
+            self._log_limited("not-allowed", "%s refused: not in allow_from" % peer)
+            self._refuse(request, 403, b'{"error": "forbidden"}\n')
+            return
+        slot, displaced, why = self._take_slot(request, peer, config)
+        if displaced is not None:
+            self._log_limited("displaced", "%s connection closed to make room (it was %s for %.1fs)"
+                              % (displaced.source, displaced.phase, time.monotonic() - displaced.accepted))
+            try:
+                displaced.sock.shutdown(socket.SHUT_RDWR)  # its thread sees the end and goes
+            except OSError:
+                pass
+        if slot is None:
+            self._log_limited("refused-" + why, "%s refused: %s" % (peer, why))
             self._refuse(request)
             return
         super().process_request(request, client_address)
+
+    def _take_slot(self, request: socket.socket, peer: str, config: Config
+                   ) -> Tuple[Optional[Slot], Optional[Slot], str]:
+        """(the new connection's slot or None, a slot to close for it, why refused)."""
+        source = source_of(peer)
+        capped = not in_networks(peer, config.trusted_proxies)  # a proxy carries many clients
+        with self._slots_lock:
+            own = [s for s in self._slots.values() if s.source == source]
+            if capped and len(own) >= config.max_connections_per_source:
+                # Its share is taken: it may only replace one of its own.
+                candidates, why = own, "%d connections from this source open already" % len(own)
+            elif len(self._slots) >= config.max_connections:
+                candidates, why = list(self._slots.values()), \
+                    "%d connections open already" % len(self._slots)
+            else:
+                candidates, why = [], ""
+            displaced = None
+            if why:
+                waiting = [s for s in candidates if s.phase != "busy"]
+                if not waiting:
+                    return None, None, why
+                displaced = min(waiting, key=lambda s: s.accepted)
+                del self._slots[displaced.sock]
+            slot = self._slots[request] = Slot(request, source, time.monotonic())
+        return slot, displaced, ""
+
+    def slot_of(self, request: socket.socket) -> Slot:
+        with self._slots_lock:
+            return self._slots.get(request) or Slot(request, "?", time.monotonic())
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         try:
             super().process_request_thread(request, client_address)
         finally:
-            with self._active_lock:
-                self._active -= 1
+            with self._slots_lock:
+                self._slots.pop(request, None)
 
-    def _refuse(self, request: socket.socket) -> None:
+    def open_connections(self) -> int:
+        with self._slots_lock:
+            return len(self._slots)
+
+    def _log_limited(self, kind: str, line: str) -> None:
+        skipped = self._log_limiter.allow(kind)
+        if skipped is not None:
+            log.warning("%s%s", line, " (%d more like it not logged)" % skipped if skipped else "")
+
+    def _refuse(self, request: socket.socket, status: int = 503,
+                body: bytes = b'{"error": "too many connections; retry later"}\n') -> None:
+        """Answer without reading the request (nor starting a thread), and close."""
         if self.tls is None:  # a TLS client would not understand plain text
-            body = b'{"error": "too many connections; retry later"}\n'
+            reason = {403: b"Forbidden", 503: b"Service Unavailable"}[status]
+            retry = b"Retry-After: 5\r\n" if status == 503 else b""
             try:
                 request.settimeout(0.5)
-                request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-                                b"Retry-After: 5\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s"
-                                % (len(body), body))
+                request.sendall(b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\n%s"
+                                b"Connection: close\r\nContent-Length: %d\r\n\r\n%s"
+                                % (status, reason, retry, len(body), body))
+                request.shutdown(socket.SHUT_WR)
             except OSError:
                 pass
         self.shutdown_request(request)
@@ -2762,34 +2889,52 @@ class WebhookServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
 
 
 class DeadlineReader(io.RawIOBase):
-    """A socket's reads, with one deadline for a whole request on top of the
-    idle timeout: a client trickling a byte at a time (slowloris) is dropped
-    when the deadline passes. The deadline starts with the request's first
-    byte; `new_request()` clears it."""
+    """A socket's reads, with deadlines: a client that trickles a byte at a
+    time (slowloris) or sends nothing is dropped when one passes.
 
-    def __init__(self, sock: socket.socket, idle_timeout: float, request_timeout: float):
+    - the headers: within `header_timeout` of accept for the first request,
+      of its first byte for later ones;
+    - the whole request: within `request_timeout` of its first byte;
+    - between requests: `keepalive_timeout` of silence ends the connection.
+    """
+
+    def __init__(self, sock: socket.socket, keepalive_timeout: float, header_timeout: float,
+                 request_timeout: float, clock: Callable[[], float] = time.monotonic):
         super().__init__()
         self.sock = sock
-        self.idle_timeout = idle_timeout
+        self.keepalive_timeout = keepalive_timeout
+        self.header_timeout = header_timeout
         self.request_timeout = request_timeout
-        self.deadline: Optional[float] = None
+        self.clock = clock
+        self.head_deadline: Optional[float] = clock() + header_timeout  # from accept
+        self.request_deadline: Optional[float] = None
+        self.started = False  # the request's first byte came
 
     def readable(self) -> bool:
         return True
 
-    def new_request(self) -> None:
-        self.deadline = None
+    def between_requests(self) -> None:
+        self.head_deadline = self.request_deadline = None
+        self.started = False
+
+    def headers_done(self) -> None:
+        self.head_deadline = None
 
     def readinto(self, buffer: Any) -> int:
-        timeout = self.idle_timeout
-        if self.deadline is not None:
-            timeout = min(timeout, self.deadline - time.monotonic())
-            if timeout <= 0:
-                raise socket.timeout("the request took longer than %ss" % self.request_timeout)
+        now = self.clock()
+        deadlines = [d for d in (self.head_deadline, self.request_deadline) if d is not None]
+        timeout = min(deadlines) - now if deadlines else self.keepalive_timeout
+        if timeout <= 0:
+            raise socket.timeout("the %s took longer than %ss" % (
+                ("headers", self.header_timeout) if min(deadlines) == self.head_deadline
+                else ("request", self.request_timeout)))
         self.sock.settimeout(timeout)
         count = self.sock.recv_into(buffer)
-        if self.deadline is None and count:
-            self.deadline = time.monotonic() + self.request_timeout
+        if count and not self.started:
+            self.started = True
+            self.request_deadline = now + self.request_timeout
+            if self.head_deadline is None:
+                self.head_deadline = now + self.header_timeout
         return count
 
 
@@ -2800,8 +2945,8 @@ class DeadlineReader(io.RawIOBase):
 # accepted webhook costs). Anything else goes to http.server as it came.
 PLAIN_REQUEST_LINE = re.compile(rb"([A-Z]+) ([\x21-\x7e]+) (HTTP/1\.[01])\r?\n")
 PLAIN_HEADER = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*([\t\x20-\x7e]*)\r?\n")
-MAX_HEADER_LINE = 65536  # as http.client: longer -> 431
-MAX_HEADERS = 100        # as http.client: more -> 431
+MAX_LINE = 8192  # the request line (longer: 414) and each header line (longer: 431)
+MAX_HEADERS = 100  # header lines, the blank one that ends them included, as http.client counts
 
 
 class RequestHeaders:
@@ -2831,39 +2976,51 @@ class PlainHead:
     """A request head read by RequestParser: the request line's parts, then
     the headers, or the error to answer, or (when a header line is not
     plain) the header block read so far, for http.server to parse."""
-    __slots__ = ("command", "path", "version", "requestline", "headers", "error", "header_block")
+    __slots__ = ("plain", "command", "path", "version", "requestline", "headers", "error",
+                 "header_block")
 
-    def __init__(self, request: Tuple[str, str, str, str], headers: Optional[RequestHeaders] = None,
+    def __init__(self, request: Optional[Tuple[str, str, str, str]],
+                 headers: Optional[RequestHeaders] = None,
                  error: Optional[Tuple[int, str, Optional[str]]] = None, header_block: bytes = b""):
-        self.command, self.path, self.version, self.requestline = request
+        self.plain = request is not None
+        self.command, self.path, self.version, self.requestline = request or ("", "", "", "")
         self.headers = headers
         self.error = error
         self.header_block = header_block
 
 
 class RequestParser:
-    """Reads the head of a request whose request line is plain (see
-    PLAIN_REQUEST_LINE) from a connection's buffered reader."""
+    """Reads a request's head from a connection's buffered reader, within
+    a budget of bytes for the whole head (request line and headers) and of
+    MAX_LINE per line, whichever parser then reads it: memory held per
+    connection is bounded by the budget."""
 
     @staticmethod
-    def parse(raw_requestline: bytes, rfile: Any) -> Optional[PlainHead]:
-        """The head, or None when the request line is not plain (nothing
-        more is read then: http.server parses it all)."""
+    def parse(raw_requestline: bytes, rfile: Any, budget: int = DEFAULT_MAX_HEADER_BYTES) -> PlainHead:
+        """The head. A plain request line (PLAIN_REQUEST_LINE) with plain
+        header lines is parsed here; otherwise the head's request tuple is
+        None (the request line is not plain) or its header_block is set (a
+        header is not), and http.server parses what was read."""
         line = PLAIN_REQUEST_LINE.fullmatch(raw_requestline)
-        if line is None or line.group(2).startswith(b"//"):
-            return None
-        command, path, version = (part.decode("latin-1") for part in line.groups())
-        request = (command, path, version, raw_requestline.decode("latin-1").rstrip("\r\n"))
-        lines = []
+        request = None
+        if line is not None and not line.group(2).startswith(b"//"):
+            command, path, version = (part.decode("latin-1") for part in line.groups())
+            request = (command, path, version, raw_requestline.decode("latin-1").rstrip("\r\n"))
+        lines, size = [], len(raw_requestline)
         while True:
-            raw = rfile.readline(MAX_HEADER_LINE + 1)
-            if len(raw) > MAX_HEADER_LINE:
+            raw = rfile.readline(MAX_LINE + 1)
+            size += len(raw)
+            if len(raw) > MAX_LINE:
                 return PlainHead(request, error=(431, "Line too long", "header line"))
+            if size > budget:
+                return PlainHead(request, error=(431, "Request header fields too large", None))
             lines.append(raw)
             if len(lines) > MAX_HEADERS:
                 return PlainHead(request, error=(431, "Too many headers", None))
             if raw in (b"\r\n", b"\n", b""):
                 break
+        if request is None:
+            return PlainHead(None, header_block=b"".join(lines))
         items = []
         for raw in lines[:-1]:
             header = PLAIN_HEADER.fullmatch(raw)
@@ -2947,7 +3104,7 @@ class WebhookHandler(http.server.BaseHTTPRequestHandler):
     server_version = "autodeploy/" + __version__
     sys_version = ""
     disable_nagle_algorithm = True
-    timeout = 30  # seconds a keep-alive connection may sit idle
+    timeout = 10  # seconds the answer's send may block (reads have DeadlineReader's deadlines)
     # Buffer the answer so headers and body leave in one send (handle_one_request flushes).
     wbufsize = 64 * 1024
     _body_read = False
@@ -2956,12 +3113,15 @@ class WebhookHandler(http.server.BaseHTTPRequestHandler):
 
     def setup(self) -> None:
         config = self.server.service.config
+        self.slot = self.server.slot_of(self.request)
         if self.server.tls is not None:
-            self.request.settimeout(config.request_timeout)  # bounds the handshake
+            self.request.settimeout(config.header_timeout)  # bounds the handshake
             self.request = self.server.tls.wrap_socket(self.request, server_side=True)
         super().setup()
-        self.reader = DeadlineReader(self.connection, self.timeout, config.request_timeout)
+        self.reader = DeadlineReader(self.connection, config.keepalive_timeout,
+                                     config.header_timeout, config.request_timeout)
         self.rfile = io.BufferedReader(self.reader)
+        self._requests = 0
 
     def finish(self) -> None:
         try:
@@ -2972,22 +3132,44 @@ class WebhookHandler(http.server.BaseHTTPRequestHandler):
                 self.server.shutdown_request(self.request)
 
     def handle_one_request(self) -> None:
-        self.reader.new_request()
+        """http.server's, with the request line bounded (MAX_LINE), the
+        reader's deadlines moved on, and the connection's phase kept for the
+        listener (a connection reading its head or idle may be displaced)."""
+        if self._requests:
+            self.reader.between_requests()
+            self.slot.phase = "idle"
+        self._requests += 1
         self._body_read = False
-        super().handle_one_request()
+        try:
+            self.raw_requestline = self.rfile.readline(MAX_LINE + 1)
+            if len(self.raw_requestline) > MAX_LINE:
+                self.requestline = self.request_version = self.command = ""
+                self.send_error(414)
+                return
+            if not self.raw_requestline:
+                self.close_connection = True
+                return
+            self.slot.phase = "head"
+            if not self.parse_request():
+                return  # answered already
+            self.reader.headers_done()
+            self.slot.phase = "busy"
+            getattr(self, "do_" + self.command)()
+            self.wfile.flush()
+        except socket.timeout as exc:
+            self.log_error("Request timed out: %r", exc)
+            self.close_connection = True
 
     def parse_request(self) -> bool:
-        """The standard parsing (400/414/431/505), then the source address check."""
-        parsed = self._parse_plain_request()
-        if parsed is None:
-            parsed = super().parse_request()
-        if not parsed:
+        """The head (400/414/431/505), then the source address check."""
+        if not self._parse_head():
             return False
         config = self.server.service.config
         if config.allow_from:
             source = client_address(self.client_address[0], self.headers, config.trusted_proxies)
             if not in_networks(source, config.allow_from):
-                log.warning("%s refused: not in allow_from (peer %s)", source, self.client_address[0])
+                log.warning("%s refused: not in allow_from (peer %s)", printable(source),
+                            self.client_address[0])
                 self.answer(403, {"error": "forbidden"}, close=True)
                 return False
         if not hasattr(self, "do_" + self.command):  # http.server would answer 501
@@ -2996,17 +3178,21 @@ class WebhookHandler(http.server.BaseHTTPRequestHandler):
             return False
         return True
 
-    def _parse_plain_request(self) -> Optional[bool]:
-        """Parse a plain request with RequestParser, with the outcome
-        http.server's parse_request() would have. None when the request
-        line is not plain (http.server then parses it all)."""
-        head = RequestParser.parse(self.raw_requestline, self.rfile)
-        if head is None:
-            return None
-        self.command, self.path, self.request_version = head.command, head.path, head.version
-        self.requestline = head.requestline
-        self.close_connection = head.version == "HTTP/1.0"
+    def _parse_head(self) -> bool:
+        """Read the head with RequestParser (bounded) and parse it: plain
+        heads here, anything else with http.server's parse_request(), which
+        the outcome always matches. False once an error is answered."""
+        head = RequestParser.parse(self.raw_requestline, self.rfile,
+                                   self.server.service.config.max_header_bytes)
+        self.head_was_plain = head.plain and head.error is None and head.headers is not None
+        if head.plain:
+            self.command, self.path, self.request_version = head.command, head.path, head.version
+            self.requestline = head.requestline
+            self.close_connection = head.version == "HTTP/1.0"
         if head.error is not None:
+            if not head.plain:
+                self.requestline = self.raw_requestline.decode("latin-1").rstrip("\r\n")
+                self.command, self.request_version = "", self.default_request_version
             self.send_error(*head.error)
             return False
         if head.headers is None:
