@@ -2852,9 +2852,10 @@ class WebhookServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
             with self._slots_lock:
                 self._slots.pop(request, None)
 
-    def open_connections(self) -> int:
+    def phases(self) -> Dict[str, int]:
+        """How many open connections are reading a head, answering, idle."""
         with self._slots_lock:
-            return len(self._slots)
+            return dict(collections.Counter(slot.phase for slot in self._slots.values()))
 
     def _log_limited(self, kind: str, line: str) -> None:
         skipped = self._log_limiter.allow(kind)

@@ -87,22 +87,47 @@ class LimitsTest(ServerTestCase):
         self.assertEqual(self.service.queue.depth(), 0)
         self.assertNoErrorLogged()
 
-    def test_connection_cap_answers_503_at_once(self):
+    def test_when_full_the_oldest_waiting_connection_makes_room(self):
         self.start_server(max_connections=2)
-        idle = [self.connect(), self.connect()]
+        oldest, other = self.connect(), self.connect()
+        self.assertTrue(wait_until(lambda: self.server.phases() == {"head": 2}, 3))
+        self.assertEqual(self.try_post(), 202)  # a third connection is served
+        self.assertEqual(self.read_all(oldest), b"")  # the oldest waiting one was closed for it
+        self.assertTrue(self.logs.matching("connection closed to make room"))
+        other.sendall(raw_post(body=hub_body()))
+        self.assertEqual(split_response(self.read_answer(other))[0], 202)
+
+    def test_when_every_slot_is_busy_a_newcomer_gets_503_at_once(self):
+        self.start_server(max_connections=2)
+        busy = [self.start_body(), self.start_body()]
+        self.assertTrue(wait_until(lambda: self.server.phases() == {"busy": 2}, 3))
         started = time.monotonic()
-        sock = self.connect(timeout=3)
-        raw = self.read_all(sock)
-        took = time.monotonic() - started
-        status, headers, body = split_response(raw)
+        status, headers, body = split_response(self.read_all(self.connect(timeout=3)))
         self.assertEqual(status, 503)
         self.assertEqual(headers.get("retry-after"), "5")
         self.assertIn("error", json.loads(body.decode()))
-        self.assertLess(took, 1.0)
+        self.assertLess(time.monotonic() - started, 1.0)
         self.assertTrue(self.logs.matching("connections open already"))
-        # a freed slot serves again
-        idle[0].close()
+        busy[0].close()  # a freed slot serves again
         self.assertTrue(wait_until(lambda: self.try_post() == 202, 3))
+
+    def test_one_source_gets_its_share_and_displaces_only_its_own(self):
+        self.start_server(max_connections=8, max_connections_per_source=2)
+        other_source = socket.create_connection(("127.0.0.1", self.port), timeout=5,
+                                                source_address=("127.0.0.2", 0))
+        self.addCleanup(other_source.close)
+        mine = [self.connect(), self.connect()]
+        self.assertTrue(wait_until(lambda: self.server.phases() == {"head": 3}, 3))
+        self.assertEqual(self.try_post(), 202)  # 127.0.0.1's third: its own oldest goes
+        self.assertEqual(self.read_all(mine[0]), b"")
+        other_source.sendall(raw_post(body=hub_body()))  # 127.0.0.2's was not touched
+        self.assertEqual(split_response(self.read_answer(other_source))[0], 202)
+        busy = [self.start_body(), self.start_body()]
+        self.assertTrue(wait_until(lambda: self.server.phases().get("busy") == 2, 3))
+        status, _, _ = split_response(self.read_all(self.connect(timeout=3)))
+        self.assertEqual(status, 503)  # its share is busy: it waits, the others do not
+        self.assertTrue(self.logs.matching("connections from this source open already"))
+        del busy
 
     def try_post(self) -> Optional[int]:
         try:
@@ -131,7 +156,8 @@ class LimitsTest(ServerTestCase):
         ended: with max_connections = 1, a 202 for a new one tells that."""
         self.assertTrue(wait_until(lambda: self.try_post() == 202, 3), self.logs.lines())
         return [line for line in self.logs.lines()
-                if not any(part in line for part in ("queued", "POST /deploy", "connections open already"))]
+                if not any(part in line for part in ("queued", "POST /deploy", "connections open already",
+                                                     "closed to make room"))]  # the probes' own
 
     def test_a_client_reset_mid_body_is_one_log_line_not_a_traceback(self):
         self.start_server(max_connections=1)

@@ -56,13 +56,14 @@ class RequestTimeoutTest(BoundedTestCase):
     @classmethod
     def setUpClass(cls) -> None:
         cls.class_logs = capture_logs(cls.addClassCleanup)
-        cls.plain = start_webhook_server(cls.addClassCleanup, make_config(request_timeout=TIMEOUT))
+        cls.plain = start_webhook_server(cls.addClassCleanup, make_config(request_timeout=TIMEOUT, header_timeout=TIMEOUT))
         try:
             cert, key = make_certificate(cls.addClassCleanup)
         except unittest.SkipTest as exc:
             cls.tls, cls.no_tls = None, str(exc)
         else:
-            config = make_config(tls_cert=cert, tls_key=key, request_timeout=TIMEOUT)
+            config = make_config(tls_cert=cert, tls_key=key, request_timeout=TIMEOUT,
+                                 header_timeout=TIMEOUT)
             cls.tls, cls.no_tls = start_webhook_server(cls.addClassCleanup, config,
                                                        autodeploy.tls_context(config)), ""
         pool = concurrent.futures.ThreadPoolExecutor(3)

@@ -35,17 +35,21 @@ class SourceAllowTest(ServerTestCase):
                 self.start_server(allow_from=allow)
                 self.assertEqual(self.post("/deploy/" + GLOBAL_TOKEN, hub_body())[0], 202)
 
-    def test_refused_source_is_403_before_anything_else(self):
+    def test_refused_source_is_403_at_accept_before_a_byte_is_read(self):
         for allow in (networks("10.0.0.0/8"), networks("2001:db8::/32"), networks("::1/128"),
                       networks("::ffff:0:0/96")):
             with self.subTest(allow=allow):
                 self.start_server(allow_from=allow)
+                self.assertEqual(self.refused_at_accept(), (403, {"error": "forbidden"}))
                 for method, path in (("POST", "/deploy/" + GLOBAL_TOKEN), ("POST", "/deploy/wrong"),
                                      ("GET", "/healthz"), ("GET", "/metrics")):
-                    status, doc, _ = self.post(path, hub_body(), method=method)
-                    self.assertEqual((status, doc), (403, {"error": "forbidden"}))
+                    self.assertIn(self.post_or_reset(path, hub_body(), method=method), (403, 0))
                 self.assertEqual(self.service.queue.depth(), 0)
         self.assertTrue(self.logs.matching("not in allow_from"))
+
+    def test_an_allowed_source_is_not_answered_before_it_asks(self):
+        self.start_server(allow_from=networks("127.0.0.0/8"))
+        self.assertEqual(self.refused_at_accept(wait=0.2), (0, None))
 
     def test_forwarding_headers_from_an_untrusted_peer_are_ignored(self):
         spoofs = ({"X-Forwarded-For": "10.1.2.3"}, {"Forwarded": "for=10.1.2.3"},
@@ -55,7 +59,9 @@ class SourceAllowTest(ServerTestCase):
                 self.start_server(allow_from=networks("10.0.0.0/8", "2001:db8::/32"),
                                   trusted_proxies=trusted)
                 for headers in spoofs:
-                    self.assertEqual(self.post("/deploy/" + GLOBAL_TOKEN, hub_body(), headers)[0], 403)
+                    self.assertIn(self.post_or_reset("/deploy/" + GLOBAL_TOKEN, hub_body(), headers),
+                                  (403, 0))
+                self.assertEqual(self.service.queue.depth(), 0)
                 # and a spoof cannot get an allowed peer refused either
                 self.start_server(allow_from=networks("127.0.0.0/8"), trusted_proxies=trusted)
                 for headers in spoofs:

@@ -380,6 +380,24 @@ class ServerTestCase(BoundedTestCase):
             self.assertEqual(response.getheader("Content-Type"), "application/json")
         return response.status, doc, response
 
+    def refused_at_accept(self, wait: float = 2.0) -> Tuple[int, Any]:
+        """Connect and send nothing: (status, JSON answer) of what the server
+        says before reading a byte (a refusal), or (0, None) if it waits."""
+        sock = self.connect(wait)
+        try:
+            status, _, body = split_response(read_until_closed(sock))
+        except (AssertionError, OSError):
+            return 0, None
+        return status, json.loads(body)
+
+    def post_or_reset(self, *args: Any, **kwargs: Any) -> int:
+        """post()'s status, or 0 when the server closed the connection while
+        the request was still being sent (a refusal at accept can do that)."""
+        try:
+            return self.post(*args, **kwargs)[0]
+        except (ConnectionError, http.client.HTTPException):
+            return 0
+
     def exchange(self, data: bytes, timeout: float = 5.0) -> bytes:
         """Send raw bytes; the server's first answer (or what it sent before
         closing, or before `timeout` passed with nothing more)."""
