@@ -1748,7 +1748,7 @@ def _mask_url(url: str) -> str:
     """Scheme and host only: paths of webhook URLs carry secrets."""
     try:
         parts = urllib.parse.urlsplit(url)
-        return "%s://%s/..." % (parts.scheme, parts.hostname or "?")
+        return printable("%s://%s/..." % (parts.scheme, parts.hostname or "?"))
     except ValueError:
         return "(unparseable URL)"
 
@@ -2433,6 +2433,7 @@ class Service:
         self._superseded_lock = threading.Lock()
         self._unsaved_superseded: List[Tuple[float, str, str]] = []
         self._workers: List[threading.Thread] = []
+        self._last_health = "ok"
 
     # -- taking jobs --------------------------------------------------------
 
@@ -2558,16 +2559,24 @@ class Service:
 
     def health(self) -> Tuple[bool, str]:
         """(healthy, reason) for GET /healthz: the threads run, the Engine
-        answers, the journal can be written."""
+        answers, the journal can be written. The reason is a class, with no
+        path or address in it (anyone may ask); the details go to the log
+        (once per change of reason)."""
+        healthy, reason, detail = True, "ok", ""
         if not self.alive():
-            return False, "a worker or callback thread has stopped"
-        if self.journal.error:
-            return False, "journal: %s" % self.journal.error
-        try:
-            self.runner.engine.ping()
-        except DockerError as exc:
-            return False, "docker engine: %s" % exc
-        return True, "ok"
+            healthy, reason = False, "a worker or callback thread has stopped"
+        elif self.journal.error:
+            healthy, reason, detail = False, "journal not writable", self.journal.error
+        else:
+            try:
+                self.runner.engine.ping()
+            except DockerError as exc:
+                healthy, reason, detail = False, "docker engine unreachable", str(exc)
+        if reason != self._last_health:
+            self._last_health = reason
+            if not healthy:
+                log.warning("unhealthy: %s%s", reason, ": %s" % detail if detail else "")
+        return healthy, reason
 
     def job_list(self, app: Optional[str] = None, state: Optional[str] = None,
                  limit: int = 100) -> List[Dict[str, Any]]:
@@ -2884,7 +2893,7 @@ class WebhookServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
         if isinstance(exc, (ConnectionError, TimeoutError, socket.timeout)):
             log.info("%s connection dropped: %s", client_address[0], exc.__class__.__name__)
         elif isinstance(exc, OSError) and exc.__class__.__module__ == "ssl":
-            log.info("%s TLS failed: %s", client_address[0], getattr(exc, "reason", None) or exc)
+            log.info("%s TLS failed: %s", client_address[0], printable(getattr(exc, "reason", None) or exc))
         else:
             log.error("%s request failed: %r", client_address[0], exc)
 
@@ -3255,7 +3264,7 @@ class WebhookHandler(http.server.BaseHTTPRequestHandler):
             check_sender(service.config, push, scope, body, self.headers.get("X-Hub-Signature-256"))
             job = service.submit(push)
         except PayloadError as exc:
-            log.info("webhook refused (%d): %s", exc.status, exc.message)
+            log.info("webhook refused (%d): %s", exc.status, printable(exc.message))
             headers = {"Retry-After": "30"} if exc.status == 503 else None
             return self.answer(exc.status, {"error": exc.message}, headers)
         self.answer(202, {"job": job.id, "state": QUEUED, "app": job.app.repository,
@@ -3347,14 +3356,14 @@ class WebhookHandler(http.server.BaseHTTPRequestHandler):
 
     def log_request(self, code: Any = "-", size: Any = "-") -> None:
         if log.isEnabledFor(logging.DEBUG):
-            log.debug("%s %s %s %s", self.client_address[0], self.command,
-                      _mask_path(getattr(self, "path", "")), code)
+            log.debug("%s %s %s %s", self.client_address[0], printable(self.command),
+                      printable(_mask_path(getattr(self, "path", ""))), code)
 
     def log_error(self, format: str, *args: Any) -> None:
-        log.info("%s bad request: %s", self.client_address[0], _mask_path(format % args))
+        log.info("%s bad request: %s", self.client_address[0], printable(_mask_path(format % args)))
 
     def log_message(self, format: str, *args: Any) -> None:
-        log.info("%s %s", self.client_address[0], _mask_path(format % args))
+        log.info("%s %s", self.client_address[0], printable(_mask_path(format % args)))
 
 
 METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"

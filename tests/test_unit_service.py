@@ -150,3 +150,33 @@ class InstanceLockTest(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class HealthReasonTest(unittest.TestCase):
+
+    def setUp(self):
+        self.rig = Rig(self)
+        self.service = Service(web_config(), self.rig.runner, CallbackSender([]), MemoryJournal(),
+                               clock=self.rig.clock, hostname="host")
+        self.service.alive = lambda: True  # no threads started here
+
+    def test_reasons_are_classes_without_paths_and_the_details_are_logged(self):
+        self.assertEqual(self.service.health(), (True, "ok"))
+        self.service.journal.error = "disk I/O error at /var/lib/autodeploy/journal.sqlite3"
+        with self.assertLogs("autodeploy", "WARNING") as logs:
+            self.assertEqual(self.service.health(), (False, "journal not writable"))
+            self.service.health()  # the same reason again: not logged again
+        self.assertEqual(len(logs.output), 1)
+        self.assertIn("/var/lib/autodeploy/journal.sqlite3", logs.output[0])
+        self.service.journal.error = None
+        self.rig.engine.down = True
+        with self.assertLogs("autodeploy", "WARNING"):
+            self.assertEqual(self.service.health(), (False, "docker engine unreachable"))
+
+
+class PrintableTest(unittest.TestCase):
+
+    def test_control_characters_and_backslashes_are_escaped(self):
+        self.assertEqual(autodeploy.printable("a\r\nINFO forged\x1b[31m\x0b\\ok\x85"),
+                         "a\\x0d\\x0aINFO forged\\x1b[31m\\x0b\\x5cok\\x85")
+        self.assertEqual(autodeploy.printable("plain ASCII, and é"), "plain ASCII, and é")
