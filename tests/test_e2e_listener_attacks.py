@@ -1,0 +1,135 @@
+"""End to end: the listener under attack, from distinct loopback sources.
+
+The real service process, with allow_from naming 127.0.0.1 and 127.0.0.3-5
+(127.0.0.2 is refused). Each attack is bounded in connections and time;
+while it runs, a valid webhook from 127.0.0.1 must still get its 202 within
+a second, and afterwards the service's peak resident memory must stay
+under 64 MiB. No Docker Engine is needed: the webhooks' jobs fail at once
+(docker_host names a socket that does not exist), which is not under test.
+"""
+
+import os
+import socket
+import threading
+import time
+import unittest
+
+from tests import support
+from tests.support import TOKEN, ServiceProcess, hub_payload
+
+ATTACKERS_ALLOWED = ("127.0.0.3", "127.0.0.4", "127.0.0.5")
+REFUSED = "127.0.0.2"
+HUGE_LINE = b"X-Pad: " + b"p" * 64990 + b"\r\n"  # inside http.client's per-line limit
+
+
+def connect(port: int, source: str, timeout: float = 5.0) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", port), timeout=timeout, source_address=(source, 0))
+
+
+def vm_hwm_kib(pid: int) -> int:
+    with open("/proc/%d/status" % pid) as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmHWM for %d" % pid)
+
+
+class ListenerAttackTest(unittest.TestCase):
+
+    @classmethod
+    def setUpClass(cls):
+        cls.port = support.free_port()
+        config = """
+[autodeploy]
+listen = 127.0.0.1:{port}
+token = {token}
+workers = 1
+allow_from = 127.0.0.1/32, 127.0.0.3/32, 127.0.0.4/32, 127.0.0.5/32
+docker_host = unix:///nonexistent/autodeploy-attack.sock
+engine_wait = 0
+
+[e2e/attacked]
+container = e2e-attacked
+cooldown = 0
+""".format(port=cls.port, token=TOKEN)
+        cls.service = ServiceProcess(config, dict(os.environ))
+        cls.addClassCleanup(cls.service.stop)
+        cls.service.start(cls.port)
+
+    def valid_webhooks_answer_within_a_second(self, attack: threading.Thread, count: int = 8) -> None:
+        """While `attack` runs: `count` webhooks from 127.0.0.1, each 202 within 1 s."""
+        attack.start()
+        try:
+            time.sleep(0.3)  # the attack is under way
+            for n in range(count):
+                started = time.monotonic()
+                status, answer = self.service.post(hub_payload("e2e/attacked", "latest"))
+                took = time.monotonic() - started
+                self.assertEqual(status, 202, answer)
+                self.assertLess(took, 1.0, "webhook %d took %.2f s during the attack" % (n, took))
+                time.sleep(0.1)
+        finally:
+            attack.join(30)
+        self.assertFalse(attack.is_alive(), "the attack did not end within its bound")
+        self.assertIsNone(self.service.process.poll(), "the service died")
+
+    def flood(self, sources, per_source: int, send) -> threading.Thread:
+        """A thread that opens `per_source` connections from each source at
+        once and runs send(sock) on each, on threads of their own."""
+        def run():
+            workers = []
+            for source in sources:
+                for _ in range(per_source):
+                    try:
+                        sock = connect(self.port, source)
+                    except OSError:
+                        continue
+                    worker = threading.Thread(target=self._quietly, args=(send, sock))
+                    worker.start()
+                    workers.append(worker)
+            for worker in workers:
+                worker.join(20)
+        return threading.Thread(target=run)
+
+    @staticmethod
+    def _quietly(send, sock):
+        try:
+            send(sock)
+        except OSError:
+            pass  # the server closed it: what the attack is meant to meet
+        finally:
+            sock.close()
+
+    def test_1_huge_headers_are_cut_off_at_the_head_budget(self):
+        def huge_head(sock):
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+            for n in range(98):
+                line = HUGE_LINE if n % 2 else HUGE_LINE.replace(b"pp", b"p\x80", 1)  # both parsers
+                sock.sendall(line)
+            sock.sendall(b"\r\n")
+            sock.recv(4096)
+        before = vm_hwm_kib(self.service.process.pid)
+        attack = self.flood(ATTACKERS_ALLOWED + (REFUSED,), 16, huge_head)
+        self.valid_webhooks_answer_within_a_second(attack)
+        peak = vm_hwm_kib(self.service.process.pid)
+        self.assertLess(peak, 64 * 1024, "peak RSS %d KiB (before: %d)" % (peak, before))
+
+    def test_2_silent_sockets_cost_a_refused_source_nothing_and_an_allowed_one_its_share(self):
+        def silent(sock):
+            sock.settimeout(8)
+            sock.recv(1)  # until the server drops it (header_timeout) or displaces it
+        attack = self.flood((REFUSED,) * 4 + ATTACKERS_ALLOWED, 16, silent)
+        self.valid_webhooks_answer_within_a_second(attack)
+        self.assertIn("refused: not in allow_from", self.service.log_text())
+
+    def test_3_slowloris_connections_do_not_starve_valid_senders(self):
+        def slowloris(sock):
+            for byte in b"POST /deploy/" + TOKEN.encode() + b" HTTP/1.1\r\nHost: x\r\n":
+                sock.sendall(bytes([byte]))
+                time.sleep(0.2)
+        attack = self.flood(ATTACKERS_ALLOWED, 24, slowloris)  # 72: more than max_connections
+        self.valid_webhooks_answer_within_a_second(attack)
+
+
+if __name__ == "__main__":
+    unittest.main()
