@@ -2955,6 +2955,12 @@ class DeadlineReader(io.RawIOBase):
 # accepted webhook costs). Anything else goes to http.server as it came.
 PLAIN_REQUEST_LINE = re.compile(rb"([A-Z]+) ([\x21-\x7e]+) (HTTP/1\.[01])\r?\n")
 PLAIN_HEADER = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*([\t\x20-\x7e]*)\r?\n")
+# Any header line that is not this (RFC 9112 field-line: a token, the colon
+# right after it, a value of visible characters, blanks and obs-text) is a
+# 400 that closes the connection: whitespace before the colon, no colon, a
+# bare CR, obs-fold, control characters. Parsing on after such a line is how
+# a request is smuggled past a proxy that reads it otherwise.
+FIELD_LINE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+:[\t\x20-\x7e\x80-\xff]*(?:\r?\n)?")
 MAX_LINE = 8192  # the request line (longer: 414) and each header line (longer: 431)
 MAX_HEADERS = 100  # header lines, the blank one that ends them included, as http.client counts
 
@@ -3029,6 +3035,9 @@ class RequestParser:
                 return PlainHead(request, error=(431, "Too many headers", None))
             if raw in (b"\r\n", b"\n", b""):
                 break
+        for raw in lines[:-1]:
+            if FIELD_LINE.fullmatch(raw) is None:
+                return PlainHead(request, error=(400, "Bad header line", None))
         if request is None:
             return PlainHead(None, header_block=b"".join(lines))
         items = []
@@ -3203,6 +3212,7 @@ class WebhookHandler(http.server.BaseHTTPRequestHandler):
             if not head.plain:
                 self.requestline = self.raw_requestline.decode("latin-1").rstrip("\r\n")
                 self.command, self.request_version = "", self.default_request_version
+                self.close_connection = True
             self.send_error(*head.error)
             return False
         if head.headers is None:
@@ -3297,7 +3307,11 @@ class WebhookHandler(http.server.BaseHTTPRequestHandler):
     def _read_body(self) -> Optional[bytes]:
         """The request body, or None after answering 411/413/400."""
         if self.headers.get("Transfer-Encoding"):
-            self.answer(411, {"error": "send the body with a Content-Length, not chunked"}, close=True)
+            if self.headers.get("Content-Length") is not None:  # which one frames it? (RFC 9112 6.1)
+                self.answer(400, {"error": "Transfer-Encoding and Content-Length together"}, close=True)
+            else:
+                self.answer(411, {"error": "send the body with a Content-Length, not chunked"},
+                            close=True)
             return None
         raw = self.headers.get_all("Content-Length") or []
         if not raw:

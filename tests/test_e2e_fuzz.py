@@ -216,6 +216,20 @@ def head_too_large(line_raw, rest):
     return False
 
 
+FIELD_LINE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+:[\t\x20-\x7e\x80-\xff]*(?:\r?\n)?")
+
+
+def head_malformed(rest):
+    """A header line the service refuses (400, connection closed) rather
+    than parse on: no colon, blank before it, a bare CR, obs-fold, CTLs."""
+    for line in io.BytesIO(rest):
+        if line in (b"\r\n", b"\n"):
+            return False
+        if FIELD_LINE.fullmatch(line) is None:
+            return True
+    return False
+
+
 def expected(data, forward=None):
     """The Expectation for the first request in `data`, sent in full and then
     followed by end-of-file. `forward`: whether forwarding headers make the
@@ -228,6 +242,8 @@ def expected(data, forward=None):
         return Expectation({414})
     if head_too_large(line_raw, rest):
         return Expectation({431})
+    if head_malformed(rest):
+        return Expectation({400})
     probe = _LineProbe(line_raw, rest)
     if not probe.parse_request():
         if not probe.errors:  # an empty request line: the connection just closes
@@ -294,7 +310,7 @@ def _route(method, path, headers, body_stream):
     if scope is None:
         return Expectation({404})
     if headers.get("Transfer-Encoding"):
-        return Expectation({411})
+        return Expectation({400 if headers.get("Content-Length") is not None else 411})
     status, length = _content_length(headers.get_all("Content-Length"))
     if status:
         return Expectation({status})

@@ -130,6 +130,27 @@ cooldown = 0
         attack = self.flood(ATTACKERS_ALLOWED, 24, slowloris)  # 72: more than max_connections
         self.valid_webhooks_answer_within_a_second(attack)
 
+    def test_4_a_header_line_that_is_not_a_field_line_is_one_400_never_a_second_request(self):
+        smuggled = b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"
+        body = hub_payload("e2e/attacked", "latest")
+        for bad in (b"junk", b"Foo bar: x", b"Content-Length : %d" % len(smuggled),
+                    b"X-Foo: a\rContent-Length: %d" % len(smuggled), b"X-Foo: a\r\n folded"):
+            for head in (b"GET /healthz HTTP/1.1\r\nHost: x\r\n%s\r\nContent-Length: %d\r\n\r\n"
+                         % (bad, len(smuggled)),
+                         b"POST /deploy/%s HTTP/1.1\r\nHost: x\r\n%s\r\n\r\n" % (TOKEN.encode(), bad)):
+                with self.subTest(head=head[:60], bad=bad):
+                    sock = connect(self.port, "127.0.0.1")
+                    self.addCleanup(sock.close)
+                    sock.sendall(head + (smuggled if head.startswith(b"GET") else body))
+                    answer = b""
+                    while True:  # until the server closes
+                        chunk = sock.recv(65536)
+                        if not chunk:
+                            break
+                        answer += chunk
+                    self.assertTrue(answer.startswith(b"HTTP/1.1 400 "), answer[:80])
+                    self.assertEqual(answer.count(b"HTTP/1.1 "), 1, answer)
+
 
 if __name__ == "__main__":
     unittest.main()

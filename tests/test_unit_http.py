@@ -198,14 +198,21 @@ class PlainRequestParsingTest(unittest.TestCase):
         self.assertEqual(ours.outcome[:2], (False, [431]))
 
     def test_anything_unusual_goes_to_http_server(self):
-        for head in (b"POST /deploy/x HTTP/1.1\r\nHost : a\r\n\r\n",         # blank before the colon
-                     b"POST /deploy/x HTTP/1.1\r\nHost: a\r\n folded\r\n\r\n",  # obs-fold
-                     b"POST /deploy/x HTTP/1.1\r\nno colon here\r\nHost: a\r\n\r\n",
-                     b"POST /deploy/x HTTP/1.1\r\nX-A: caf\xc3\xa9\r\n\r\n",   # not ASCII
-                     b"POST /deploy/x HTTP/1.1\r\nX-A: a\rb\r\n\r\n",           # a lone CR
-                     b"POST /deploy/x HTTP/1.1\r\nContent-Length: \x0b2\r\n\r\n"):
+        for head in (b"POST /deploy/x HTTP/1.1\r\nX-A: caf\xc3\xa9\r\n\r\n",):  # obs-text
             with self.subTest(head=head):
                 self.assertSameParse(head + b"{}", plain=False)
+
+    def test_a_header_line_that_is_not_a_field_line_is_400_not_parsed_on(self):
+        # http.server ends the headers at such a line and serves what follows
+        # as the body or a new request (smuggling): here it is a 400, and the
+        # connection closes, whichever parser the request line goes to.
+        for line in (b"POST /deploy/x HTTP/1.1", b"post /deploy/x HTTP/1.1"):
+            for bad in (b"Host : a", b"Host: a\r\n folded", b"no colon here", b"X-A: a\rb",
+                        b"Content-Length : 53", b"Foo bar: x", b"X-A: \x0b2", b"X-A: a\x00"):
+                with self.subTest(line=line, bad=bad):
+                    ours = _Parsed(autodeploy.WebhookHandler, line + b"\r\nHost: a\r\n" + bad
+                                   + b"\r\nContent-Length: 2\r\n\r\n{}", own=True)
+                    self.assertEqual(ours.outcome[:2], (False, [400]))
         for line in (b"post /deploy/x HTTP/1.1", b"POST //deploy/x HTTP/1.1", b"POST /deploy/x HTTP/2.0",
                      b"POST /deploy/x  HTTP/1.1", b"GET /", b"POST /deploy/x HTTP/1.1\r\r",
                      b"POST /d\xc3\xa9ploy HTTP/1.1", b"POST /deploy/x HTTP/1.10"):
