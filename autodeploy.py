@@ -2782,11 +2782,13 @@ class LogLimiter:
 class WebhookServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
     """The webhook listener: one thread per connection, state in `service`.
 
-    Before a byte is read, a connection is refused (closed, no thread)
-    when its source is not in allow_from, or answered 503 when its source
-    holds max_connections_per_source already. When all max_connections
-    are taken, the oldest connection still reading its head or idle between
-    requests is closed to make room; with none such, the newcomer gets 503.
+    Before a byte is read, a connection from a source not in allow_from is
+    answered 403 and closed (no thread). A source holds at most
+    max_connections_per_source connections, and all of them at most
+    max_connections: a newcomer past either takes the place of the slowest
+    waiting connection of the same pool (the oldest still sending its head,
+    else the oldest idle between requests), or gets 503 at once when every
+    one of them is answering a request.
     """
     daemon_threads = True
     allow_reuse_address = True
@@ -2842,7 +2844,10 @@ class WebhookServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
                 candidates, why = [], ""
             displaced = None
             if why:
-                waiting = [s for s in candidates if s.phase != "busy"]
+                # The slowest first: the oldest still sending its head (a
+                # slowloris, a silent socket), else the oldest idle keep-alive.
+                waiting = [s for s in candidates if s.phase == "head"] \
+                    or [s for s in candidates if s.phase == "idle"]
                 if not waiting:
                     return None, None, why
                 displaced = min(waiting, key=lambda s: s.accepted)

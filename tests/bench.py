@@ -1415,6 +1415,67 @@ def wait_settled(receiver: CallbackReceiver, quiet: float = 1.0, timeout: float 
 # 6. The journal's cost, and 7. recovery after kill -9
 ############################################################################
 
+# Attacks on the listener, each from sources of its own on 127.0.0.0/8 and
+# bounded in connections; the load (wrk) keeps coming from 127.0.0.1.
+ATTACKS = {
+    # name: (sources, connections per source, what each connection does)
+    "huge headers": (("127.0.0.3", "127.0.0.4", "127.0.0.5"), 16, "huge"),
+    "silent sockets": (tuple("127.0.0.%d" % n for n in range(3, 11)), 8, "silent"),
+    "slowloris": (tuple("127.0.0.%d" % n for n in range(3, 12)), 8, "slowloris"),
+}
+
+
+def attack_connection(port: int, source: str, action: str, stop: threading.Event) -> None:
+    """One attacking connection, opened again each time the service drops it, until `stop`."""
+    huge_line = b"X-Pad: " + b"p" * 64990 + b"\r\n"
+    while not stop.is_set():
+        try:
+            sock = socket.create_connection(("127.0.0.1", port), timeout=2, source_address=(source, 0))
+        except OSError:
+            stop.wait(0.1)
+            continue
+        try:
+            if action == "huge":
+                sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+                for _ in range(98):
+                    sock.sendall(huge_line)
+            elif action == "silent":
+                while not stop.is_set() and sock.recv(1):
+                    pass
+            else:
+                for byte in b"POST /deploy/x HTTP/1.1\r\nHost: x\r\n" * 10:
+                    if stop.wait(0.2):
+                        break
+                    sock.sendall(bytes([byte]))
+        except OSError:
+            pass  # dropped by the service: the attack goes on with a new connection
+        finally:
+            sock.close()
+
+
+def measure_under_attack(client: str, wrk: Optional[str], folder: str, service: ServiceProcess,
+                         body: bytes, seconds: float, warmup: float) -> Dict[str, Any]:
+    """acks at 8 clients from 127.0.0.1 while each attack of ATTACKS runs,
+    and the service's peak resident memory over them."""
+    results: Dict[str, Any] = {}
+    for name, (sources, per_source, action) in ATTACKS.items():
+        stop = threading.Event()
+        threads = [threading.Thread(target=attack_connection, args=(service.port, source, action, stop),
+                                    daemon=True)
+                   for source in sources for _ in range(per_source)]
+        for thread in threads:
+            thread.start()
+        try:
+            time.sleep(0.5)  # the attack is under way
+            results[name] = measure_acks(client, wrk, folder, service, body, 8, seconds, warmup)
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join(5)
+    results["peak_rss_kib"] = proc_status(service.process.pid).get("VmHWM")
+    return results
+
+
 def measure_without_journal(client: str, wrk: Optional[str], folder: str, config_for_port: Any,
                             env: Dict[str, str], body: bytes, seconds: float,
                             warmup: float) -> Dict[str, Any]:
@@ -1580,6 +1641,9 @@ def bench(args: argparse.Namespace, state: Dict[str, Any]) -> Dict[str, Any]:
             % (clients, args.seconds, args.warmup, client))
         results["acks"].append(measure_acks(client, wrk, folder, service, body, clients,
                                             args.seconds, args.warmup))
+    log("acks under attack: 8 keep-alive clients while each attack on the listener runs")
+    results["under_attack"] = measure_under_attack(client, wrk, folder, service, body,
+                                                   args.seconds, args.warmup)
     log("acks without the journal: 8 keep-alive clients, a second service with journal = no")
     results["acks_no_journal"] = measure_without_journal(client, wrk, folder, config_for_port, env, body,
                                                          args.seconds, args.warmup)
@@ -1716,6 +1780,19 @@ def journal_and_recovery_rows(results: Dict[str, Any]) -> List[Tuple[str, str, s
         off["p50_ms"], off["p99_ms"], off["max_ms"]), "", ""))
     rows.append(("  journal cost per webhook (1/on - 1/off)", "%.0f us" % (
         1e6 / on["acks_per_s"] - 1e6 / off["acks_per_s"]), "", ""))
+    attacked = results.get("under_attack") or {}
+    for name in ATTACKS:
+        if name in attacked:
+            level = attacked[name]
+            share = level["acks_per_s"] / on["acks_per_s"]
+            slots = name != "huge headers"  # that one's target is memory (below), not the rate
+            rows.append(("acks/s, 8 clients, under attack: " + name, "%.0f /s (%.0f%% of normal), p99 %.2f ms"
+                         % (level["acks_per_s"], 100 * share, level["p99_ms"]), ">= 50%" if slots else "",
+                         ("yes" if share >= 0.5 else "NO") if slots else ""))
+    if attacked.get("peak_rss_kib"):
+        peak = attacked["peak_rss_kib"] / 1024.0
+        rows.append(("  peak RSS through the attacks (VmHWM)", "%.1f MiB" % peak, "< 64 MiB",
+                     "yes" if peak < 64 else "NO"))
     runs = results.get("recovery")
     if runs:
         rows.append(("kill -9 mid-swap, restart -> first answer", "%.0f ms (median of %d)" % (
