@@ -8,6 +8,8 @@ under 64 MiB. No Docker Engine is needed: the webhooks' jobs fail at once
 (docker_host names a socket that does not exist), which is not under test.
 """
 
+import http.client
+import json
 import os
 import socket
 import threading
@@ -45,6 +47,7 @@ listen = 127.0.0.1:{port}
 token = {token}
 workers = 1
 allow_from = 127.0.0.1/32, 127.0.0.3/32, 127.0.0.4/32, 127.0.0.5/32
+trusted_proxies = 127.0.0.1/32
 docker_host = unix:///nonexistent/autodeploy-attack.sock
 engine_wait = 0
 
@@ -150,6 +153,52 @@ cooldown = 0
                         answer += chunk
                     self.assertTrue(answer.startswith(b"HTTP/1.1 400 "), answer[:80])
                     self.assertEqual(answer.count(b"HTTP/1.1 "), 1, answer)
+        started = time.monotonic()
+        self.assertEqual(self.service.post(body)[0], 202)  # and valid senders are served
+        self.assertLess(time.monotonic() - started, 1.0)
+
+    def test_6_healthz_names_a_class_of_reason_never_a_path(self):
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
+        self.addCleanup(conn.close)
+        conn.request("GET", "/healthz")
+        response = conn.getresponse()
+        answer = json.loads(response.read())
+        self.assertEqual((response.status, answer),
+                         (503, {"status": "unhealthy", "reason": "docker engine unreachable"}))
+        self.assertIn("/nonexistent/autodeploy-attack.sock", self.service.log_text())  # the details
+
+    def test_5_nothing_a_client_sends_forges_or_hides_a_log_line(self):
+        offset = len(self.service.log_text())
+        forged = "2026-01-01 00:00:00,000 INFO forged"
+        requests = [
+            # an obs-folded X-Forwarded-For through the trusted proxy
+            b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 10.9.9.9,\r\n " + forged.encode()
+            + b"\r\n\r\n",
+            # terminal escapes and a vertical tab in the request line and a header
+            b"GET /\x1b[31mred\x0b HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 10.9.9.9\x1b[2J\r\n\r\n",
+            b"GET /\x1b]0;title\x07 HTTP/1.1\r\nHost: x\r\n\r\n",
+        ]
+        for request in requests:
+            sock = connect(self.port, "127.0.0.1")
+            self.addCleanup(sock.close)
+            sock.sendall(request)
+            sock.shutdown(socket.SHUT_WR)
+            while sock.recv(65536):
+                pass
+        # a callback URL with CR LF in it: logged as scheme and host only
+        status, _ = self.service.post(json.dumps({
+            "repository": {"repo_name": "e2e/attacked"}, "push_data": {"tag": "latest"},
+            "callback_url": "https://evil.example/x\r\n" + forged + " /secret-path"}).encode())
+        self.assertEqual(status, 202)
+        deadline = time.monotonic() + 10
+        while "not an allowed callback origin" not in self.service.log_text()[offset:]:
+            self.assertLess(time.monotonic(), deadline, self.service.log_text()[offset:])
+            time.sleep(0.05)
+        log = self.service.log_text()[offset:]
+        self.assertFalse([line for line in log.splitlines() if line.startswith(forged)], log)
+        for raw in ("\x1b", "\x0b", "\x07", "secret-path"):
+            self.assertNotIn(raw, log)
+        self.assertIn("evil.example/...", log)
 
 
 if __name__ == "__main__":

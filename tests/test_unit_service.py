@@ -11,7 +11,7 @@ import unittest
 
 import autodeploy
 from autodeploy import CallbackSender, JobQueue, MemoryJournal, Push, Service
-from tests.unit_support import Rig, app_config, web_config, new_job
+from tests.unit_support import FakeClock, Rig, app_config, web_config, new_job
 
 
 class ServiceTest(unittest.TestCase):
@@ -180,3 +180,26 @@ class PrintableTest(unittest.TestCase):
         self.assertEqual(autodeploy.printable("a\r\nINFO forged\x1b[31m\x0b\\ok\x85"),
                          "a\\x0d\\x0aINFO forged\\x1b[31m\\x0b\\x5cok\\x85")
         self.assertEqual(autodeploy.printable("plain ASCII, and é"), "plain ASCII, and é")
+
+
+class SourceShareTest(unittest.TestCase):
+
+    def test_a_source_is_an_ipv4_address_or_an_ipv6_slash_64(self):
+        self.assertEqual(autodeploy.source_of("192.0.2.7"), "192.0.2.7")
+        self.assertEqual(autodeploy.source_of("::ffff:192.0.2.7"), "192.0.2.7")
+        self.assertEqual(autodeploy.source_of("2001:db8:1:2:aaaa::1"), "2001:db8:1:2::/64")
+        self.assertEqual(autodeploy.source_of("2001:db8:1:2:bbbb::9"), "2001:db8:1:2::/64")
+        self.assertNotEqual(autodeploy.source_of("2001:db8:1:3::1"), "2001:db8:1:2::/64")
+
+
+class LogLimiterTest(unittest.TestCase):
+
+    def test_one_line_a_second_per_kind_then_the_count_left_out(self):
+        clock = FakeClock()
+        limiter = autodeploy.LogLimiter(1.0, clock)
+        self.assertEqual(limiter.allow("refused"), 0)
+        self.assertIsNone(limiter.allow("refused"))
+        self.assertIsNone(limiter.allow("refused"))
+        self.assertEqual(limiter.allow("displaced"), 0)  # another kind is not held back
+        clock.advance(1.0)
+        self.assertEqual(limiter.allow("refused"), 2)
