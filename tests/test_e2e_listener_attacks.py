@@ -18,6 +18,7 @@ import unittest
 
 from tests import support
 from tests.support import TOKEN, ServiceProcess, hub_payload
+from tests.unit_support import read_until_closed
 
 ATTACKERS_ALLOWED = ("127.0.0.3", "127.0.0.4", "127.0.0.5")
 REFUSED = "127.0.0.2"
@@ -145,12 +146,7 @@ cooldown = 0
                     sock = connect(self.port, "127.0.0.1")
                     self.addCleanup(sock.close)
                     sock.sendall(head + (smuggled if head.startswith(b"GET") else body))
-                    answer = b""
-                    while True:  # until the server closes
-                        chunk = sock.recv(65536)
-                        if not chunk:
-                            break
-                        answer += chunk
+                    answer = read_until_closed(sock)
                     self.assertTrue(answer.startswith(b"HTTP/1.1 400 "), answer[:80])
                     self.assertEqual(answer.count(b"HTTP/1.1 "), 1, answer)
         started = time.monotonic()
@@ -183,8 +179,7 @@ cooldown = 0
             self.addCleanup(sock.close)
             sock.sendall(request)
             sock.shutdown(socket.SHUT_WR)
-            while sock.recv(65536):
-                pass
+            read_until_closed(sock)
         # a callback URL with CR LF in it: logged as scheme and host only
         status, _ = self.service.post(json.dumps({
             "repository": {"repo_name": "e2e/attacked"}, "push_data": {"tag": "latest"},
