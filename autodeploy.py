@@ -2821,8 +2821,9 @@ class WebhookServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
                 displaced.sock.shutdown(socket.SHUT_RDWR)  # its thread sees the end and goes
             except OSError:
                 pass
-        if slot is None:
-            self._log_limited("refused-" + why, "%s refused: %s" % (peer, why))
+        if slot is None:  # one kind of line per pool, whatever the counts in it
+            self._log_limited("refused-share" if "source" in why else "refused-full",
+                              "%s refused: %s" % (peer, why))
             self._refuse(request)
             return
         super().process_request(request, client_address)
