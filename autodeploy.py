@@ -1641,6 +1641,7 @@ class JobRunner:
     def deploy(self, job: Job, jlog: JobLog) -> Tuple[str, str]:
         """(state, description) of the deploy, resuming what was interrupted."""
         target = self.target_for(job.app)
+        jlog.info("deploying %s to %s", job.reference, target.describe(job.app))
         self.wait_for_engine(jlog)
         if job.resume is not None:
             own = job.resume.get("id") in (None, job.id)
@@ -3811,8 +3812,8 @@ def check(config: Config) -> int:
     print("config %s: OK, %d app(s), listening on %s:%d"
           % (config.path, len(config.apps), config.listen_host, config.listen_port))
     for app in config.apps.values():
-        print("  %s -> container %s, image %s, tags %s"
-              % (app.repository, app.container, app.image, " ".join(app.tags)))
+        print("  %s -> %s, image %s, tags %s"
+              % (app.repository, ContainerTarget.describe(app), app.image, " ".join(app.tags)))
     if not config.has_tokens():
         print("warning: no token configured; serve will refuse to start", file=sys.stderr)
     engine = make_engine(config)
