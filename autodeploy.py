@@ -107,6 +107,8 @@ CALLBACK_RETRY_DELAYS = (1.0, 5.0, 30.0)  # seconds before the 2nd, 3rd and 4th 
 CALLBACK_THREADS = 4
 KEPT_JOBS = 1000
 ENGINE_WAIT = 120.0  # seconds a job waits for a Docker Engine that is down or restarting
+ENGINE_LOSSES = 3  # times a job starts over after losing the Engine before it is an error
+ENGINE_RETRY_MAX = 15.0  # seconds: the longest pause between attempts to converge a swap
 MAX_JOB_LINES = 200  # log lines kept per job
 MAX_SUPERSEDED = 100  # callbacks kept waiting for one container's next outcome
 # Docker's reference grammar, simplified: what may stand in a tag.
@@ -1207,6 +1209,15 @@ def last_logs(engine: DockerClient, container_id: str, lines: int = 10) -> str:
     return "; last output: %s" % " | ".join(text.splitlines()[-lines:]) if text else ""
 
 
+# A swap's steps, each recorded in the journal (its `step` column) before it
+# is done, so a crash lands on a step whose undo recovery knows. The
+# `failure` column is set once the new version has failed: from then on the
+# swap is a rollback, and recovery finishes it as one.
+SWAP_STEPS = ("rename-aside", "create-new", "stop-old", "start-new", "gate", "retire-old",
+              "remove-old", "remove-image")
+ROLLBACK_STEPS = ("remove-new", "rename-back", "start-old")
+
+
 class ContainerTarget:
     """The app's container, replaced by one that keeps its configuration
     but runs the new image.
@@ -1215,23 +1226,38 @@ class ContainerTarget:
     configuration is built. The old container is removed only once the new
     one has passed the health gate; any failure before that leaves the old
     one running under its name, or puts it back. `record_step(job, **fields)`
-    hears each step that crash recovery must know about (the journal).
+    hears each step before it is taken (the journal); while the old
+    container is set aside, job.swap holds the same fields, for converge().
+    `crash_at` names a step at which the process kills itself right after
+    recording it: a seam for the crash tests (AUTODEPLOY_CRASH_AT).
     """
 
     def __init__(self, engine: DockerClient, gate: "HealthGate", deadline: StopDeadline,
                  docker_config: Optional[str] = None,
                  record_step: Callable[..., None] = lambda job, **fields: None,
-                 clock: Callable[[], float] = time.time):
+                 clock: Callable[[], float] = time.time, crash_at: Optional[str] = None):
         self.engine = engine
         self.gate = gate
         self.deadline = deadline
         self.docker_config = docker_config or dockerapi.docker_config_path()
         self.record_step = record_step
         self.clock = clock
+        self.crash_at = crash_at
 
     @staticmethod
     def describe(app: AppConfig) -> str:
         return "container %s" % app.container
+
+    def step(self, job: Job, name: str, **fields: Any) -> None:
+        """Record the intent to take step `name` (with `fields`) before taking it."""
+        fields["step"] = name
+        if job.swap is not None:
+            job.swap.update(fields)
+        self.record_step(job, **fields)
+        if name == self.crash_at:
+            log.warning("job=%s repo=%s crashing at step %s (AUTODEPLOY_CRASH_AT)",
+                        job.id, job.app.repository, name)
+            os.kill(os.getpid(), signal.SIGKILL)
 
     def deploy(self, job: Job, jlog: logging.LoggerAdapter) -> Tuple[str, str]:
         """Pull and replace; returns (state, description) or raises."""
@@ -1242,13 +1268,14 @@ class ContainerTarget:
         if old is None:
             return self.create_first(app, job.reference, jlog)
         if old.get("Image") == new_image.get("Id"):
-            return UP_TO_DATE, "%s already runs %s (%s)" % (
-                app.container, job.reference, _short(new_image.get("Id")))
+            if is_running(old):
+                return UP_TO_DATE, "%s already runs %s (%s)" % (
+                    app.container, job.reference, _short(new_image.get("Id")))
+            return self.start_stopped(job, old, jlog)
         body, later_networks = self.new_container_config(old, job.reference)
         self.deadline.check()  # the last moment to stop with nothing changed
         how = self.replace(job, old, body, later_networks, jlog)
-        if app.remove_old_image:
-            remove_unused_image(self.engine, old.get("Image"), jlog)
+        self.clean_up(job, old.get("Image"), jlog)
         return SUCCEEDED, "%s now runs %s (%s), %s" % (
             app.container, job.reference, _short(new_image.get("Id")), how)
 
@@ -1282,6 +1309,27 @@ class ContainerTarget:
                                % (_reason_of(exc), logs)) from exc
         return SUCCEEDED, "created %s running %s, %s" % (app.container, reference, how)
 
+    def start_stopped(self, job: Job, container: Dict[str, Any],
+                      jlog: logging.LoggerAdapter) -> Tuple[str, str]:
+        """The container has the image already but does not run (an Engine
+        restart, a crash): start it and gate it. A stopped app is not up to date."""
+        app = job.app
+        jlog.info("%s has %s already but is not running: starting it", app.container, job.reference)
+        try:
+            started = self.clock()
+            self.engine.start_container(container["Id"])
+            how = self.gate.wait_healthy(container["Id"], app, started, jlog)
+        except (DockerError, DeployFailed) as exc:
+            if isinstance(exc, DockerError) and exc.status is None:
+                raise
+            if cut_off(exc):
+                raise
+            raise DeployFailed("%s has %s but did not start healthy: %s%s" % (
+                app.container, job.reference, _reason_of(exc),
+                last_logs(self.engine, container["Id"]))) from exc
+        return SUCCEEDED, "%s was not running; started it with %s (%s), %s" % (
+            app.container, job.reference, _short(container.get("Image")), how)
+
     def replace(self, job: Job, old: Dict[str, Any], body: Dict[str, Any],
                 later_networks: List[Tuple[str, Dict[str, Any]]],
                 jlog: logging.LoggerAdapter) -> str:
@@ -1291,75 +1339,85 @@ class ContainerTarget:
         old_id = old["Id"]
         aside = aside_name(app.container, job.id)
         was_running = is_running(old)
-        self.record_step(job, old_container=old_id, old_image=old.get("Image"), was_running=was_running)
-        job.swap = {"id": job.id, "was_running": was_running}
+        job.swap = {"id": job.id}
+        self.step(job, "rename-aside", old_container=old_id, old_image=old.get("Image"),
+                  was_running=was_running, new_container=None, failure=None)
         self.engine.rename_container(old_id, aside)
         jlog.info("renamed old container %s to %s", _short(old_id), aside)
         new_id = None
+        self.step(job, "create-new")
         try:
             new_id = self.engine.create_container(body, app.container)
             for network, endpoint in later_networks:
                 self.engine.connect_network(network, new_id, endpoint)
         except DockerError as exc:
-            if new_id:
-                self.remove_quietly(new_id, jlog)
-            self.engine.rename_container(old_id, app.container)
+            if exc.status is None:
+                raise  # the Engine is gone: converged once it is back
+            failure = "cannot create the new container: %s" % exc.message
+            self.restore_old(job, old_id, new_id, was_running, failure, jlog)
             job.swap = None
-            raise DeployFailed("cannot create the new container: %s" % exc.message) from exc
+            raise DeployFailed(failure) from exc
         jlog.info("created new container %s", _short(new_id))
-        self.record_step(job, new_container=new_id)
         order = choose_order(app, old) if was_running else "stop-first"
         try:
             if order == "start-first":
-                how = self.start_first(app, old_id, new_id, jlog)
+                how = self.start_first(job, old_id, new_id, jlog)
             else:
-                how = self.stop_first(app, old_id, new_id, was_running, jlog)
+                how = self.stop_first(job, old_id, new_id, was_running, jlog)
         except DeployFailed:
             job.swap = None  # undone: the old container has its name back
             raise
         # (A DockerError keeps job.swap: the Engine may be gone mid-swap, and
         # the runner converges the swap once it is back.)
+        self.remove_old(job, old_id, jlog)
         job.swap = None
-        self.remove_quietly(old_id, jlog, force=False)
-        jlog.info("removed old container %s", _short(old_id))
         return how
 
-    def stop_first(self, app: AppConfig, old_id: str, new_id: str, was_running: bool,
+    def stop_first(self, job: Job, old_id: str, new_id: str, was_running: bool,
                    jlog: logging.LoggerAdapter) -> str:
         """Stop the old container, start the new one, gate it; put the old one back on failure."""
+        app = job.app
         try:
             if was_running:
+                self.step(job, "stop-old", new_container=new_id)
                 self.engine.stop_container(old_id, app.stop_timeout)
                 jlog.info("stopped old container %s", _short(old_id))
+            self.step(job, "start-new", new_container=new_id)
             started = self.clock()
             self.engine.start_container(new_id)
             jlog.info("started new container %s", _short(new_id))
+            self.step(job, "gate")
             return self.gate.wait_healthy(new_id, app, started, jlog)
         except (DockerError, DeployFailed) as exc:
+            if isinstance(exc, DockerError) and exc.status is None:
+                raise  # the Engine is gone, not the new version at fault: converged later
             logs = last_logs(self.engine, new_id)
-            try:
-                self.restore_old(old_id, new_id, app.container, was_running, jlog)
-            except DockerError as restore_exc:
-                raise DockerError("the new container failed (%s) and putting the old one back "
-                                  "failed too: %s" % (_reason_of(exc), restore_exc)) from restore_exc
+            failure = None if cut_off(exc) else "the new container failed: %s" % _reason_of(exc)
+            self.restore_old(job, old_id, new_id, was_running, failure, jlog)
             raise RolledBack("the new container failed: %s; the old one runs again%s"
                              % (_reason_of(exc), logs)) from exc
 
-    def start_first(self, app: AppConfig, old_id: str, new_id: str,
+    def start_first(self, job: Job, old_id: str, new_id: str,
                     jlog: logging.LoggerAdapter) -> str:
         """Start the new container beside the old one, gate it, then retire
         the old one: no downtime. On failure the old one never stopped."""
+        app = job.app
         try:
+            self.step(job, "start-new", new_container=new_id)
             started = self.clock()
             self.engine.start_container(new_id)
             jlog.info("started new container %s next to the old one", _short(new_id))
+            self.step(job, "gate")
             how = self.gate.wait_healthy(new_id, app, started, jlog)
         except (DockerError, DeployFailed) as exc:
+            if isinstance(exc, DockerError) and exc.status is None:
+                raise  # the Engine is gone, not the new version at fault: converged later
             logs = last_logs(self.engine, new_id)
-            self.remove_quietly(new_id, jlog, force=True)
-            self.engine.rename_container(old_id, app.container)
+            failure = None if cut_off(exc) else "the new container failed: %s" % _reason_of(exc)
+            self.restore_old(job, old_id, new_id, True, failure, jlog)
             raise DeployFailed("the new container failed: %s; the old one kept running%s"
                                % (_reason_of(exc), logs)) from exc
+        self.step(job, "retire-old")
         self.retire(old_id, app, jlog)
         return how + " (started before the old one stopped)"
 
@@ -1378,61 +1436,138 @@ class ContainerTarget:
             self.engine.stop_container(old_id, app.stop_timeout)
             jlog.info("stopped old container %s", _short(old_id))
         except DockerError as exc:
+            if exc.status is None:
+                raise
             jlog.warning("could not stop old container %s cleanly: %s", _short(old_id), exc)
 
-    def restore_old(self, old_id: str, new_id: str, name: str, was_running: bool,
-                    jlog: logging.LoggerAdapter) -> None:
-        """Put the old container back under its name, running as before."""
-        self.remove_quietly(new_id, jlog, force=True)
-        self.engine.rename_container(old_id, name)
+    def remove_old(self, job: Job, old_id: str, jlog: logging.LoggerAdapter) -> None:
+        """The new container passed: the old one goes (for good, even if
+        stopping it failed). A lost Engine raises: the swap is not done."""
+        self.step(job, "remove-old")
+        try:
+            self.engine.remove_container(old_id, force=True)
+        except NotFound:
+            pass
+        except DockerError as exc:
+            if exc.status is None:
+                raise
+            jlog.warning("could not remove old container %s: %s", _short(old_id), exc)
+            return
+        jlog.info("removed old container %s", _short(old_id))
+
+    def clean_up(self, job: Job, old_image: Optional[str], jlog: logging.LoggerAdapter) -> None:
+        """After a swap: the previous image goes when nothing uses it (remove_old_image)."""
+        if job.app.remove_old_image:
+            self.step(job, "remove-image")
+            remove_unused_image(self.engine, old_image, jlog)
+
+    def restore_old(self, job: Job, old_id: str, new_id: Optional[str], was_running: bool,
+                    failure: Optional[str], jlog: logging.LoggerAdapter) -> None:
+        """Put the old container back under its name, running if it was,
+        and the new one away. Safe to repeat: each step checks first.
+        `failure` (recorded) makes it a rollback; None, a put-back (a
+        shutdown, a job that runs again)."""
+        name = job.app.container
+        self.step(job, "remove-new", failure=failure)
+        if new_id is not None:
+            try:
+                self.engine.remove_container(new_id, force=True)
+            except NotFound:
+                pass
+        self.step(job, "rename-back")
+        if self.engine.inspect_container(old_id)["Name"].lstrip("/") != name:
+            self.engine.rename_container(old_id, name)
         if was_running:
+            self.step(job, "start-old")
             self.engine.start_container(old_id)
             if not is_running(self.engine.inspect_container(old_id)):
                 raise DockerError("the old container %s did not start again" % _short(old_id))
-        jlog.warning("rolled back to old container %s", _short(old_id))
+        jlog.warning("%s old container %s", "rolled back to" if failure else "put back",
+                     _short(old_id))
 
     def converge(self, job: Job, row: Dict[str, Any], jlog: logging.LoggerAdapter) -> None:
-        """Put in order what a crash left of `job`'s swap, from the Engine's
-        real state. The new container, when it runs, gets the health gate
-        again: passing, the job succeeded and the old one goes; else the old
-        one is put back under its name (running if it was) and the job is
-        rolled back. With no new container yet, the old one is put back and
-        the job stays unfinished, to run again. Either way one container
-        keeps the app's name and nothing named *-autodeploy-old-* remains."""
+        """Put in order what a crash or a lost Engine left of a swap (`row`:
+        its journal row, or job.swap), deciding from what was recorded
+        before each step (the old container, whether it ran, the failure)
+        and the Engine's state now:
+        - a failure was recorded: finish the rollback; the job rolled back;
+        - no new container: put the old one back as it was; the job is left
+          unfinished, to run again;
+        - the old one is gone: it is removed only after the new one passed,
+          so the job succeeded;
+        - else the new one is started if need be and gated again: passing,
+          the old one goes and the job succeeded; failing, it rolls back.
+        Either way one container keeps the app's name and nothing named
+        *-autodeploy-old-* remains. DockerError: not converged (yet)."""
         app = job.app
-        old = self._inspect_or_none(aside_name(app.container, row.get("id") or job.id))
-        if old is None:
-            jlog.info("resuming: no container was set aside; running the job again")
-            return
-        was_running = bool(row.get("was_running"))
+        recorded_old = row.get("old_container")
+        old = self._inspect_or_none(recorded_old or aside_name(app.container, row.get("id") or job.id))
         current = self._inspect_or_none(app.container)
-        if current is None or current["Id"] == old["Id"]:
-            self.engine.rename_container(old["Id"], app.container)
-            if was_running and not is_running(old):
-                self.engine.start_container(old["Id"])
-            jlog.info("resuming: old container %s is back; running the job again", _short(old["Id"]))
+        if old is None:
+            if recorded_old and current is not None:
+                # The old one goes only after the new one passed the gate.
+                how = "passed before the restart"
+                if not is_running(current):  # stopped since (an Engine restart)
+                    started = self.clock()
+                    self.engine.start_container(current["Id"])
+                    how = self.gate.wait_healthy(current["Id"], app, started, jlog)
+                self.finish_converged(job, row.get("old_image"), current, how, jlog)
+            else:
+                jlog.info("resuming: no container was set aside; running the job again")
             return
-        new_id = current["Id"]
+        old_id = old["Id"]
+        was_running = is_running(old) if row.get("was_running") is None else bool(row["was_running"])
+        new = current if current is not None and current["Id"] != old_id else None
+        new_id = new["Id"] if new is not None else None
+        failure = row.get("failure")
+        if failure:
+            self.restore_old(job, old_id, new_id, was_running, failure, jlog)
+            job.state = ROLLED_BACK
+            job.description = "%s; the old one runs again (rollback finished after a restart)" % failure
+            return
+        if new is None:
+            self.restore_old(job, old_id, None, was_running, None, jlog)
+            jlog.info("resuming: old container %s is back; running the job again", _short(old_id))
+            return
         try:
-            if not is_running(current):
-                raise DeployFailed("the new container was not running after the restart")
+            started = self.clock()
+            if not is_running(new):
+                if is_running(old) and choose_order(app, old) == "stop-first":
+                    self.step(job, "stop-old")
+                    self.engine.stop_container(old_id, app.stop_timeout)
+                    jlog.info("resuming: stopped old container %s", _short(old_id))
+                self.step(job, "start-new", new_container=new_id)
+                jlog.info("resuming: starting new container %s", _short(new_id))
+                self.engine.start_container(new_id)
             jlog.info("resuming: gating new container %s again", _short(new_id))
-            how = self.gate.wait_healthy(new_id, app, self.clock(), jlog)
+            self.step(job, "gate", new_container=new_id)
+            how = self.gate.wait_healthy(new_id, app, started, jlog)
         except (DockerError, DeployFailed) as exc:
+            if isinstance(exc, DockerError) and exc.status is None:
+                raise
             logs = last_logs(self.engine, new_id)
-            self.restore_old(old["Id"], new_id, app.container, was_running, jlog)
-            if cut_off(exc):
+            failure = None if cut_off(exc) else (
+                "interrupted by a restart; the new container failed: %s" % _reason_of(exc))
+            self.restore_old(job, old_id, new_id, was_running, failure, jlog)
+            if failure is None:
                 raise
             job.state = ROLLED_BACK
-            job.description = ("interrupted by a restart; the new container failed: %s; the old "
-                               "one runs again%s" % (_reason_of(exc), logs))
+            job.description = "%s; the old one runs again%s" % (failure, logs)
             return
-        self.retire(old["Id"], app, jlog)
-        self.remove_quietly(old["Id"], jlog, force=False)
+        if is_running(old):
+            self.step(job, "retire-old")
+            self.retire(old_id, app, jlog)
+        self.remove_old(job, old_id, jlog)
+        self.finish_converged(job, row.get("old_image") or old.get("Image"), new, how, jlog)
+
+    def finish_converged(self, job: Job, old_image: Optional[str], new: Dict[str, Any], how: str,
+                         jlog: logging.LoggerAdapter) -> None:
+        """The new container runs under the app's name and the old one is
+        gone: clean up as a deploy does, and the job succeeded."""
+        self.clean_up(job, old_image, jlog)
         job.state = SUCCEEDED
         job.description = "%s now runs %s (%s), %s; finished after a restart" % (
-            app.container, job.reference, _short(current.get("Image")), how)
-        jlog.info("%s: %s", job.state, job.description)
+            job.app.container, job.reference, _short(new.get("Image")), how)
 
     def _inspect_or_none(self, name: str) -> Optional[Dict[str, Any]]:
         try:
@@ -1608,8 +1743,10 @@ def probe_endpoint(target: str, timeout: float) -> bool:
 class JobRunner:
     """Runs one job on its target and sorts the outcome into the job's
     state and description. A Docker Engine that is down is waited for (up
-    to `engine_wait` seconds); a swap that a crash (the journal's row in
-    job.resume) or a lost Engine (job.swap) interrupted is converged first."""
+    to `engine_wait` seconds, when nothing is changed yet). A swap that a
+    crash (the journal's row in job.resume) or a lost Engine (job.swap)
+    interrupted is converged first, however long that takes: it is never
+    abandoned, and `unconverged` names the jobs waiting to converge."""
 
     def __init__(self, target: ContainerTarget, deadline: StopDeadline,
                  engine_wait: float = ENGINE_WAIT, clock: Callable[[], float] = time.time,
@@ -1618,6 +1755,7 @@ class JobRunner:
         self.engine = target.engine  # the Engine every target of this host talks to
         self.deadline, self.engine_wait = deadline, engine_wait
         self.clock, self.sleep = clock, sleep
+        self.unconverged: Set[str] = set()
 
     def target_for(self, app: AppConfig) -> ContainerTarget:
         """The target an app deploys to (one kind today: its container)."""
@@ -1642,31 +1780,61 @@ class JobRunner:
         """(state, description) of the deploy, resuming what was interrupted."""
         target = self.target_for(job.app)
         jlog.info("deploying %s to %s", job.reference, target.describe(job.app))
-        self.wait_for_engine(jlog)
         if job.resume is not None:
-            own = job.resume.get("id") in (None, job.id)
-            target.converge(job, job.resume, jlog)
-            job.resume = None
+            swap, job.resume = dict(job.resume), None
+            self.converge(target, job, swap, jlog)
             if job.final:
-                if own:
+                if swap.get("id") in (None, job.id):
                     return job.state, job.description
                 # That was the swap of a job this one superseded: now deploy this one.
                 job.state, job.description = RUNNING, ""
+        for attempt in range(1, ENGINE_LOSSES + 1):
+            self.wait_for_engine(jlog)
+            try:
+                return target.deploy(job, jlog)
+            except DockerError as exc:
+                if job.swap is None and (exc.status is not None or attempt == ENGINE_LOSSES
+                                         or self.engine_answers()):
+                    raise
+                jlog.warning("lost the Docker Engine: %s", exc)
+                if job.swap is None:
+                    continue
+                # Mid-swap: put in order what the swap left, as after a crash
+                # of ours; done, or the old one is back and the job runs once more.
+                self.converge(target, job, job.swap, jlog)
+                if job.final:
+                    return job.state, job.description
+                if attempt == ENGINE_LOSSES:
+                    raise
+        raise AssertionError("unreachable")
+
+    def converge(self, target: ContainerTarget, job: Job, swap: Dict[str, Any],
+                 jlog: JobLog) -> None:
+        """target.converge(job, swap), retried until it is done: while the
+        Engine is away (noticed back within a second) and after. Only a
+        shutdown stops it (CutOff), leaving job.swap set: the job stays
+        `running` in the journal and the next start goes on from there."""
+        job.swap = swap
+        self.unconverged.add(job.id)
+        delay = 1.0
         try:
-            return target.deploy(job, jlog)
-        except DockerError as exc:
-            if exc.status is not None or self.engine_answers():
-                raise
-            # The Engine went away mid-job (restarting?): wait for it, put in
-            # order what the swap left, as after a crash of ours, then run once more.
-            jlog.warning("lost the Docker Engine: %s", exc)
-        self.wait_for_engine(jlog)
-        if job.swap is not None:
-            target.converge(job, job.swap, jlog)
-            job.swap = None
-            if job.final:
-                return job.state, job.description
-        return target.deploy(job, jlog)
+            while True:
+                self.wait_for_engine(jlog, forever=True)
+                try:
+                    target.converge(job, swap, jlog)
+                    job.swap = None
+                    return
+                except DockerError as exc:
+                    if exc.status is None and not self.engine_answers():
+                        delay = 1.0  # gone again: wait_for_engine notices its return
+                    job.description = "not converged yet: %s" % exc
+                    jlog.warning("swap not converged yet (%s); trying again in %gs", exc, delay)
+                    target.record_step(job)
+                self.deadline.check()
+                self.sleep(delay)
+                delay = min(delay * 2, ENGINE_RETRY_MAX)
+        finally:
+            self.unconverged.discard(job.id)
 
     @staticmethod
     def sort_failure(job: Job, exc: DeployFailed, jlog: JobLog) -> None:
@@ -1686,23 +1854,30 @@ class JobRunner:
             job.state, job.description = FAILED, str(exc)
             jlog.warning("failed: %s", exc)
 
-    def wait_for_engine(self, jlog: logging.LoggerAdapter) -> None:
-        """Return once the Engine answers; while it is down or restarting,
-        retry with backoff for up to engine_wait seconds, then raise."""
-        deadline = self.clock() + self.engine_wait
-        delay = 1.0
+    def wait_for_engine(self, jlog: logging.LoggerAdapter, forever: bool = False) -> None:
+        """Return once the Engine answers. While it is down or restarting,
+        ask again every second (its return is noticed at once), for up to
+        engine_wait seconds, or `forever` (a swap to converge): only a
+        shutdown's CutOff ends that wait."""
+        began = self.clock()
+        next_note = 0.0
         while True:
             try:
                 self.engine.ping()
+                if next_note:
+                    jlog.info("the Docker Engine answers again (after %.0fs)", self.clock() - began)
                 return
             except DockerError as exc:
-                if exc.status is not None or self.clock() + delay > deadline:
+                waited = self.clock() - began
+                if exc.status is not None or (not forever and waited + 1.0 > self.engine_wait):
                     raise
-                jlog.warning("the Docker Engine does not answer (%s); trying again in %gs",
-                             exc, delay)
+                if waited >= next_note:  # a line after 0, 1, 2, 4, 8... seconds, not every second
+                    jlog.warning("the Docker Engine does not answer (%s); %s", exc,
+                                 "waiting for it to put the swap in order" if forever
+                                 else "waiting up to %gs" % self.engine_wait)
+                    next_note = max(1.0, waited * 2)
             self.deadline.check()
-            self.sleep(delay)
-            delay = min(delay * 2, 15.0)
+            self.sleep(1.0)
 
     def engine_answers(self) -> bool:
         try:
@@ -1966,7 +2141,10 @@ class Reporter:
 
 JOURNAL_COLUMNS = ("id", "app", "container", "tag", "source", "callback_url", "received",
                    "started", "finished", "state", "description", "old_image", "new_image",
-                   "old_container", "new_container", "was_running", "superseded_by", "log")
+                   "old_container", "new_container", "was_running", "superseded_by", "log",
+                   "step", "failure")
+# Columns added since the first journals: (name, type), added to an older file when opened.
+ADDED_COLUMNS = (("step", "TEXT"), ("failure", "TEXT"))
 
 
 def job_row(job: Job) -> Dict[str, Any]:
@@ -2051,6 +2229,10 @@ class Journal:
                        "started REAL, finished REAL, state TEXT, description TEXT, "
                        "old_image TEXT, new_image TEXT, old_container TEXT, new_container TEXT, "
                        "was_running INTEGER, superseded_by TEXT, log TEXT)")
+            have = {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
+            for name, kind in ADDED_COLUMNS:
+                if name not in have:
+                    db.execute("ALTER TABLE jobs ADD COLUMN %s %s" % (name, kind))
             db.execute("DROP INDEX IF EXISTS jobs_by_state")  # older journals had it
             db.execute("CREATE INDEX IF NOT EXISTS jobs_by_app ON jobs (app, received)")
             db.execute("SELECT count(*) FROM jobs").fetchone()
@@ -2566,6 +2748,10 @@ class Service:
         healthy, reason, detail = True, "ok", ""
         if not self.alive():
             healthy, reason = False, "a worker or callback thread has stopped"
+        elif self.runner.unconverged:
+            healthy, reason = False, "a deploy is not converged"
+            detail = "job(s) %s: the app may be down until the swap is put in order" % ", ".join(
+                sorted(self.runner.unconverged))
         elif self.journal.error:
             healthy, reason, detail = False, "journal not writable", self.journal.error
         else:
@@ -3406,8 +3592,10 @@ def make_engine(config: Config) -> DockerClient:
 def build_service(config: Config, engine: DockerClient,
                   urlopen: Optional[Callable[..., Any]] = None,
                   clock: Callable[[], float] = time.time,
-                  sleep: Callable[[float], None] = time.sleep) -> Service:
-    """Wire the service for `config`: journal, health gate, target, runner, callbacks."""
+                  sleep: Callable[[float], None] = time.sleep,
+                  crash_at: Optional[str] = None) -> Service:
+    """Wire the service for `config`: journal, health gate, target, runner,
+    callbacks. `crash_at`: see ContainerTarget (a seam for crash tests)."""
     deadline = StopDeadline(clock)
     gate = HealthGate(engine, clock, sleep, check_cut_off=deadline.check)
     journal: Union[Journal, MemoryJournal] = MemoryJournal()
@@ -3415,7 +3603,7 @@ def build_service(config: Config, engine: DockerClient,
         journal = Journal(config.state_file("journal.sqlite3"), config.keep_jobs,
                           config.keep_days).open()
     target = ContainerTarget(engine, gate, deadline, config.docker_config, Recorder(journal).save,
-                             clock)
+                             clock, crash_at)
     runner = JobRunner(target, deadline, config.engine_wait, clock, sleep)
     return Service(config, runner, CallbackSender(config.callback_allow, urlopen), journal, clock)
 
@@ -3513,7 +3701,8 @@ def serve(config: Config, stop_event: Optional[threading.Event] = None,
     reload_wanted = threading.Event()
     tls = tls_context(config) if config.tls_cert else None
     lock = take_instance_lock(config, stop_event)
-    service = build_service(config, make_engine(config))
+    service = build_service(config, make_engine(config),
+                            crash_at=environ.get("AUTODEPLOY_CRASH_AT") or None)
     server = WebhookServer((config.listen_host, config.listen_port), service, tls)
     service.start()
     if threading.current_thread() is threading.main_thread():  # only it may set handlers

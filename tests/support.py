@@ -715,6 +715,91 @@ def containers_named(name: str) -> List[str]:
     return sorted(n for n in out if n == name or n.startswith(name + "-"))
 
 
+class EngineProxy:
+    """A Unix socket that forwards to the real Engine's, and that a test can
+    cut (every connection closed, new ones refused, as when the Engine
+    dies) and restore, without touching the shared daemon."""
+
+    def __init__(self, engine_socket: str, folder: str):
+        self.engine_socket = engine_socket
+        self.path = os.path.join(folder, "engine-proxy.sock")
+        self.url = "unix://" + self.path
+        self._lock = threading.Lock()
+        self._open: List[socket.socket] = []
+        self._listener: Optional[socket.socket] = None
+        self.restore()
+
+    def restore(self) -> None:
+        """Answer again (a no-op when not cut)."""
+        with self._lock:
+            if self._listener is not None:
+                return
+            if os.path.exists(self.path):
+                os.unlink(self.path)
+            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            listener.bind(self.path)
+            listener.listen(64)
+            self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def cut(self) -> None:
+        """Refuse new connections and close the ones open."""
+        with self._lock:
+            listener, self._listener = self._listener, None
+            held, self._open = self._open, []
+        if listener is not None:
+            listener.close()
+        for sock in held:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            sock.close()
+
+    def close(self) -> None:
+        self.cut()
+        if os.path.exists(self.path):
+            os.unlink(self.path)
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client = listener.accept()[0]
+            except OSError:
+                return  # cut
+            upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                upstream.connect(self.engine_socket)
+            except OSError:
+                client.close()
+                upstream.close()
+                continue
+            with self._lock:
+                if self._listener is not listener:  # cut meanwhile
+                    client.close()
+                    upstream.close()
+                    return
+                self._open += [client, upstream]
+            for source, sink in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+
+    @staticmethod
+    def _pump(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while True:
+                data = source.recv(65536)
+                if not data:
+                    break
+                sink.sendall(data)
+        except OSError:
+            pass
+        for sock in (source, sink):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
 class CallbackReceiver:
     """A local HTTP server standing in for Docker Hub's callback_url."""
 

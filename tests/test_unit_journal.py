@@ -113,6 +113,22 @@ class JournalTest(BoundedTestCase):
         with self.assertRaises(JournalError):
             journal.add(Job(id="j1", app=APP, tag="latest"))
 
+    def test_a_journal_from_before_the_step_columns_gets_them_and_keeps_its_rows(self):
+        path = os.path.join(self.folder, "old", "journal.sqlite3")
+        os.makedirs(os.path.dirname(path))
+        db = sqlite3.connect(path)
+        db.execute("CREATE TABLE jobs (%s)" % ", ".join(
+            c for c in autodeploy.JOURNAL_COLUMNS if c not in ("step", "failure")))
+        db.execute("INSERT INTO jobs (id, app, state, received) VALUES ('j0', 'team/api', 'running', 1)")
+        db.commit()
+        db.close()
+        journal = Journal(path).open()
+        self.addCleanup(journal.close)
+        row = journal.get("j0")
+        self.assertEqual((row["state"], row["step"], row["failure"]), ("running", None, None))
+        journal.save(Job(id="j0", app=APP, tag="latest"), step="gate")
+        self.assertEqual(journal.get("j0")["step"], "gate")
+
     def test_a_closed_journal_refuses_writes(self):
         self.journal.close()
         with self.assertRaises(JournalError):

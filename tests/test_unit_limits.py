@@ -126,6 +126,8 @@ class LimitsTest(ServerTestCase):
         self.assertEqual(self.read_all(mine[0]), b"")
         other_source.sendall(raw_post(body=hub_body()))  # 127.0.0.2's was not touched
         self.assertEqual(split_response(self.read_answer(other_source))[0], 202)
+        # Settled: 127.0.0.1's second waiting, 127.0.0.2's kept alive (the POST's closed).
+        self.assertTrue(wait_until(lambda: self.server.phases() == {"head": 1, "idle": 1}, 3))
         busy = [self.start_body(), self.start_body()]
         self.assertTrue(wait_until(lambda: self.server.phases().get("busy") == 2, 3))
         status, _, _ = split_response(self.read_all(self.connect(timeout=3)))
@@ -134,10 +136,11 @@ class LimitsTest(ServerTestCase):
         del busy
 
     def try_post(self) -> Optional[int]:
+        """One POST on a connection of its own, closed after the answer."""
         try:
-            sock = self.connect(timeout=2)
-            sock.sendall(raw_post(body=hub_body()))
-            return split_response(self.read_answer(sock))[0]
+            with self.connect(timeout=2) as sock:
+                sock.sendall(raw_post(body=hub_body()))
+                return split_response(self.read_answer(sock))[0]
         except (OSError, AssertionError):
             return None
 

@@ -38,13 +38,61 @@ class ConvergeTest(RecoveryTestCase):
         self.assertNotIn(old_id, self.engine.containers)
         self.assertEqual(self.engine.names(), ["web"])
 
-    def test_a_new_container_that_is_not_running_is_rolled_back_and_the_old_one_started(self):
+    def test_a_new_container_that_is_not_running_is_started_and_gated_again(self):
         old_id = self.crash_mid_swap(new_running=False)
+        self.target.converge(self.job, {"id": "j1", "was_running": 1}, self.jlog)
+        self.assertEqual(self.job.state, "succeeded", self.job.description)
+        self.assertTrue(self.engine.named("web")["State"]["Running"])
+        self.assertNotIn(old_id, self.engine.containers)
+
+    def test_a_new_container_that_dies_when_started_again_is_rolled_back(self):
+        old_id = self.crash_mid_swap(new_running=False)
+        self.engine.on_start = lambda info: info["Image"] == "sha256:v2" and die_event(
+            self.engine, info["Id"], self.clock() + 1)
         self.target.converge(self.job, {"id": "j1", "was_running": 1}, self.jlog)
         self.assertEqual(self.job.state, "rolled_back")
         web = self.engine.named("web")
         self.assertEqual(web["Id"], old_id)
         self.assertTrue(web["State"]["Running"])
+
+    def test_a_stop_first_old_container_still_running_is_stopped_before_the_new_one_starts(self):
+        self.engine.add_container("web-autodeploy-old-j1", "sha256:v1", running=True)
+        self.engine.add_container("web", "sha256:v2", running=False)
+        self.target.converge(self.job, {"id": "j1", "was_running": 1}, self.jlog)
+        methods = [c[0] for c in self.engine.calls]
+        self.assertLess(methods.index("stop_container"), methods.index("start_container"))
+        self.assertEqual(self.job.state, "succeeded")
+
+    def test_a_rollback_cut_short_before_the_old_one_started_is_finished_from_the_record(self):
+        # The crash came after the old container got its name back, before it
+        # was started: nothing is set aside, and the old one is stopped. The
+        # journal says it ran, and that the new version had failed.
+        old_id = self.engine.add_container("web", "sha256:v1", running=False)
+        row = {"id": "j1", "old_container": old_id, "was_running": 1, "step": "start-old",
+               "failure": "the new container failed: exit code 3"}
+        self.target.converge(self.job, row, self.jlog)
+        self.assertEqual(self.job.state, "rolled_back")
+        self.assertIn("exit code 3", self.job.description)
+        self.assertTrue(self.engine.named("web")["State"]["Running"])
+        self.assertNotIn("pull_image", [c[0] for c in self.engine.calls])
+
+    def test_an_old_container_put_back_but_not_started_is_started_as_recorded(self):
+        old_id = self.engine.add_container("web", "sha256:v1", running=False)
+        self.job.state = "running"
+        row = {"id": "j1", "old_container": old_id, "was_running": 1, "step": "start-old",
+               "failure": None}
+        self.target.converge(self.job, row, self.jlog)
+        self.assertEqual(self.job.state, "running")  # not final: the job runs again
+        self.assertTrue(self.engine.named("web")["State"]["Running"])
+
+    def test_an_old_container_already_removed_means_the_swap_succeeded_and_cleans_up(self):
+        # The old one goes only after the new one passed the gate.
+        new_id = self.engine.add_container("web", "sha256:v2")
+        row = {"id": "j1", "old_container": "c9999" + "0" * 60, "old_image": "sha256:v1",
+               "was_running": 1, "new_container": new_id, "step": "remove-image"}
+        self.target.converge(self.job, row, self.jlog)
+        self.assertEqual(self.job.state, "succeeded")
+        self.assertNotIn("sha256:v1", self.engine.images)
 
     def test_no_new_container_yet_puts_the_old_one_back_and_leaves_the_job_to_run_again(self):
         old_id = self.engine.add_container("web-autodeploy-old-j1", "sha256:v1", running=False)
@@ -58,7 +106,7 @@ class ConvergeTest(RecoveryTestCase):
         self.engine.add_container("web", "sha256:v1")
         before = len(self.engine.calls)
         self.target.converge(self.job, {"id": "j1", "was_running": 1}, self.jlog)
-        self.assertEqual([c[0] for c in self.engine.calls[before:]], ["inspect_container"])
+        self.assertEqual({c[0] for c in self.engine.calls[before:]}, {"inspect_container"})
 
 
 class JobRunnerTest(RecoveryTestCase):
@@ -96,9 +144,41 @@ class JobRunnerTest(RecoveryTestCase):
         self.assertIn("finished after a restart", self.job.description)
         self.assertNotIn(old_id, self.engine.containers)
         self.assertEqual(self.engine.names(), ["web"])
-        self.assertEqual(self.clock.slept, [1.0])  # waited for it, on the fake clock
+        self.assertEqual(self.clock.slept, [1.0, 1.0])  # asked every second, on the fake clock
 
-    def test_an_engine_lost_before_the_new_container_started_rolls_back(self):
+    def test_an_engine_away_past_engine_wait_mid_swap_is_waited_for_as_long_as_it_takes(self):
+        old_id = self.engine.add_container("web", "sha256:v1")
+        seen_unconverged = []
+
+        def away(method):
+            if method == "events" and not self.clock.slept:
+                self.engine.down = True
+            elif method == "ping" and self.engine.down:
+                seen_unconverged.append(set(self.runner.unconverged))
+                self.engine.down = sum(self.clock.slept) < 300  # five times engine_wait
+        self.engine.on_call = away
+        self.runner.run(self.job)
+        self.assertEqual(self.job.state, "succeeded", self.job.description)
+        self.assertNotIn(old_id, self.engine.containers)
+        self.assertEqual(self.engine.names(), ["web"])
+        self.assertIn({"j1"}, seen_unconverged)  # /healthz said so meanwhile
+        self.assertEqual(self.runner.unconverged, set())
+        self.assertLessEqual(max(self.clock.slept), 1.0)  # its return noticed within a second
+
+    def test_a_shutdown_while_waiting_to_converge_leaves_the_job_running_for_the_next_start(self):
+        self.engine.add_container("web", "sha256:v1")
+
+        def away(method):
+            if method == "events":
+                self.engine.down = True
+        self.engine.on_call = away
+        self.deadline.start(30)
+        self.runner.run(self.job)
+        self.assertEqual(self.job.state, "running")
+        self.assertIn("cut off by a shutdown", self.job.description)
+        self.assertEqual(self.runner.unconverged, set())
+
+    def test_an_engine_lost_before_the_new_container_started_starts_it_once_back(self):
         old_id = self.engine.add_container("web", "sha256:v1")
 
         def flaky(method):
@@ -108,10 +188,10 @@ class JobRunnerTest(RecoveryTestCase):
                 self.engine.down = not self.clock.slept
         self.engine.on_call = flaky
         self.runner.run(self.job)
-        self.assertEqual(self.job.state, "rolled_back", self.job.description)
-        self.assertIn("not running after the restart", self.job.description)
-        self.assertEqual(self.engine.named("web")["Id"], old_id)
+        self.assertEqual(self.job.state, "succeeded", self.job.description)
+        self.assertNotIn(old_id, self.engine.containers)
         self.assertTrue(self.engine.named("web")["State"]["Running"])
+        self.assertEqual(self.engine.names(), ["web"])
 
     def test_an_engine_that_stays_down_past_engine_wait_is_an_error(self):
         self.engine.down = True

@@ -173,6 +173,14 @@ class HealthReasonTest(unittest.TestCase):
         with self.assertLogs("autodeploy", "WARNING"):
             self.assertEqual(self.service.health(), (False, "docker engine unreachable"))
 
+    def test_a_swap_waiting_to_converge_is_unhealthy_and_names_the_job_in_the_log(self):
+        self.rig.runner.unconverged.add("j7")
+        with self.assertLogs("autodeploy", "WARNING") as logs:
+            self.assertEqual(self.service.health(), (False, "a deploy is not converged"))
+        self.assertIn("j7", logs.output[0])
+        self.rig.runner.unconverged.clear()
+        self.assertEqual(self.service.health(), (True, "ok"))
+
 
 class PrintableTest(unittest.TestCase):
 

@@ -34,8 +34,27 @@ class ContainerTargetTest(unittest.TestCase):
         self.assertNotIn("sha256:v1", self.engine.images)  # the unused image went
         recorded = {key for fields in self.steps for key in fields}
         self.assertEqual(recorded, {"new_image", "old_container", "old_image", "was_running",
-                                    "new_container"})
+                                    "new_container", "step", "failure"})
         self.assertIsNone(self.job.swap)
+
+    def test_each_step_is_recorded_before_it_is_taken(self):
+        self.deploy()
+        steps = [fields["step"] for fields in self.steps if "step" in fields]
+        self.assertEqual(steps, ["rename-aside", "create-new", "stop-old", "start-new", "gate",
+                                 "remove-old", "remove-image"])
+        # What recovery needs is on record before the old container is touched.
+        first = self.steps[1]
+        self.assertEqual((first["old_container"], first["was_running"], first["failure"]),
+                         (self.old_id, True, None))
+
+    def test_a_rollback_records_its_failure_before_undoing(self):
+        self.engine.on_start = lambda info: info["Image"] == "sha256:v2" and die_event(
+            self.engine, info["Id"], self.clock() + 1, code=2)
+        with self.assertRaises(RolledBack):
+            self.deploy()
+        rollback = [fields for fields in self.steps if fields.get("step") in autodeploy.ROLLBACK_STEPS]
+        self.assertEqual([fields["step"] for fields in rollback], ["remove-new", "rename-back", "start-old"])
+        self.assertIn("exit code 2", rollback[0]["failure"])
 
     def test_the_same_image_is_up_to_date_and_nothing_changes(self):
         self.engine.containers[self.old_id]["Image"] = "sha256:v2"
@@ -43,6 +62,24 @@ class ContainerTargetTest(unittest.TestCase):
         self.assertEqual(state, "up_to_date")
         self.assertEqual([c[0] for c in self.engine.calls if c[0] in ("rename_container",
                                                                       "create_container")], [])
+
+    def test_the_same_image_stopped_is_started_and_gated_not_up_to_date(self):
+        info = self.engine.containers[self.old_id]
+        info["Image"] = "sha256:v2"
+        info["State"].update(Running=False, Status="exited")
+        state, description = self.deploy()
+        self.assertEqual(state, "succeeded", description)
+        self.assertIn("was not running; started it", description)
+        self.assertTrue(self.engine.named("web")["State"]["Running"])
+        self.assertEqual(self.engine.names(), ["web"])
+
+    def test_the_same_image_stopped_that_dies_on_start_fails_with_the_reason(self):
+        info = self.engine.containers[self.old_id]
+        info["Image"] = "sha256:v2"
+        info["State"].update(Running=False, Status="exited")
+        self.engine.on_start = lambda info: die_event(self.engine, info["Id"], self.clock() + 1)
+        with self.assertRaisesRegex(DeployFailed, "did not start healthy: .*exit code 3"):
+            self.deploy()
 
     def test_a_new_container_that_dies_is_rolled_back_and_the_old_one_runs_again(self):
         self.engine.on_start = lambda info: info["Image"] == "sha256:v2" and die_event(
@@ -85,7 +122,10 @@ class ContainerTargetTest(unittest.TestCase):
         self.engine.on_call = lose_engine
         with self.assertRaises(DockerError):
             self.deploy()
-        self.assertEqual(self.job.swap, {"id": "j1", "was_running": True})
+        swap = self.job.swap
+        self.assertEqual((swap["old_container"], swap["was_running"], swap["step"], swap["failure"]),
+                         (self.old_id, True, "start-new", None))
+        self.assertEqual(swap["new_container"], self.engine.named("web")["Id"])
 
     def test_a_shutdown_before_the_swap_changes_nothing(self):
         self.deadline.start(0)
