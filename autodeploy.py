@@ -1816,6 +1816,8 @@ class JobRunner:
         `running` in the journal and the next start goes on from there."""
         job.swap = swap
         self.unconverged.add(job.id)
+        job.description = "not converged yet: putting the swap in order"
+        target.record_step(job)
         delay = 1.0
         try:
             while True:
@@ -2160,7 +2162,7 @@ def public_row(row: Dict[str, Any], with_log: bool = False) -> Dict[str, Any]:
     registry's), durations in seconds, log lines only in the detail."""
     out = {key: row.get(key) for key in ("id", "app", "container", "tag", "source", "state",
                                          "description", "received", "started", "finished",
-                                         "old_image", "new_image", "superseded_by")}
+                                         "old_image", "new_image", "superseded_by", "step")}
     out["waited"] = round(row["started"] - row["received"], 3) if row.get("started") else None
     out["took"] = round(row["finished"] - row["started"], 3) \
         if row.get("finished") and row.get("started") else None
