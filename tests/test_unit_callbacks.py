@@ -150,7 +150,7 @@ class CallbackTest(BoundedTestCase):
         receiver = Receiver(self)
         failed = "callback success to http://127.0.0.1/... failed"
         # A timeout longer than the test: the post to the hole stays stuck until it hangs up.
-        sender = self.sender([hole.origin, receiver.origin], timeout=60.0, threads=4)
+        sender = self.sender([hole.origin, receiver.origin], timeout=60.0)
         sender.send(a_job(1), hole.url, BODY)
         self.assertTrue(hole.wait_accepted(1))  # a thread is now stuck on it
         sender.send(a_job(2), receiver.url, BODY)
