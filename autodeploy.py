@@ -2018,6 +2018,8 @@ class CallbackSender:
         """Send what is due (within `timeout`), then stop. What is not sent
         stays in the journal for the next start (journal = no: it is lost)."""
         with self._cond:
+            if self._closed:
+                return  # stopped already
             self._stopping = True
             self._cond.notify_all()
         if self._dispatcher is not None:
