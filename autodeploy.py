@@ -104,7 +104,7 @@ DEFAULT_MAX_HEADER_BYTES = 16 * 1024  # request line and headers together
 DEFAULT_MAX_CONNECTIONS_PER_SOURCE = 8  # one address (an IPv6 /64) of max_connections
 CALLBACK_TIMEOUT = 5.0
 CALLBACK_RETRY_DELAYS = (1.0, 5.0, 30.0)  # seconds before the 2nd, 3rd and 4th attempt
-CALLBACK_THREADS = 4
+CALLBACK_DESTINATIONS = 32  # callback destinations (scheme, host, port) sent to at once, a thread each
 KEPT_JOBS = 1000
 ENGINE_WAIT = 120.0  # seconds a job waits for a Docker Engine that is down or restarting
 ENGINE_LOSSES = 3  # times a job starts over after losing the Engine before it is an error
@@ -1985,101 +1985,292 @@ def no_redirects_opener(use_proxy_env: bool = True) -> Callable[..., Any]:
     return urllib.request.build_opener(*handlers).open
 
 
+Destination = Tuple[str, str, int]  # (scheme, host, port): one sender thread each at most
+
+
+class Delivery:
+    """One POST a finished job owes: its callback, or a notification. It is
+    a row of the journal's `deliveries` table from the job's final state
+    until it is sent or given up; `due` is on the sender's clock."""
+    __slots__ = ("id", "job", "repo", "what", "url", "body", "attempt", "due", "from_request")
+
+    def __init__(self, job: str, repo: str, what: str, url: str, body: Dict[str, Any],
+                 due: float, attempt: int = 1, from_request: bool = False,
+                 id: Optional[str] = None):
+        self.id = id or new_job_id()
+        self.job, self.repo, self.what, self.url, self.body = job, repo, what, url, body
+        self.due, self.attempt = due, attempt
+        # The URL came from a request, not the configuration: it must be in callback_allow.
+        self.from_request = from_request
+
+    def __repr__(self) -> str:
+        return "<Delivery %s job %s %s attempt %d>" % (self.id, self.job, self.what, self.attempt)
+
+    @property
+    def who(self) -> str:
+        """What log lines name it by: 'job=%s' % who gives 'job=<id> repo=<repo>'."""
+        return "%s repo=%s" % (self.job, self.repo)
+
+    @property
+    def destination(self) -> Destination:
+        try:
+            parts = urllib.parse.urlsplit(self.url)
+            return (parts.scheme, parts.hostname or "", parts.port or
+                    (443 if parts.scheme == "https" else 80))
+        except ValueError:
+            return ("", self.url, 0)
+
+
 class CallbackSender:
     """Posts outcomes to callback URLs (and notifications to the configured
     URLs) from threads of its own, so a slow or dead host never holds up a
-    deploy. A failed POST (no answer, 5xx, 429) is tried again after each of
-    `retry_delays`; the queue is bounded, and a host that never answers
-    holds one thread for `timeout` per attempt, not the others."""
+    deploy, nor another host's callbacks: each destination (scheme, host,
+    port) has its own queue and, while it has something due, its own thread,
+    one POST in flight at a time; at most `max_destinations` such threads
+    run at once (a destination beyond waits for one to end), and at most
+    `max_pending` deliveries wait in all. A failed POST (no answer, 5xx,
+    429) is tried again after each of `retry_delays`.
+
+    With a `record` (the Service sets its Recorder), each delivery is a row
+    of the journal until it is sent or given up, with its attempt and when
+    it is due: resume() queues again what a previous run left."""
 
     def __init__(self, allow: List[Tuple[str, str, int]], urlopen: Optional[Callable[..., Any]] = None,
                  timeout: float = CALLBACK_TIMEOUT, max_pending: int = 1000,
                  retry_delays: Sequence[float] = CALLBACK_RETRY_DELAYS,
-                 threads: int = CALLBACK_THREADS, clock: Callable[[], float] = time.monotonic):
+                 max_destinations: int = CALLBACK_DESTINATIONS,
+                 clock: Callable[[], float] = time.monotonic,
+                 wall_clock: Callable[[], float] = time.time, record: Optional["Recorder"] = None):
         self.allow = allow
         self.urlopen = urlopen
         self.timeout = timeout
         self.max_pending = max_pending
         self.retry_delays = tuple(retry_delays)
-        self.clock = clock
-        self._threads_wanted = threads
-        # (due, sequence, who, what, url, body, attempt): a heap, earliest due first.
-        self._pending: List[Tuple[float, int, str, str, str, Dict[str, Any], int]] = []
-        self._sequence = 0
+        self.max_destinations = max_destinations
+        self.clock, self.wall_clock = clock, wall_clock
+        self.record = record
         self._cond = threading.Condition()
-        self._threads: List[threading.Thread] = []
-        self._stopping = False
+        # Per destination, a heap of (due, sequence, delivery): earliest due first.
+        self._queues: Dict[Destination, List[Tuple[float, int, Delivery]]] = {}
+        self._busy: Set[Destination] = set()  # destinations whose thread runs
+        self._pending = 0  # queued and in flight
+        self._sequence = 0
+        self._threads_started = 0
+        self._dispatcher: Optional[threading.Thread] = None
+        self._stopping = False  # send what is due, then stop
+        self._closed = False  # stopped: nothing more is posted or written
 
-    def send(self, job: Job, url: Optional[str], body: Dict[str, str]) -> None:
-        """Queue one callback (dropped, with a log line, when not allowed)."""
+    # -- what to send ---------------------------------------------------------
+
+    def callback(self, job: Job, url: Optional[str], body: Dict[str, str]) -> Optional[Delivery]:
+        """The delivery of a callback to `url`; None (with a log line when
+        there was a URL) when there is none or its origin is not allowed."""
         if not url:
-            return
+            return None
         if not callback_allowed(url, self.allow):
             log.warning("job=%s repo=%s callback to %s not sent: not an allowed callback origin",
                         job.id, job.app.repository, _mask_url(url))
-            return
-        self.post_later(job, "callback " + body["state"], url, body)
+            return None
+        return Delivery(job.id, job.app.repository, "callback " + body["state"], url, body,
+                        self.clock(), from_request=True)
+
+    def notification(self, job: Job, what: str, url: str, body: Dict[str, Any]) -> Delivery:
+        """The delivery of `body` to `url`, a URL from the configuration
+        (checked when it was loaded: no origin check)."""
+        return Delivery(job.id, job.app.repository, what, url, body, self.clock())
+
+    def send(self, job: Job, url: Optional[str], body: Dict[str, str]) -> None:
+        """Queue one callback (dropped, with a log line, when not allowed)."""
+        delivery = self.callback(job, url, body)
+        if delivery is not None:
+            self.deliver([delivery])
 
     def post_later(self, job: Job, what: str, url: str, body: Dict[str, Any]) -> None:
         """Queue a POST of `body` to `url` with no origin check: for URLs
         from the configuration (checked when it was loaded)."""
-        who = "%s repo=%s" % (job.id, job.app.repository)
-        self._queue(who, what, url, body, 1, self.clock())
+        self.deliver([self.notification(job, what, url, body)])
 
-    def _queue(self, who: str, what: str, url: str, body: Dict[str, Any], attempt: int,
-               due: float) -> None:
+    def row(self, delivery: Delivery) -> Dict[str, Any]:
+        """The delivery as a journal row: its due time on the wall clock,
+        which (unlike the sender's) means something after a restart."""
+        return {"id": delivery.id, "job": delivery.job, "repo": delivery.repo,
+                "what": delivery.what, "url": delivery.url, "body": json.dumps(delivery.body),
+                "attempt": delivery.attempt, "from_request": int(delivery.from_request),
+                "due": self.wall_clock() + max(0.0, delivery.due - self.clock())}
+
+    def deliver(self, deliveries: List[Delivery], recorded: bool = False) -> None:
+        """Queue `deliveries`. Their journal rows are written first, unless
+        `recorded` (Service.finish writes them in the transaction of the
+        job's final state); a row the journal cannot take is held by the
+        Recorder, and the delivery is sent all the same."""
+        if not recorded:
+            self._write_rows(deliveries)
+        dropped = [delivery for delivery in deliveries if not self._queue(delivery)]
+        self._forget_rows(dropped)
+
+    def resume(self, rows: List[Dict[str, Any]]) -> None:
+        """Queue the deliveries a previous run left in the journal (`rows`);
+        called before anything new is queued, so they go first. Overdue ones
+        are due now; a callback whose origin is no longer allowed is dropped."""
+        now, wall = self.clock(), self.wall_clock()
+        queued, dropped = 0, []
+        for row in rows:
+            try:
+                body = json.loads(row["body"])
+            except (TypeError, ValueError):
+                body = None
+            delivery = Delivery(row["job"], row["repo"], row["what"], row["url"], body or {},
+                                now + max(0.0, (row["due"] or 0.0) - wall), row["attempt"] or 1,
+                                bool(row["from_request"]), row["id"])
+            if body is None or (delivery.from_request and not callback_allowed(delivery.url, self.allow)):
+                log.warning("job=%s %s to %s dropped: %s", delivery.who, delivery.what,
+                            _mask_url(delivery.url), "not an allowed callback origin any more"
+                            if body is not None else "its journal row is unreadable")
+                dropped.append(delivery)
+            elif self._queue(delivery):
+                queued += 1
+            else:
+                dropped.append(delivery)
+        self._forget_rows(dropped)
+        if queued:
+            log.info("%d callback(s) pending from before the restart: queued", queued)
+
+    def _queue(self, delivery: Delivery) -> bool:
         with self._cond:
-            if len(self._pending) >= self.max_pending:
+            if self._closed:
+                log.warning("job=%s %s to %s not sent: stopped", delivery.who, delivery.what,
+                            _mask_url(delivery.url))
+                return False
+            if self._pending >= self.max_pending:
                 log.warning("job=%s %s to %s dropped: %d posts are waiting already",
-                            who, what, _mask_url(url), len(self._pending))
-                return
-            self._sequence += 1
-            heapq.heappush(self._pending, (due, self._sequence, who, what, url, body, attempt))
-            self._cond.notify()
+                            delivery.who, delivery.what, _mask_url(delivery.url), self._pending)
+                return False
+            self._pending += 1
+            self._push(delivery)
+            return True
+
+    def _push(self, delivery: Delivery) -> None:
+        """Under the lock: into its destination's queue."""
+        self._sequence += 1
+        heapq.heappush(self._queues.setdefault(delivery.destination, []),
+                       (delivery.due, self._sequence, delivery))
+        self._cond.notify_all()
+
+    def _write_rows(self, deliveries: List[Delivery]) -> None:
+        if self.record is not None and deliveries and not self._closed:
+            changes = Changes()
+            for delivery in deliveries:
+                changes.delivery(delivery.id, self.row(delivery))
+            self.record.write(changes)
+
+    def _forget_rows(self, deliveries: List[Delivery]) -> None:
+        if self.record is not None and deliveries and not self._closed:
+            changes = Changes()
+            for delivery in deliveries:
+                changes.delivery(delivery.id, None)
+            self.record.write(changes)
+
+    # -- the threads ------------------------------------------------------------
 
     def start(self) -> None:
-        for n in range(self._threads_wanted):
-            thread = threading.Thread(target=self._run, name="autodeploy-callbacks-%d" % (n + 1),
-                                      daemon=True)
-            thread.start()
-            self._threads.append(thread)
+        self._dispatcher = threading.Thread(target=self._dispatch, name="autodeploy-callbacks",
+                                            daemon=True)
+        self._dispatcher.start()
 
     def alive(self) -> bool:
-        return all(thread.is_alive() for thread in self._threads)
+        """The dispatching thread runs (or was never started)."""
+        return self._dispatcher is None or self._dispatcher.is_alive()
+
+    def pending(self) -> int:
+        """Deliveries queued or in flight."""
+        with self._cond:
+            return self._pending
+
+    def busy(self) -> List[Destination]:
+        """The destinations a thread is sending to now."""
+        with self._cond:
+            return sorted(self._busy)
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Send what is due (within `timeout`), then stop; retries not yet due are dropped."""
+        """Send what is due (within `timeout`), then stop. What is not sent
+        stays in the journal for the next start (journal = no: it is lost)."""
         with self._cond:
+            if self._closed:
+                return  # stopped already
             self._stopping = True
             self._cond.notify_all()
-        deadline = time.monotonic() + timeout
-        for thread in self._threads:
-            thread.join(max(0.0, deadline - time.monotonic()))
-        if self._pending:
-            log.warning("%d callback(s) not sent: stopping", len(self._pending))
-
-    def _next(self) -> Optional[Tuple[float, int, str, str, str, Dict[str, Any], int]]:
-        """The next callback due, waiting for it; None when stopping."""
+        if self._dispatcher is not None:
+            self._dispatcher.join(timeout)
         with self._cond:
-            while True:
-                now = self.clock()
-                if self._pending and self._pending[0][0] <= now:
-                    return heapq.heappop(self._pending)
-                if self._stopping:
-                    return None
-                self._cond.wait(self._pending[0][0] - now if self._pending else None)
+            self._closed = True  # a POST still in flight no longer writes: its row stays
+            self._cond.notify_all()
+            pending = self._pending
+        if not pending:
+            return
+        if self.record is not None and self.record.persistent:
+            log.warning("%d callback(s) pending: sent after the next start", pending)
+        else:
+            log.warning("%d callback(s) not sent: stopping", pending)
 
-    def _run(self) -> None:
+    def _dispatch(self) -> None:
+        """Start a thread for each destination with something due and none
+        running, at most max_destinations at once; sleep until the next due."""
+        with self._cond:
+            while not self._closed:
+                now = self.clock()
+                wake: Optional[float] = None
+                waiting = False  # something due, not yet given a thread
+                for destination, heap in sorted(self._queues.items(), key=lambda item: item[1][:1]):
+                    if destination in self._busy:
+                        continue
+                    if not heap:
+                        del self._queues[destination]
+                    elif heap[0][0] > now:
+                        wake = heap[0][0] if wake is None else min(wake, heap[0][0])
+                    elif len(self._busy) < self.max_destinations:
+                        self._busy.add(destination)
+                        self._threads_started += 1
+                        threading.Thread(target=self._serve, args=(destination,), daemon=True,
+                                         name="autodeploy-callback-%d" % self._threads_started).start()
+                    else:
+                        waiting = True  # woken when a thread ends
+                if self._stopping and not self._busy and not waiting:
+                    return  # all that was due is sent; the rest waits for the next start
+                self._cond.wait(None if wake is None else wake - now)
+
+    def _serve(self, destination: Destination) -> None:
+        """One destination's deliveries, one at a time, while any is due."""
         while True:
-            item = self._next()
-            if item is None:
-                return
-            _, _, who, what, url, body, attempt = item
-            if self.post(who, what, url, body) == "retry" and attempt <= len(self.retry_delays):
-                delay = self.retry_delays[attempt - 1]
-                log.info("job=%s %s to %s: attempt %d failed, next in %gs",
-                         who, what, _mask_url(url), attempt, delay)
-                self._queue(who, what, url, body, attempt + 1, self.clock() + delay)
+            with self._cond:
+                heap = self._queues.get(destination)
+                if self._closed or not heap or heap[0][0] > self.clock():
+                    self._busy.discard(destination)
+                    self._cond.notify_all()  # the dispatcher: a free thread, a later due
+                    return
+                delivery = heapq.heappop(heap)[2]
+            self._settle(delivery, self.post(delivery.who, delivery.what, delivery.url, delivery.body))
+
+    def _settle(self, delivery: Delivery, outcome: str) -> None:
+        """After an attempt: queue the next one, or forget the delivery."""
+        if outcome == "retry" and delivery.attempt <= len(self.retry_delays):
+            delay = self.retry_delays[delivery.attempt - 1]
+            log.info("job=%s %s to %s: attempt %d failed, next in %gs",
+                     delivery.who, delivery.what, _mask_url(delivery.url), delivery.attempt, delay)
+            delivery.attempt += 1
+            delivery.due = self.clock() + delay
+            self._write_rows([delivery])
+            with self._cond:
+                self._push(delivery)
+            return
+        if outcome == "retry":
+            log.warning("job=%s %s to %s: given up after %d attempt(s)", delivery.who,
+                        delivery.what, _mask_url(delivery.url), delivery.attempt)
+        # At least once: a crash between the receiver's answer and this delete
+        # sends it again after the restart; never again once the row is gone.
+        self._forget_rows([delivery])
+        with self._cond:
+            self._pending -= 1
+            self._cond.notify_all()
 
     def post(self, who: str, what: str, url: str, body: Dict[str, Any]) -> str:
         """POST `body` now and log the outcome: 'sent', 'failed', or 'retry'
@@ -2107,34 +2298,36 @@ class CallbackSender:
 
 
 class Reporter:
-    """Tells everyone who waits for a finished job: its callback URL, those
-    of the jobs it superseded (each hears its outcome), and the app's
-    notify_url and slack_url when notify_on names the outcome's event."""
+    """Says who hears of a finished job: its callback URL, those of the jobs
+    it superseded (each hears its outcome), and the app's notify_url and
+    slack_url when notify_on names the outcome's event."""
 
     def __init__(self, callbacks: CallbackSender, hostname: str):
         self.callbacks = callbacks
         self.hostname = hostname  # named in notifications
 
-    def tell(self, job: Job) -> None:
-        self.callbacks.send(job, job.callback_url, callback_body(job))
-        self.notify(job)
+    def deliveries(self, job: Job) -> List[Delivery]:
+        """The POSTs a finished job owes (Service.finish journals them with
+        its final state, then hands them to the sender)."""
+        found = [self.callbacks.callback(job, job.callback_url, callback_body(job))]
+        for older in job.superseded:  # `older` was replaced by `job`: it hears `job`'s outcome
+            found.append(self.callbacks.callback(older, older.callback_url,
+                                                 callback_body(job, "(superseded by job %s)" % job.id)))
+        return [delivery for delivery in found if delivery is not None] + self.notifications(job)
 
-    def tell_superseded(self, older: Job, job: Job) -> None:
-        """`older` was replaced by `job`: its callback hears `job`'s outcome."""
-        self.callbacks.send(older, older.callback_url,
-                            callback_body(job, "(superseded by job %s)" % job.id))
-
-    def notify(self, job: Job) -> None:
+    def notifications(self, job: Job) -> List[Delivery]:
         event = STATES[job.state].event
         app = job.app
         if not event or event not in app.notify_on:
-            return
+            return []
+        found = []
         if app.notify_url:
-            self.callbacks.post_later(job, "notification " + event, app.notify_url,
-                                      notification_body(job, event, self.hostname))
+            found.append(self.callbacks.notification(job, "notification " + event, app.notify_url,
+                                                     notification_body(job, event, self.hostname)))
         if app.slack_url:
-            self.callbacks.post_later(job, "Slack notification " + event, app.slack_url,
-                                      slack_body(job, event, self.hostname))
+            found.append(self.callbacks.notification(job, "Slack notification " + event, app.slack_url,
+                                                     slack_body(job, event, self.hostname)))
+        return found
 
 
 ############################################################################
@@ -2155,6 +2348,77 @@ def job_row(job: Job) -> Dict[str, Any]:
             "tag": job.tag, "source": job.source, "callback_url": job.callback_url,
             "received": job.received, "started": job.started, "finished": job.finished,
             "state": job.state, "description": job.description, "log": "\n".join(job.lines)}
+
+
+RUN_COLUMNS = ("started", "finished", "state", "description", "log")  # what a job's run changes
+
+
+def job_columns(job: Job, **extra: Any) -> Dict[str, Any]:
+    """What a job's run changes in its journal row: state, times,
+    description, log, and `extra` columns (old_container, new_container,
+    was_running, ...; names that are not columns are left out)."""
+    columns = {"started": job.started, "finished": job.finished, "state": job.state,
+               "description": job.description, "log": "\n".join(job.lines)}
+    columns.update((key, value) for key, value in extra.items() if key in JOURNAL_COLUMNS)
+    return columns
+
+
+DELIVERY_COLUMNS = ("id", "job", "repo", "what", "url", "body", "attempt", "due", "from_request")
+
+
+class Changes:
+    """The writes of one journal transaction: columns to set per job id
+    (None: delete its row), and delivery rows per delivery id (None: delete
+    it). Merging keeps the latest write of each job column and each
+    delivery, which is how writes held while the journal was unwritable
+    catch up without an older state overwriting a newer one."""
+
+    def __init__(self) -> None:
+        self.jobs: Dict[str, Optional[Dict[str, Any]]] = {}
+        self.deliveries: Dict[str, Optional[Dict[str, Any]]] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self.jobs or self.deliveries)
+
+    def __len__(self) -> int:
+        return len(self.jobs) + len(self.deliveries)
+
+    def job(self, job: Job, **extra: Any) -> "Changes":
+        """The job's state, times, description, log and `extra` columns."""
+        return self.set_columns(job.id, job_columns(job, **extra))
+
+    def set_columns(self, job_id: str, columns: Dict[str, Any]) -> "Changes":
+        if job_id in self.jobs and self.jobs[job_id] is None:
+            return self  # deleted: an update would find no row anyway
+        self.jobs[job_id] = dict(self.jobs.get(job_id) or {}, **columns)
+        return self
+
+    def forget(self, job_id: str) -> "Changes":
+        self.jobs[job_id] = None
+        return self
+
+    def delivery(self, delivery_id: str, row: Optional[Dict[str, Any]]) -> "Changes":
+        """Insert or replace a delivery's row (None: delete it)."""
+        self.deliveries[delivery_id] = row
+        return self
+
+    def merge(self, later: "Changes") -> None:
+        """Add `later`'s writes, which win over these."""
+        for job_id, columns in later.jobs.items():
+            if columns is None:
+                self.forget(job_id)
+            else:
+                self.set_columns(job_id, columns)
+        self.deliveries.update(later.deliveries)
+
+
+def superseded_changes(rows: List[Tuple[float, str, str]]) -> Changes:
+    """(finished, description, id) of jobs superseded while waiting, as Changes."""
+    changes = Changes()
+    for finished, description, job_id in rows:
+        changes.set_columns(job_id, {"state": SUPERSEDED, "finished": finished,
+                                     "description": description})
+    return changes
 
 
 def public_row(row: Dict[str, Any], with_log: bool = False) -> Dict[str, Any]:
@@ -2186,6 +2450,8 @@ class Journal:
     small (1 KiB) and an accepted job touches few of them (no index on
     state, which every job changes): a few KiB of WAL per webhook, not 18.
     """
+
+    persistent = True  # what it holds survives a restart
 
     def __init__(self, path: str, keep_per_app: int = 200, keep_days: float = 30.0,
                  clock: Callable[[], float] = time.time):
@@ -2235,6 +2501,12 @@ class Journal:
             for name, kind in ADDED_COLUMNS:
                 if name not in have:
                     db.execute("ALTER TABLE jobs ADD COLUMN %s %s" % (name, kind))
+            # Callbacks and notifications not sent yet: written with their job's final state.
+            db.execute("CREATE TABLE IF NOT EXISTS deliveries (id TEXT PRIMARY KEY, job TEXT, "
+                       "repo TEXT, what TEXT, url TEXT, body TEXT, attempt INTEGER, due REAL, "
+                       "from_request INTEGER)")
+            # One row, rewritten to learn whether an unwritable journal can be written again.
+            db.execute("CREATE TABLE IF NOT EXISTS probe (id INTEGER PRIMARY KEY, at REAL)")
             db.execute("DROP INDEX IF EXISTS jobs_by_state")  # older journals had it
             db.execute("CREATE INDEX IF NOT EXISTS jobs_by_app ON jobs (app, received)")
             db.execute("SELECT count(*) FROM jobs").fetchone()
@@ -2309,58 +2581,96 @@ class Journal:
 
     def mark_superseded(self, rows: List[Tuple[float, str, str]]) -> None:
         """(finished, description, id) of jobs superseded while waiting, in one commit."""
-        with self._lock:
-            if self._closed:
-                raise JournalError("the journal is closed")
-            self._ensure_open()
-            try:
-                self._db.execute("BEGIN")
-                self._db.executemany("UPDATE jobs SET state = 'superseded', finished = ?, "
-                                     "description = ? WHERE id = ?", rows)
-                self._db.execute("COMMIT")
-                self._written.set()
-            except self._sqlite3.Error as exc:
-                try:
-                    self._db.execute("ROLLBACK")
-                except self._sqlite3.Error:
-                    pass
-                self.error = str(exc)
-                raise JournalError("the journal cannot be written: %s" % exc) from exc
+        self.apply(superseded_changes(rows))
 
     def forget(self, job: Job) -> None:
         """Remove a job that was recorded but then refused (queue full)."""
-        self._write("DELETE FROM jobs WHERE id = ?", (job.id,))
+        self.apply(Changes().forget(job.id))
 
     def save(self, job: Job, **extra: Any) -> None:
         """Write the job's state, times, description and log, and `extra`
         columns (old_container, new_container, was_running, ...)."""
-        fields = {"started": job.started, "finished": job.finished, "state": job.state,
-                  "description": job.description, "log": "\n".join(job.lines)}
-        fields.update(extra)
-        assignments = ", ".join("%s = ?" % key for key in fields if key in JOURNAL_COLUMNS)
-        values = [value for key, value in fields.items() if key in JOURNAL_COLUMNS]
-        self._write("UPDATE jobs SET %s WHERE id = ?" % assignments, tuple(values) + (job.id,))
+        self.apply(Changes().job(job, **extra))
+
+    def apply(self, changes: Changes) -> None:
+        """Write `changes` in one transaction: all of them, or (JournalError) none."""
+        with self._lock:
+            self._check_open()
+            try:
+                self._db.execute("BEGIN")
+                for job_id, columns in changes.jobs.items():
+                    if columns is None:
+                        self._db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+                        continue
+                    names = [name for name in columns if name in JOURNAL_COLUMNS]
+                    if names:
+                        self._db.execute("UPDATE jobs SET %s WHERE id = ?"
+                                         % ", ".join("%s = ?" % name for name in names),
+                                         tuple(columns[name] for name in names) + (job_id,))
+                for delivery_id, row in changes.deliveries.items():
+                    if row is None:
+                        self._db.execute("DELETE FROM deliveries WHERE id = ?", (delivery_id,))
+                    else:
+                        self._db.execute("INSERT OR REPLACE INTO deliveries (%s) VALUES (%s)" % (
+                            ", ".join(DELIVERY_COLUMNS), ", ".join("?" * len(DELIVERY_COLUMNS))),
+                            tuple(row.get(name) for name in DELIVERY_COLUMNS))
+                self._db.execute("COMMIT")
+            except self._sqlite3.Error as exc:
+                try:
+                    self._db.execute("ROLLBACK")
+                except self._sqlite3.Error:
+                    pass  # no transaction left to roll back
+                self._failed(exc)
+            self._succeeded()
+
+    def probe(self) -> None:
+        """A real write of one row: clears `error` when the journal can be
+        written again (JournalError when it still cannot)."""
+        self._write("INSERT OR REPLACE INTO probe (id, at) VALUES (1, ?)", (self.clock(),))
+
+    def deliveries(self) -> List[Dict[str, Any]]:
+        """The deliveries not sent yet, earliest due first; JournalError when unreadable."""
+        with self._lock:
+            self._check_open()
+            try:
+                cursor = self._db.execute("SELECT %s FROM deliveries ORDER BY due, rowid"
+                                          % ", ".join(DELIVERY_COLUMNS))
+                return [dict(zip(DELIVERY_COLUMNS, row)) for row in cursor.fetchall()]
+            except self._sqlite3.Error as exc:
+                raise JournalError("the journal cannot be read: %s" % exc) from exc
 
     def _write(self, sql: str, args: Tuple[Any, ...]) -> None:
         with self._lock:
-            if self._closed:
-                raise JournalError("the journal is closed")
-            self._ensure_open()
+            self._check_open()
             try:
                 self._db.execute(sql, args)
             except self._sqlite3.Error as exc:
-                if self.error is None:
-                    log.error("journal %s: cannot write: %s", self.path, exc)
-                self.error = str(exc)
-                raise JournalError("the journal cannot be written: %s" % exc) from exc
-            if self.error is not None:
-                log.info("journal %s: writable again", self.path)
-                self.error = None
-            self._writes += 1
-            if not self._written.is_set():
-                self._written.set()
-            if self._writes % 1000 == 0:
-                self._prune()
+                self._failed(exc)
+            self._succeeded()
+
+    def _check_open(self) -> None:
+        """Under the lock: JournalError when closed; the connection, reopened when it was lost."""
+        if self._closed:
+            raise JournalError("the journal is closed")
+        self._ensure_open()
+
+    def _failed(self, exc: Exception) -> None:
+        """Under the lock: a write failed; logged once until one succeeds."""
+        if self.error is None:
+            log.error("journal %s: cannot write: %s", self.path, exc)
+        self.error = str(exc)
+        raise JournalError("the journal cannot be written: %s" % exc) from exc
+
+    def _succeeded(self) -> None:
+        """Under the lock: a write went through."""
+        if self.error is not None:
+            log.info("journal %s: writable again", self.path)
+            self.error = None
+        self._writes += 1
+        if not self._written.is_set():
+            self._written.set()
+        if self._writes % 1000 == 0:
+            self._prune()
 
     def _prune(self) -> None:
         """Keep the newest `keep_per_app` finished jobs of each app, none older than `keep_days`."""
@@ -2412,6 +2722,7 @@ class MemoryJournal:
     KEPT_JOBS jobs for /jobs, nothing to resume after a restart. It keeps
     the Job objects themselves, so a row is made only when one is read."""
     error: Optional[str] = None
+    persistent = False  # nothing survives a restart: no job, no pending callback
 
     def __init__(self, limit: int = KEPT_JOBS):
         self.limit = limit
@@ -2438,18 +2749,32 @@ class MemoryJournal:
                 self._extra.pop(self._jobs.popitem(last=False)[0], None)
 
     def save(self, job: Job, **extra: Any) -> None:
-        if extra:
-            with self._lock:
-                if job.id in self._jobs:
-                    self._extra.setdefault(job.id, {}).update(extra)
+        self.apply(Changes().job(job, **extra))
 
     def mark_superseded(self, rows: List[Tuple[float, str, str]]) -> None:
         pass  # the jobs themselves say so already
 
     def forget(self, job: Job) -> None:
+        self.apply(Changes().forget(job.id))
+
+    def apply(self, changes: Changes) -> None:
+        """Keep the columns a Job does not hold itself; deliveries are not kept."""
         with self._lock:
-            self._jobs.pop(job.id, None)
-            self._extra.pop(job.id, None)
+            for job_id, columns in changes.jobs.items():
+                if columns is None:
+                    self._jobs.pop(job_id, None)
+                    self._extra.pop(job_id, None)
+                elif job_id in self._jobs:
+                    extra = {key: value for key, value in columns.items()
+                             if key not in RUN_COLUMNS}
+                    if extra:
+                        self._extra.setdefault(job_id, {}).update(extra)
+
+    def probe(self) -> None:
+        pass
+
+    def deliveries(self) -> List[Dict[str, Any]]:
+        return []  # nothing survives a restart
 
     def unfinished(self) -> List[Dict[str, Any]]:
         return []  # nothing survives a restart
@@ -2473,19 +2798,103 @@ class MemoryJournal:
 
 
 class Recorder:
-    """Writes jobs to the journal for whoever must not fail because the
-    journal cannot be written (a deploy goes on: the journal logged the
-    error and /healthz reports it)."""
+    """Writes to the journal for whoever must not fail because it cannot be
+    written: a deploy goes on, a callback is sent, and /healthz says why.
+
+    A write that fails is held in memory, and every write after it joins
+    the held ones (the latest of each job column and each delivery wins);
+    they are written together, in one transaction, by the next write or
+    flush() that gets through. So a job whose outcome is known is never left
+    'running' in the journal once it can be written again (and is not run
+    again at the next start), and an older state is never written over a
+    newer one. What is held when the process dies is lost: close() logs it."""
 
     def __init__(self, journal: Union[Journal, MemoryJournal]):
         self.journal = journal
+        self._lock = threading.Lock()
+        self._held = Changes()
+
+    @property
+    def persistent(self) -> bool:
+        """What is written survives a restart (journal = yes)."""
+        return self.journal.persistent
 
     def save(self, job: Job, **extra: Any) -> None:
-        """journal.save(job, **extra), never raising."""
-        self.call(self.journal.save, job, **extra)
+        """journal.save(job, **extra), held when it cannot be written."""
+        self.write(Changes().job(job, **extra))
+
+    def superseded(self, rows: List[Tuple[float, str, str]]) -> None:
+        """journal.mark_superseded(rows), held when it cannot be written."""
+        self.write(superseded_changes(rows))
+
+    def forget(self, job: Job) -> None:
+        """journal.forget(job), held when it cannot be written."""
+        self.write(Changes().forget(job.id))
+
+    def write(self, changes: Changes) -> bool:
+        """Write `changes` (after whatever is held), or hold them; never
+        raises. True when written."""
+        if not changes:
+            return True
+        with self._lock:
+            if self._held:
+                self._held.merge(changes)  # never ahead of what is held: written with it
+                return self._write_held()
+            try:
+                self.journal.apply(changes)
+                return True
+            except JournalError as exc:
+                self._held = changes
+                log.warning("%s held in memory: %s", self._describe_held(), exc)
+                return False
+
+    def flush(self) -> bool:
+        """Write what is held; True when nothing is held any more."""
+        with self._lock:
+            return self._write_held() if self._held else True
+
+    def held(self) -> int:
+        """How many job updates and delivery rows are held."""
+        with self._lock:
+            return len(self._held)
+
+    def probe(self) -> bool:
+        """Try one real write; True when the journal could be written."""
+        try:
+            self.journal.probe()
+            return True
+        except JournalError:
+            return False
+
+    def close(self) -> None:
+        """A last flush; what still cannot be written is logged, with the job
+        ids: a stop while the disk stays full loses it (those jobs run again
+        at the next start, their callbacks are not sent again)."""
+        if self.flush():
+            return
+        with self._lock:
+            jobs = sorted(job_id for job_id in self._held.jobs)
+            log.error("journal: %s could not be written and are lost (jobs %s)",
+                      self._describe_held(), ", ".join(jobs) or "none")
+
+    def _write_held(self) -> bool:
+        """Under the lock: write what is held."""
+        try:
+            self.journal.apply(self._held)
+        except JournalError:
+            return False
+        log.info("journal: %s held in memory written", self._describe_held())
+        self._held = Changes()
+        return True
+
+    def _describe_held(self) -> str:
+        held = self._held
+        return "%d job update(s)%s" % (len(held.jobs), " and %d callback row(s)" % len(held.deliveries)
+                                       if held.deliveries else "")
 
     @staticmethod
     def call(write: Callable[..., None], *args: Any, **kwargs: Any) -> None:
+        """A write that need not be held: a failure is only logged by the journal."""
         try:
             write(*args, **kwargs)
         except JournalError:
@@ -2605,14 +3014,22 @@ class Service:
 
     def __init__(self, config: Config, runner: JobRunner, callbacks: CallbackSender,
                  journal: Union["Journal", MemoryJournal], clock: Callable[[], float] = time.time,
-                 hostname: Optional[str] = None):
+                 hostname: Optional[str] = None, recorder: Optional[Recorder] = None,
+                 upkeep_interval: float = 1.0):
         self.config = config
         self.runner = runner
         self.callbacks = callbacks
         self.reporter = Reporter(callbacks, hostname or socket.gethostname())
         self.journal = journal
-        self.record = Recorder(journal)
+        # One Recorder for every write that must not fail (the target's steps
+        # too, in build_service): what the journal cannot take is held and
+        # written in order by the next write or the upkeep thread.
+        self.record = recorder or Recorder(journal)
+        callbacks.record = self.record  # the deliveries' rows go to the same journal
         self.clock = clock
+        self.upkeep_interval = upkeep_interval
+        self._upkeep_thread: Optional[threading.Thread] = None
+        self._stopping = threading.Event()
         self.metrics = Metrics()
         self.queue = JobQueue(config.max_queue, on_superseded=self._superseded_in_queue)
         self._superseded_lock = threading.Lock()
@@ -2641,7 +3058,7 @@ class Service:
         try:
             replaced = self.queue.put(job)
         except QueueFull as exc:
-            self.record.call(self.journal.forget, job)
+            self.record.forget(job)
             raise PayloadError(503, "too many deploys waiting (%s); retry later" % exc) from exc
         log.info("job=%s repo=%s queued %s%s", job.id, app.repository, job.reference,
                  " (replaces waiting job %s)" % replaced.id if replaced else "")
@@ -2655,8 +3072,13 @@ class Service:
     # -- running them -------------------------------------------------------
 
     def start(self) -> None:
-        """Resume what the journal holds unfinished, then start the callback
-        threads and the workers."""
+        """Queue the callbacks the journal holds pending (before anything new),
+        resume the jobs it holds unfinished, then start the callback threads,
+        the workers and the upkeep thread."""
+        try:
+            self.callbacks.resume(self.journal.deliveries())
+        except JournalError as exc:
+            log.error("cannot resume pending callbacks: %s", exc)
         try:
             self.recover()
         except JournalError as exc:
@@ -2668,6 +3090,25 @@ class Service:
                                       daemon=True)
             thread.start()
             self._workers.append(thread)
+        self._upkeep_thread = threading.Thread(target=self._upkeep, name="autodeploy-upkeep",
+                                               daemon=True)
+        self._upkeep_thread.start()
+
+    def _upkeep(self) -> None:
+        while not self._stopping.wait(self.upkeep_interval):
+            try:
+                self.upkeep_once()
+            except Exception:  # a bug: logged, and the next round tries again
+                log.exception("internal error in the journal's upkeep")
+
+    def upkeep_once(self) -> None:
+        """Write what the journal could not take; with nothing held, probe a
+        journal that could not be written, so /healthz and the webhooks'
+        503s recover by themselves when the disk does (no webhook needed)."""
+        if self.record.held():
+            self.record.flush()
+        elif self.journal.error:
+            self.record.probe()
 
     def _work(self) -> None:
         while True:
@@ -2696,17 +3137,22 @@ class Service:
 
     def finish(self, job: Job) -> None:
         """Record a final outcome and tell whoever waits for it, and for the
-        jobs it replaced."""
+        jobs it replaced. The final states and the callbacks they owe are
+        one journal transaction: a crash leaves neither a final job without
+        its callbacks nor callbacks of a job that will run again."""
         try:
-            self.save(job)
-            self.metrics.count_deploy(job)
-            self.reporter.tell(job)
+            changes = Changes().job(job)
             for older in job.superseded:
                 older.state, older.finished = SUPERSEDED, job.finished
                 older.description = "superseded by job %s" % job.id
-                self.save(older, superseded_by=job.id)
-                self.metrics.count_deploy(older)
-                self.reporter.tell_superseded(older, job)
+                changes.job(older, superseded_by=job.id)
+            deliveries = self.reporter.deliveries(job)
+            for delivery in deliveries:
+                changes.delivery(delivery.id, self.callbacks.row(delivery))
+            self.record.write(changes)  # held when the journal cannot take it
+            for finished in [job] + job.superseded:
+                self.metrics.count_deploy(finished)
+            self.callbacks.deliver(deliveries, recorded=True)
         finally:  # whatever failed above, a waiting `deploy` command hears the outcome
             for waiting in [job] + job.superseded:
                 if waiting.waiter is not None:
@@ -2734,7 +3180,7 @@ class Service:
         with self._superseded_lock:
             batch, self._unsaved_superseded = self._unsaved_superseded, []
         if batch:
-            self.record.call(self.journal.mark_superseded, batch)
+            self.record.superseded(batch)  # held, not lost, when the journal cannot take it
 
     def save(self, job: Job, **extra: Any) -> None:
         """Write the job to the journal; never raises (see Recorder)."""
@@ -2779,9 +3225,10 @@ class Service:
         return public_row(row, with_log=True) if row else None
 
     def alive(self) -> bool:
-        """Every worker and callback thread still runs (for the watchdog)."""
+        """Every worker, callback and upkeep thread still runs (for the watchdog)."""
         return (all(t.is_alive() for t in self._workers) and self.callbacks.alive()
-                and self.journal.alive())
+                and self.journal.alive()
+                and (self._upkeep_thread is None or self._upkeep_thread.is_alive()))
 
     # -- reload and stop ----------------------------------------------------
 
@@ -2812,6 +3259,10 @@ class Service:
             thread.join(max(0.0, give_up - time.monotonic()))
         self.flush_superseded()
         self.callbacks.stop()
+        self._stopping.set()
+        if self._upkeep_thread is not None:
+            self._upkeep_thread.join(5)
+        self.record.close()  # a last flush; what the journal still cannot take is logged, and lost
         self.journal.close()
 
 
@@ -3604,10 +4055,14 @@ def build_service(config: Config, engine: DockerClient,
     if config.journal:
         journal = Journal(config.state_file("journal.sqlite3"), config.keep_jobs,
                           config.keep_days).open()
-    target = ContainerTarget(engine, gate, deadline, config.docker_config, Recorder(journal).save,
-                             clock, crash_at)
+    # One Recorder: the target's steps, the jobs' states and the callbacks'
+    # rows are held, and written in order, together.
+    recorder = Recorder(journal)
+    target = ContainerTarget(engine, gate, deadline, config.docker_config,
+                             record_step=recorder.save, clock=clock, crash_at=crash_at)
     runner = JobRunner(target, deadline, config.engine_wait, clock, sleep)
-    return Service(config, runner, CallbackSender(config.callback_allow, urlopen), journal, clock)
+    return Service(config, runner, CallbackSender(config.callback_allow, urlopen), journal, clock,
+                   recorder=recorder)
 
 
 class InstanceLock:

@@ -5,6 +5,7 @@
                            [--client auto|wrk|own] [--callbacks local|omit]
                            [--python PATH | --script]
                            [--json FILE] [--keep-logs DIR] [--profile [cpu|wall]]
+    python3 tests/bench.py --faults [--python PATH | --script] [--json FILE]
     python3 -m tests.bench ...
 
 Run from the repository root. It needs a Docker Engine (tests/support.py
@@ -37,7 +38,9 @@ registry:
 7. recovery after kill -9: a deploy is killed mid-swap (the new container
    just started), the service started again; the time from the restart to
    its first answer, to the job's final callback (the new container gated
-   again, `settle` seconds) and to the app answering the pushed version.
+   again, `settle` seconds) and to the app answering the pushed version;
+8. with --faults (and nothing else): each fault scenario of FAULTS and its
+   time to convergence, from the fault's end to the record being true.
 
 All traffic goes to 127.0.0.1; every loop is bounded in count and time.
 Everything created is labelled autodeploy.test=<run id> and removed at the
@@ -1297,7 +1300,7 @@ def profiled_service(config: str, out: str, timer: str) -> int:
         socketserver.ThreadingMixIn.process_request_thread)
     autodeploy.WebhookServer.serve_forever = profiled(socketserver.BaseServer.serve_forever)
     autodeploy.Service._work = profiled(autodeploy.Service._work)
-    autodeploy.CallbackSender._run = profiled(autodeploy.CallbackSender._run)
+    autodeploy.CallbackSender._serve = profiled(autodeploy.CallbackSender._serve)
     code = autodeploy.main(["--config", config, "serve"])
     time.sleep(0.5)  # connection threads finishing after the clients left
     with lock:
@@ -1543,6 +1546,254 @@ def measure_recovery(folder: str, receiver: CallbackReceiver, registry: str, env
     return results
 
 
+############################################################################
+# 8. Faults (--faults): how long until the record is true again
+############################################################################
+#
+# Each scenario is a function of a FaultRig, returning a dict with
+# "converged_ms" (from the end of the fault to the record being true) and
+# "detail" (what that time is, in words), plus whatever else it measured.
+# FAULTS lists them: append new ones there.
+
+class FaultRig:
+    """What a fault scenario gets: a folder, the Engine's environment, the
+    bench's web image (v1, v2) in the registry, the run id, and `state`
+    (services put in state["faults"] are stopped by the cleanup)."""
+
+    def __init__(self, folder: str, env: Dict[str, str], image: str, run: str,
+                 state: Dict[str, Any]) -> None:
+        self.folder, self.env, self.image, self.run, self.state = folder, env, image, run, state
+
+    def app(self, name: str) -> Tuple[str, int]:
+        """v1 running under a container name of its own, its port published; (name, port)."""
+        from tests import support
+        container = "bench-fault-%s-%s" % (name, self.run)
+        port = free_port()
+        support.docker("run", "-d", "--name", container, "--label", "%s=%s" % (support.TEST_LABEL, self.run),
+                       "-p", "127.0.0.1:%d:%d" % (port, APP_PORT_IN_CONTAINER), self.image + ":v1")
+        wait_for_version(port, b"v1\n", time.monotonic(), timeout=30)
+        return container, port
+
+    def service(self, name: str, container: str, receiver_port: int,
+                also_allow: Tuple[str, ...] = ()) -> ServiceProcess:
+        """A service (not launched) deploying bench/<name> to `container`, and
+        bench/junk, whose image is on a closed port: its jobs fail at once."""
+        port = free_port()
+        state_dir = os.path.join(self.folder, "fault-%s-state" % name)
+        config = autodeploy_section(port, receiver_port, state_dir, workers=2).replace(
+            "callback_allow = http://127.0.0.1:%d" % receiver_port,
+            " ".join(("callback_allow = http://127.0.0.1:%d" % receiver_port,) + also_allow)) + """
+[bench/{name}]
+image = {image}
+tag = v1 v2
+container = {container}
+settle = {settle}
+remove_old_image = no
+
+[bench/junk]
+image = 127.0.0.1:{closed}/bench/nothing
+container = bench-junk-{name}-{run}
+cooldown = 0
+""".format(name=name, image=self.image, container=container, settle=SETTLE, closed=free_port(),
+           run=self.run)
+        service = ServiceProcess(self.folder, config, port, self.env, name="fault-" + name)
+        service.state_dir = state_dir
+        self.state["faults"].append(service)
+        return service
+
+
+def post_job(service: ServiceProcess, repo: str, tag: str, callback: Optional[str]) -> str:
+    status, answer = http_post(service.port, "/deploy/" + TOKEN, hub_payload(repo, tag, callback))
+    if status != 202:
+        raise BenchError("%s:%s answered %s: %s" % (repo, tag, status, answer))
+    return answer["job"]
+
+
+def journal_state(state_dir: str, job_id: str) -> Optional[str]:
+    """The job's state in the journal, read directly (read-only)."""
+    import sqlite3
+    db = sqlite3.connect("file:%s?mode=ro" % os.path.join(state_dir, "journal.sqlite3"), uri=True, timeout=5)
+    try:
+        row = db.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return row[0] if row else None
+    finally:
+        db.close()
+
+
+def log_time(service: ServiceProcess, job_id: str, prefix: str) -> float:
+    """The wall-clock time (to the ms) of the job's first log line starting with `prefix`."""
+    for line in service.log_text().splitlines():
+        match = LOG_LINE.match(line)
+        if match and match.group(3) == job_id and match.group(4).startswith(prefix):
+            return time.mktime(time.strptime(match.group(1), "%Y-%m-%d %H:%M:%S")) + int(match.group(2)) / 1000
+    raise BenchError("no log line of job %s starting %r:\n%s" % (job_id, prefix, service.log_tail()))
+
+
+def fault_full_disk(rig: FaultRig) -> Dict[str, Any]:
+    """The state dir on a 1 MiB tmpfs, filled while a deploy runs (webhooks
+    until one is refused 503); the deploy ends meanwhile. From the filler's
+    removal to /healthz 200 and the job final in the journal, no webhook sent."""
+    from tests import support
+    receiver = support.CallbackReceiver()
+    container, _ = rig.app("full")
+    service = rig.service("full", container, receiver.port)
+    os.makedirs(service.state_dir)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "autodeploy-bench",
+                              service.state_dir], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    if mounted.returncode != 0:
+        receiver.close()
+        raise BenchError("mount -t tmpfs refused: %s" % mounted.stdout.decode().strip())
+    filler = os.path.join(service.state_dir, "filler")
+    try:
+        service.launch()
+        service.wait_answer()
+        job = post_job(service, "bench/full", "v2", receiver.url("full"))
+        support.fill_file_system(filler)
+        for accepted in range(300):
+            status, _ = http_post(service.port, "/deploy/" + TOKEN, hub_payload("bench/junk", "latest", None))
+            if status != 202:
+                break
+        else:
+            raise BenchError("300 webhooks accepted on a full disk")
+        receiver.wait_for("full", timeout=60)
+        wait_log(service, ("held in memory: ",))
+        if journal_state(service.state_dir, job) == "succeeded":
+            raise BenchError("the job's end reached the full journal: the disk was not full")
+        freed = time.monotonic()
+        os.unlink(filler)
+        healthy = support.wait_healthz(service.port, 200, timeout=30)
+        while journal_state(service.state_dir, job) != "succeeded":
+            if time.monotonic() > freed + 30:
+                raise BenchError("job %s not final in the journal 30 s after space was freed" % job)
+            time.sleep(0.005)
+        final = time.monotonic()
+    finally:
+        receiver.close()
+        if os.path.exists(filler):
+            os.unlink(filler)
+        service.stop()
+        subprocess.run(["umount", "-l", service.state_dir])
+    return {"converged_ms": (max(healthy, final) - freed) * 1000,
+            "healthz_ms": (healthy - freed) * 1000, "journal_ms": (final - freed) * 1000,
+            "accepted_on_full_disk": accepted,
+            "detail": "space freed -> /healthz 200 and the job final in the journal (no webhook)"}
+
+
+def fault_stalled_host(rig: FaultRig, stalled: int) -> Dict[str, Any]:
+    """`stalled` callbacks queued for a host that accepts and never answers,
+    then a deploy of another app: its callback's delay after its job ended."""
+    from tests import support
+    hole, receiver = support.StalledHost(), support.CallbackReceiver()
+    try:
+        container, _ = rig.app("stalled-%d" % stalled)
+        service = rig.service("stalled-%d" % stalled, container, receiver.port, (hole.origin,))
+        service.launch()
+        service.wait_answer()
+        for n in range(stalled):
+            post_job(service, "bench/junk", "latest", hole.url("s%d" % n))
+        hole.wait_accepted(1)
+        job = post_job(service, "bench/stalled-%d" % stalled, "v2", receiver.url("unrelated"))
+        [arrived] = receiver.wait_count("unrelated", 1, timeout=120)
+        arrived_wall = time.time() - (time.monotonic() - arrived)
+        ended = log_time(service, job, "succeeded:")
+        given_up = len([at for at in hole.times("given up") if at < arrived])
+        service.stop()
+    finally:
+        hole.close()
+        receiver.close()
+    return {"converged_ms": (arrived_wall - ended) * 1000, "stalled_given_up_before": given_up,
+            "detail": "job ended -> its callback arrived; %d stalled post(s) given up before it"
+                      % given_up}
+
+
+def fault_retry_across_restart(rig: FaultRig, how: str) -> Dict[str, Any]:
+    """A callback answered 500 once, the service stopped (SIGTERM, or kill -9)
+    before the retry and started again: from the restart to the 200."""
+    from tests import support
+    receiver = support.CallbackReceiver(statuses=(500, 200))
+    try:
+        container, _ = rig.app("retry-" + how)
+        service = rig.service("retry-" + how, container, receiver.port)
+        service.launch()
+        service.wait_answer()
+        post_job(service, "bench/retry-" + how, "v2", receiver.url("retry"))
+        receiver.wait_count("retry", 1, timeout=60)
+        if how == "kill":
+            service.process.kill()
+            service.process.wait(10)
+        else:
+            service.stop()
+        if receiver.count("retry") != 1:
+            raise BenchError("the retry went out before the stop")
+        restarted = time.monotonic()
+        launched = service.launch()
+        answered_ms = (service.wait_answer() - launched) * 1000
+        [_, sent] = receiver.wait_count("retry", 2, timeout=60)
+        service.stop()
+    finally:
+        receiver.close()
+    return {"converged_ms": (sent - restarted) * 1000, "answer_ms": answered_ms,
+            "detail": "restart -> the callback's 200 (the service answered after %.0f ms)" % answered_ms}
+
+
+FAULTS = [
+    ("journal on a full 1 MiB disk", fault_full_disk),
+    ("callback host stalled, 8 posts", lambda rig: fault_stalled_host(rig, 8)),
+    ("callback host stalled, 20 posts", lambda rig: fault_stalled_host(rig, 20)),
+    ("callback retry across SIGTERM", lambda rig: fault_retry_across_restart(rig, "term")),
+    ("callback retry across kill -9", lambda rig: fault_retry_across_restart(rig, "kill")),
+]
+
+
+def run_faults(args: argparse.Namespace, state: Dict[str, Any]) -> Dict[str, Any]:
+    """Each scenario of FAULTS once, on the service as bench() runs it."""
+    from tests import support
+    import dockerapi
+    env = service_env()
+    results = {"machine": machine_info(dockerapi.DockerClient(env["DOCKER_HOST"])),
+               "code": code_version(), "faults": []}  # type: Dict[str, Any]
+    run = support.run_id()
+    folder = state["folder"] = tempfile.mkdtemp(prefix="autodeploy-bench-")
+    if args.script:
+        INTERPRETER[:] = [sys.executable]
+        results["program"] = "%s autodeploy.py --config X serve" % sys.executable
+    else:
+        INTERPRETER[:] = unit_interpreter(args.python)
+        PROGRAM[0] = build_pyz(folder)
+        results["program"] = "%s autodeploy.pyz --config X serve" % " ".join(INTERPRETER)
+    registry = state["registry"] = support.Registry().start()
+    image = "%s/bench/web" % registry.host
+    for version in ("v1", "v2"):
+        ref = "%s:%s" % (image, version)
+        state["images"].append(ref)
+        state["images"].append(support.make_image(ref, version, cmd=APP_CMD, port=APP_PORT_IN_CONTAINER))
+    rig = FaultRig(folder, env, image, run, state)
+    for name, scenario in FAULTS:
+        log("fault: %s" % name)
+        try:
+            outcome = scenario(rig)
+        except BenchError as exc:
+            log("fault %s: %s" % (name, exc))
+            outcome = {"error": str(exc)}
+        outcome["fault"] = name
+        results["faults"].append(outcome)
+    return results
+
+
+def faults_report(results: Dict[str, Any]) -> str:
+    m = results["machine"]
+    out = ["autodeploy faults: time to convergence",
+           "machine: nproc %s, %s, %s, kernel %s" % (m["nproc"], m["python"], m["engine"], m["kernel"]),
+           "code: %s" % results["code"], "service: %s" % results["program"], ""]
+    width = max(len(f["fault"]) for f in results["faults"])
+    for fault in results["faults"]:
+        if "error" in fault:
+            out.append("%-*s  not measured: %s" % (width, fault["fault"], fault["error"]))
+        else:
+            out.append("%-*s  %7.0f ms  %s" % (width, fault["fault"], fault["converged_ms"], fault["detail"]))
+    return "\n".join(out)
+
+
 def bench(args: argparse.Namespace, state: Dict[str, Any]) -> Dict[str, Any]:
     from tests import support
     import dockerapi
@@ -1707,6 +1958,7 @@ def cleanup(state: Dict[str, Any]) -> None:
     steps = [
         ("service", lambda: state["service"] and state["service"].stop()),
         ("recovery service", lambda: state.get("recovery") and state["recovery"].stop()),
+        ("fault services", lambda: [service.stop() for service in state.get("faults", [])]),
         ("callback receiver", lambda: state["receiver"] and state["receiver"].close()),
         ("containers", lambda: support.cleanup_containers(support.run_id())),
         ("networks", lambda: [support.docker("network", "rm", name, check=False) for name in state["networks"]]),
@@ -1980,6 +2232,10 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
                              "HEALTHCHECK gate; default 3, 0 skips them)")
     parser.add_argument("--recovery-runs", type=int, default=3, metavar="N",
                         help="kill -9 mid-swap and restart, N times (default 3, 0 skips it)")
+    parser.add_argument("--faults", action="store_true",
+                        help="only run the fault scenarios (FAULTS: a full journal disk, a stalled "
+                             "callback host, callback retries across a restart, ...) and print each "
+                             "one's time to convergence")
     parser.add_argument("--client", choices=("auto", "wrk", "own"), default="auto",
                         help="load client: wrk when installed (auto), or the bench's own")
     parser.add_argument("--callbacks", choices=("local", "omit"), default="local",
@@ -2022,7 +2278,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                                     if os.path.exists("/usr/bin/python3") else sys.executable)
 
     import unittest
-    state = {"service": None, "receiver": None, "registry": None, "folder": None,
+    state = {"service": None, "receiver": None, "registry": None, "folder": None, "faults": [],
              "images": [], "networks": [], "keep_logs": args.keep_logs}  # type: Dict[str, Any]
 
     def terminated(*_: Any) -> None:
@@ -2032,9 +2288,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     signal.signal(signal.SIGINT, signal.default_int_handler)
     started = time.monotonic()
     try:
-        results = bench(args, state)
-        results["callbacks"] = ("callback_url to a local receiver" if args.callbacks == "local"
-                                else "no callback_url")
+        if args.faults:
+            results = run_faults(args, state)
+        else:
+            results = bench(args, state)
+            results["callbacks"] = ("callback_url to a local receiver" if args.callbacks == "local"
+                                    else "no callback_url")
     except KeyboardInterrupt:
         log("interrupted: cleaning up")
         return 130
@@ -2050,6 +2309,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         cleanup(state)
         signal.signal(signal.SIGINT, previous)
     results["total_seconds"] = time.monotonic() - started
+    if args.faults:
+        print(faults_report(results))
+        print("\ntotal bench time %.0f s" % results["total_seconds"])
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump(results, fh, indent=2, sort_keys=True, default=str)
+        return 0
     print(report(results))
     print("\ntotal bench time %.0f s" % results["total_seconds"])
     if args.json:

@@ -801,20 +801,27 @@ class EngineProxy:
 
 
 class CallbackReceiver:
-    """A local HTTP server standing in for Docker Hub's callback_url."""
+    """A local HTTP server standing in for Docker Hub's callback_url. Each
+    path is answered with `statuses` in turn (the last one repeats);
+    `arrivals` notes (time.monotonic(), path, status) of each POST."""
 
-    def __init__(self):
+    def __init__(self, statuses: Iterable[int] = (200,)):
         self.received = []
+        self.arrivals = []
         self.cond = threading.Condition()
+        script = list(statuses)
         receiver = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_POST(self):
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 with receiver.cond:
+                    seen = sum(1 for path, _ in receiver.received if path == self.path)
+                    status = script[min(seen, len(script) - 1)]
                     receiver.received.append((self.path, json.loads(body)))
+                    receiver.arrivals.append((time.monotonic(), self.path, status))
                     receiver.cond.notify_all()
-                self.send_response(200)
+                self.send_response(status)
                 self.send_header("Content-Length", "0")
                 self.end_headers()
 
@@ -827,6 +834,23 @@ class CallbackReceiver:
 
     def url(self, name: str) -> str:
         return "http://127.0.0.1:%d/cb/%s" % (self.port, name)
+
+    def count(self, name: str) -> int:
+        """How many POSTs /cb/<name> got so far."""
+        with self.cond:
+            return sum(1 for path, _ in self.received if path == "/cb/" + name)
+
+    def wait_count(self, name: str, count: int, timeout: float = 60.0) -> List[float]:
+        """Until /cb/<name> got `count` POSTs; the arrival times of its POSTs."""
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while self.count(name) < count:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise AssertionError("%d of %d callbacks for %s in %.0fs; got %r"
+                                         % (self.count(name), count, name, timeout, self.received))
+                self.cond.wait(remaining)
+            return [at for at, path, _ in self.arrivals if path == "/cb/" + name]
 
     def wait_for(self, name: str, timeout: float = 60.0) -> dict:
         """The body of the first callback to /cb/<name>."""
@@ -911,16 +935,19 @@ FINAL_STATES = ("succeeded", "up_to_date", "failed", "rolled_back", "error", "su
 
 
 def main_section(port: int, callbacks: CallbackReceiver, workers: int = 2,
-                 admin_token: Optional[str] = ADMIN_TOKEN, extra: str = "") -> str:
-    """The [autodeploy] section of a test config (admin_token=None leaves that line out)."""
+                 admin_token: Optional[str] = ADMIN_TOKEN, extra: str = "",
+                 also_allow: Iterable[str] = ()) -> str:
+    """The [autodeploy] section of a test config (admin_token=None leaves that
+    line out); `also_allow`: more callback_allow origins."""
     return """
 [autodeploy]
 listen = 127.0.0.1:{port}
 token = {token}
 {admin}workers = {workers}
-callback_allow = http://127.0.0.1:{cb}
+callback_allow = http://127.0.0.1:{cb}{more}
 {extra}
 """.format(port=port, token=TOKEN, workers=workers, cb=callbacks.port, extra=extra,
+           more="".join(" " + origin for origin in also_allow),
            admin="admin_token = %s\n" % admin_token if admin_token else "")
 
 
@@ -988,3 +1015,122 @@ def make_versions(images: List[str], ref: str, versions: Iterable[str], **image)
         ids[version] = make_image(tagged, version, **image)
         images += [tagged, ids[version]]
     return ids
+
+
+# ---------------------------------------------------------------------------
+# Faults: a full disk, a callback host that never answers
+# ---------------------------------------------------------------------------
+
+def mount_tmpfs(test: unittest.TestCase, path: str, size: str = "1m") -> None:
+    """Mount a tmpfs of `size` on `path` (created), unmounted by a cleanup
+    of `test` (register it before cleanups that must run after the unmount).
+    Skips the test when mounting is refused, unless CI=true."""
+    os.makedirs(path, exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=%s,mode=0700" % size,
+                              "autodeploy-test", path],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    if mounted.returncode != 0:
+        _fail("mount -t tmpfs refused: %s" % mounted.stdout.decode().strip())
+    test.addCleanup(subprocess.run, ["umount", "-l", path])
+
+
+def fill_file_system(path: str) -> None:
+    """Write the file `path` until its file system has not one byte left."""
+    import errno
+    with open(path, "wb", buffering=0) as fh:
+        for size in (1 << 16, 1 << 12, 512, 64, 1):
+            while True:
+                try:
+                    fh.write(b"\0" * size)
+                except OSError as exc:
+                    if exc.errno != errno.ENOSPC:
+                        raise
+                    break
+
+
+class StalledHost:
+    """A callback host on 127.0.0.1 that accepts connections and never
+    answers. `events` notes (time.monotonic(), "accepted" or "given up")
+    per connection: "given up" when the client closed it."""
+
+    def __init__(self):
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.port = self.sock.getsockname()[1]
+        self.origin = "http://127.0.0.1:%d" % self.port
+        self.events = []
+        self.cond = threading.Condition()
+        self._conns = []
+        self._closed = False
+        threading.Thread(target=self._accept, name="stalled-host", daemon=True).start()
+
+    def url(self, name: str) -> str:
+        return "http://127.0.0.1:%d/stalled/%s" % (self.port, name)
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with self.cond:
+                if self._closed:
+                    conn.close()
+                    return
+                self._conns.append(conn)
+                self.events.append((time.monotonic(), "accepted"))
+                self.cond.notify_all()
+            threading.Thread(target=self._hold, args=(conn,), daemon=True).start()
+
+    def _hold(self, conn: socket.socket) -> None:
+        """Read (and ignore) until the client gives up."""
+        try:
+            while conn.recv(65536):
+                pass
+        except OSError:
+            pass
+        with self.cond:
+            if not self._closed:
+                self.events.append((time.monotonic(), "given up"))
+                self.cond.notify_all()
+
+    def times(self, kind: str) -> List[float]:
+        with self.cond:
+            return [at for at, what in self.events if what == kind]
+
+    def wait_accepted(self, count: int, timeout: float = 30.0) -> None:
+        with self.cond:
+            if not self.cond.wait_for(lambda: len(self.times("accepted")) >= count, timeout):
+                raise AssertionError("the stalled host accepted %d of %d connections in %.0fs"
+                                     % (len(self.times("accepted")), count, timeout))
+
+    def close(self) -> None:
+        with self.cond:
+            self._closed = True
+            conns, self._conns = self._conns, []
+        try:
+            socket.create_connection(("127.0.0.1", self.port), timeout=2).close()  # wakes accept()
+        except OSError:
+            pass
+        self.sock.close()
+        for conn in conns:
+            conn.close()
+
+
+def wait_healthz(port: int, status: int = 200, timeout: float = 30.0) -> float:
+    """Poll GET /healthz every 20 ms until it answers `status`; the
+    time.monotonic() it first did. AssertionError after `timeout`."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while True:
+        try:
+            got, _, body = http_get(port, "/healthz", token="", timeout=5)
+            last = (got, body)
+            if got == status:
+                return time.monotonic()
+        except (OSError, http.client.HTTPException) as exc:
+            last = exc
+        if time.monotonic() > deadline:
+            raise AssertionError("/healthz not %d within %.0fs: %r" % (status, timeout, last))
+        time.sleep(0.02)

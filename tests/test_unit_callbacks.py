@@ -9,8 +9,8 @@ import unittest
 from typing import Any, List, Tuple
 
 import autodeploy
-from autodeploy import AppConfig, CallbackSender, Job, no_redirects_opener
-from tests.unit_support import BoundedTestCase, Receiver
+from autodeploy import AppConfig, CallbackSender, Job, MemoryJournal, Recorder, no_redirects_opener
+from tests.unit_support import BoundedTestCase, BreakableJournal, HeldOpener, Receiver, wait_until
 
 
 class BlackHole:
@@ -150,7 +150,7 @@ class CallbackTest(BoundedTestCase):
         receiver = Receiver(self)
         failed = "callback success to http://127.0.0.1/... failed"
         # A timeout longer than the test: the post to the hole stays stuck until it hangs up.
-        sender = self.sender([hole.origin, receiver.origin], timeout=60.0, threads=4)
+        sender = self.sender([hole.origin, receiver.origin], timeout=60.0)
         sender.send(a_job(1), hole.url, BODY)
         self.assertTrue(hole.wait_accepted(1))  # a thread is now stuck on it
         sender.send(a_job(2), receiver.url, BODY)
@@ -211,6 +211,188 @@ class CallbackTest(BoundedTestCase):
         self.assertEqual(len(self.logs.matching("dropped: 2 posts are waiting already")), 2)
         sender.stop(0.1)
         self.assertTrue(self.logs.matching("2 " + NOT_SENT))
+
+class DestinationTest(BoundedTestCase):
+    """Each destination has its queue and, while something is due, its thread."""
+
+    def test_a_stalled_destination_with_many_deliveries_holds_back_no_other(self):
+        hole, receiver = BlackHole(self), Receiver(self)
+        # A timeout longer than the test: each post to the hole stays stuck until it hangs up.
+        sender = CallbackSender([hole.origin, receiver.origin], no_redirects_opener(False),
+                                timeout=60.0, retry_delays=())
+        sender.start()
+        self.addCleanup(sender.stop, 0.1)  # its stuck threads end when the hole closes
+        for n in range(8):
+            sender.send(a_job(n), hole.url, BODY)
+        self.assertTrue(hole.wait_accepted(1))
+        sender.send(a_job(99), receiver.url, BODY)
+        self.assertTrue(receiver.wait_for(1))
+        self.assertTrue(self.logs.wait_for("callback success sent"))
+        # It came while the hole held its first post: none was given up, and
+        # the hole's others wait their turn (one post in flight per destination).
+        self.assertFalse(self.logs.matching("failed"), self.logs.lines())
+        self.assertEqual(len(hole.accepted), 1)
+        self.assertTrue(wait_until(lambda: sender.pending() == 8, 5), sender.pending())
+        hole.hang_up()
+        self.assertTrue(hole.wait_accepted(1))  # the next one of the hole's queue
+        self.assertEqual(len(self.logs.matching("callback success to http://127.0.0.1/... failed")), 1)
+        sender.stop(0)  # nothing more is posted; the one in flight ends with the hang-up
+        hole.hang_up()
+        self.assertEqual(len(self.logs.wait_for("given up after 1 attempt(s)", count=2)), 2)
+
+    def test_at_most_max_destinations_are_sent_to_at_once(self):
+        opener = HeldOpener(self)
+        sender = CallbackSender([], opener, retry_delays=(), max_destinations=2)
+        urls = ["http://127.0.0.%d:8000/held" % n for n in (2, 3, 4)]
+        for n, url in enumerate(urls):  # all queued before start: one dispatching pass sees them
+            sender.post_later(a_job(n), "notification", url, BODY)
+        sender.start()
+        self.addCleanup(sender.stop, 1.0)
+        self.assertTrue(opener.wait_calls(2))
+        self.assertEqual(sorted(opener.calls), urls[:2])
+        self.assertEqual(len(sender.busy()), 2)
+        opener.release()
+        self.assertTrue(opener.wait_calls(3))
+        self.assertEqual(opener.calls[2], urls[2])
+
+    def test_two_posts_to_one_destination_are_never_in_flight_together(self):
+        opener = HeldOpener(self)
+        sender = CallbackSender([], opener, retry_delays=())
+        sender.start()
+        self.addCleanup(sender.stop, 1.0)
+        sender.post_later(a_job(1), "notification", "http://127.0.0.2:8000/held/1", BODY)
+        sender.post_later(a_job(2), "notification", "http://127.0.0.2:8000/held/2", BODY)
+        sender.post_later(a_job(3), "notification", "http://127.0.0.3:8000/free", BODY)
+        self.assertTrue(opener.wait_calls(2))
+        self.assertEqual(sorted(opener.calls), ["http://127.0.0.2:8000/held/1",
+                                                "http://127.0.0.3:8000/free"])
+        opener.release()
+        self.assertTrue(opener.wait_calls(3))
+        self.assertEqual(opener.calls[-1], "http://127.0.0.2:8000/held/2")
+
+
+class WallClock:
+    """time.time(), `ahead` seconds ahead: a restart that comes later."""
+
+    def __init__(self, ahead: float = 0.0):
+        self.ahead = ahead
+
+    def __call__(self) -> float:
+        return time.time() + self.ahead
+
+
+class PersistedDeliveryTest(BoundedTestCase):
+    """Deliveries are journal rows until sent or given up; a new sender
+    (after a restart) sends what an old one left."""
+
+    def setUp(self):
+        super().setUp()
+        self.journal = BreakableJournal(self)
+        self.record = Recorder(self.journal)
+
+    def sender(self, allow, wall_ahead: float = 0.0, **options: Any) -> CallbackSender:
+        options.setdefault("retry_delays", (30.0,))
+        sender = CallbackSender(allow, no_redirects_opener(False), timeout=2.0, record=self.record,
+                                wall_clock=WallClock(wall_ahead), **options)
+        self.addCleanup(sender.stop, 1.0)
+        return sender
+
+    def test_a_retry_survives_a_restart_and_a_success_is_never_sent_again(self):
+        receiver = Receiver(self, statuses=(500, 200))
+        first = self.sender([receiver.origin])
+        first.start()
+        first.send(a_job(1), receiver.url, BODY)
+        self.assertTrue(self.logs.wait_for("attempt 1 failed, next in 30s"), self.logs.lines())
+        first.stop()
+        self.assertTrue(self.logs.matching("1 callback(s) pending: sent after the next start"))
+        [row] = self.journal.deliveries()
+        self.assertEqual((row["job"], row["attempt"]), ("job1", 2))
+        self.assertGreater(row["due"], time.time() + 25)  # the retry's due time, on the wall clock
+
+        # Started again 31 s later: the retry is overdue, so it is sent at once.
+        second = self.sender([receiver.origin], wall_ahead=31.0)
+        second.resume(self.journal.deliveries())
+        second.start()
+        self.assertTrue(receiver.wait_for(2))
+        self.assertTrue(self.logs.wait_for("callback success sent"), self.logs.lines())
+        second.stop()
+        self.assertEqual(self.journal.deliveries(), [])
+        third = self.sender([receiver.origin], wall_ahead=62.0)
+        third.resume(self.journal.deliveries())
+        third.start()
+        third.stop()
+        self.assertEqual(receiver.count(), 2)
+        self.assertEqual([json.loads(hit[3].decode()) for hit in receiver.hits], [BODY, BODY])
+
+    def test_resumed_deliveries_go_before_new_ones(self):
+        opener = HeldOpener(self)
+        old = self.sender([], wall_ahead=0.0)
+        old.post_later(a_job(1), "notification", "http://127.0.0.2:8000/old", BODY)  # never started
+        old.stop(0)
+        new = CallbackSender([], opener, record=self.record)
+        self.addCleanup(new.stop, 1.0)
+        new.resume(self.journal.deliveries())
+        new.post_later(a_job(2), "notification", "http://127.0.0.2:8000/new", BODY)
+        new.start()
+        self.assertTrue(opener.wait_calls(2))
+        self.assertEqual(opener.calls, ["http://127.0.0.2:8000/old", "http://127.0.0.2:8000/new"])
+
+    def test_what_is_not_due_at_stop_stays_in_the_journal_for_the_next_start(self):
+        receiver = Receiver(self, statuses=(503,))
+        sender = self.sender([receiver.origin])
+        sender.start()
+        sender.send(a_job(1), receiver.url, BODY)
+        self.assertTrue(self.logs.wait_for("attempt 1 failed"), self.logs.lines())
+        sender.stop()
+        self.assertEqual(len(self.journal.deliveries()), 1)
+        self.assertFalse(self.logs.matching(NOT_SENT))
+
+    def test_without_a_journal_what_is_not_due_at_stop_is_not_sent(self):
+        receiver = Receiver(self, statuses=(503,))
+        sender = CallbackSender([receiver.origin], no_redirects_opener(False), retry_delays=(30.0,),
+                                record=Recorder(MemoryJournal()))
+        sender.start()
+        sender.send(a_job(1), receiver.url, BODY)
+        self.assertTrue(self.logs.wait_for("attempt 1 failed"), self.logs.lines())
+        sender.stop()
+        self.assertTrue(self.logs.matching("1 " + NOT_SENT))
+
+    def test_given_up_and_refused_deliveries_leave_no_row(self):
+        refused, failing = Receiver(self, statuses=(404,)), Receiver(self, statuses=(500,))
+        sender = self.sender([refused.origin, failing.origin], retry_delays=(0.01,))
+        sender.start()
+        sender.send(a_job(1), refused.url, BODY)
+        sender.send(a_job(2), failing.url, BODY)
+        self.assertTrue(self.logs.wait_for("given up after 2 attempt(s)"), self.logs.lines())
+        self.assertTrue(self.logs.wait_for("refused: HTTP 404"), self.logs.lines())
+        sender.stop()
+        self.assertEqual(self.journal.deliveries(), [])
+
+    def test_a_resumed_callback_to_an_origin_no_longer_allowed_is_dropped(self):
+        receiver = Receiver(self)
+        old = self.sender([receiver.origin])
+        old.send(a_job(1), receiver.url, BODY)  # never started: stays in the journal
+        old.stop(0)
+        new = self.sender([])  # the origin left callback_allow meanwhile
+        new.resume(self.journal.deliveries())
+        new.start()
+        new.stop()
+        self.assertEqual(receiver.count(), 0)
+        self.assertTrue(self.logs.matching("not an allowed callback origin any more"))
+        self.assertEqual(self.journal.deliveries(), [])
+
+    def test_a_delivery_whose_row_cannot_be_written_is_sent_and_its_delete_held(self):
+        receiver = Receiver(self)
+        sender = self.sender([receiver.origin])
+        sender.start()
+        self.journal.break_writes()
+        sender.send(a_job(1), receiver.url, BODY)
+        self.assertTrue(receiver.wait_for(1))
+        self.assertTrue(self.logs.wait_for("callback success sent"))
+        self.journal.mend()
+        self.assertTrue(self.record.flush())
+        self.assertEqual(self.journal.deliveries(), [])  # inserted and deleted: nothing left
+
 
 if __name__ == "__main__":
     unittest.main()

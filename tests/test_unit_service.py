@@ -43,12 +43,13 @@ class ServiceTest(unittest.TestCase):
     def test_a_bug_in_reporting_does_not_kill_the_worker(self):
         calls, reported = [], threading.Event()
 
-        def broken_tell(job):
+        def broken_deliveries(job):
             calls.append(job.id)
             reported.set()
             if len(calls) == 1:
                 raise RuntimeError("reporting bug")
-        self.service.reporter.tell = broken_tell
+            return []
+        self.service.reporter.deliveries = broken_deliveries
         self.service.start()
         self.addCleanup(self.service.stop, 0)
         waiter, first_waiter = autodeploy.Waiter(), autodeploy.Waiter()

@@ -522,6 +522,80 @@ class Receiver:
             return len(self.hits)
 
 
+class HeldOpener:
+    """A urlopen for CallbackSender that answers 200 at once, except for
+    URLs containing `hold`: those wait until release() (no sockets, so which
+    POSTs are in flight is known exactly)."""
+
+    def __init__(self, test: unittest.TestCase, hold: str = "/held"):
+        self.hold = hold
+        self.calls: List[str] = []  # URLs, in the order their POST began
+        self._cond = threading.Condition()
+        self._released = False
+        test.addCleanup(self.release)
+
+    def __call__(self, request: Any, timeout: float) -> Any:
+        with self._cond:
+            self.calls.append(request.full_url)
+            self._cond.notify_all()
+            if self.hold in request.full_url:
+                self._cond.wait_for(lambda: self._released, 30)
+        response = unittest.mock.MagicMock(status=200)
+        response.__enter__.return_value = response
+        return response
+
+    def wait_calls(self, count: int, timeout: float = 5.0) -> bool:
+        with self._cond:
+            return self._cond.wait_for(lambda: len(self.calls) >= count, timeout)
+
+    def release(self) -> None:
+        with self._cond:
+            self._released = True
+            self._cond.notify_all()
+
+
+############################################################################
+# A journal whose writes can be made to fail
+############################################################################
+
+class BreakableJournal(autodeploy.Journal):
+    """A real SQLite journal whose writes fail while broken: SQLite's
+    authorizer denies them (every table, or the ones named), so they fail
+    inside SQLite and take the same sqlite3.Error path as a full disk.
+    Reads still work."""
+
+    def __init__(self, test: unittest.TestCase, **kwargs: Any):
+        folder = temp_folder(test, "autodeploy-breakable-")
+        super().__init__(os.path.join(folder, "journal.sqlite3"), **kwargs)
+        self.open()
+        test.addCleanup(self.close)
+
+    def break_writes(self, *tables: str) -> "BreakableJournal":
+        import sqlite3
+        writes = (sqlite3.SQLITE_INSERT, sqlite3.SQLITE_UPDATE, sqlite3.SQLITE_DELETE)
+
+        def deny(action: int, table: Optional[str], *rest: Any) -> int:
+            if action in writes and (not tables or table in tables):
+                return sqlite3.SQLITE_DENY
+            return sqlite3.SQLITE_OK
+        self._set_authorizer(deny)
+        return self
+
+    def mend(self) -> None:
+        import sqlite3
+        self._set_authorizer(lambda *args: sqlite3.SQLITE_OK)  # None is 3.11+ only
+
+    def _set_authorizer(self, authorizer: Callable[..., int]) -> None:
+        # Setting an authorizer also expires the statements SQLite has prepared.
+        with self._lock:
+            self._db.set_authorizer(authorizer)
+
+    def row(self, job_id: str) -> Dict[str, Any]:
+        found = self.get(job_id)
+        assert found is not None, "no journal row for job %s" % job_id
+        return found
+
+
 ############################################################################
 # A fake Docker Engine, for targets, the health gate and recovery
 ############################################################################
