@@ -1389,11 +1389,7 @@ class ContainerTarget:
             self.step(job, "gate")
             return self.gate.wait_healthy(new_id, app, started, jlog)
         except (DockerError, DeployFailed) as exc:
-            if isinstance(exc, DockerError) and exc.status is None:
-                raise  # the Engine is gone, not the new version at fault: converged later
-            logs = last_logs(self.engine, new_id)
-            failure = None if cut_off(exc) else "the new container failed: %s" % _reason_of(exc)
-            self.restore_old(job, old_id, new_id, was_running, failure, jlog)
+            logs = self.roll_back(job, exc, old_id, new_id, was_running, jlog)
             raise RolledBack("the new container failed: %s; the old one runs again%s"
                              % (_reason_of(exc), logs)) from exc
 
@@ -1410,16 +1406,25 @@ class ContainerTarget:
             self.step(job, "gate")
             how = self.gate.wait_healthy(new_id, app, started, jlog)
         except (DockerError, DeployFailed) as exc:
-            if isinstance(exc, DockerError) and exc.status is None:
-                raise  # the Engine is gone, not the new version at fault: converged later
-            logs = last_logs(self.engine, new_id)
-            failure = None if cut_off(exc) else "the new container failed: %s" % _reason_of(exc)
-            self.restore_old(job, old_id, new_id, True, failure, jlog)
+            logs = self.roll_back(job, exc, old_id, new_id, True, jlog)
             raise DeployFailed("the new container failed: %s; the old one kept running%s"
                                % (_reason_of(exc), logs)) from exc
         self.step(job, "retire-old")
         self.retire(old_id, app, jlog)
         return how + " (started before the old one stopped)"
+
+    def roll_back(self, job: Job, exc: Exception, old_id: str, new_id: str, was_running: bool,
+                  jlog: logging.LoggerAdapter) -> str:
+        """The new container failed (or a shutdown cut its gate short): put
+        the old one back; returns the new one's last output, for the message.
+        A lost Engine is raised again instead: not the new version's fault,
+        and the runner converges the swap once the Engine is back."""
+        if isinstance(exc, DockerError) and exc.status is None:
+            raise exc
+        logs = last_logs(self.engine, new_id)
+        failure = None if cut_off(exc) else "the new container failed: %s" % _reason_of(exc)
+        self.restore_old(job, old_id, new_id, was_running, failure, jlog)
+        return logs
 
     def retire(self, old_id: str, app: AppConfig, jlog: logging.LoggerAdapter) -> None:
         """Take the old container out of its networks, then stop it.
@@ -2891,14 +2896,6 @@ class Recorder:
         held = self._held
         return "%d job update(s)%s" % (len(held.jobs), " and %d callback row(s)" % len(held.deliveries)
                                        if held.deliveries else "")
-
-    @staticmethod
-    def call(write: Callable[..., None], *args: Any, **kwargs: Any) -> None:
-        """A write that need not be held: a failure is only logged by the journal."""
-        try:
-            write(*args, **kwargs)
-        except JournalError:
-            pass
 
 
 ############################################################################

@@ -1574,18 +1574,27 @@ class FaultRig:
         wait_for_version(port, b"v1\n", time.monotonic(), timeout=30)
         return container, port
 
+    def bad_image(self) -> None:
+        """Push <image>:bad, which exits 3 at once (for rollbacks), once."""
+        from tests import support
+        ref = self.image + ":bad"
+        if ref not in self.state["images"]:
+            self.state["images"].append(ref)
+            self.state["images"].append(support.make_image(ref, "bad", cmd=["/bin/sh", "-c", "exit 3"]))
+
     def service(self, name: str, container: str, receiver_port: int,
-                also_allow: Tuple[str, ...] = ()) -> ServiceProcess:
-        """A service (not launched) deploying bench/<name> to `container`, and
-        bench/junk, whose image is on a closed port: its jobs fail at once."""
+                also_allow: Tuple[str, ...] = (), extra: str = "") -> ServiceProcess:
+        """A service (not launched) deploying bench/<name> (v1, v2, bad) to
+        `container`, and bench/junk, whose image is on a closed port: its
+        jobs fail at once. `extra`: more [autodeploy] lines."""
         port = free_port()
         state_dir = os.path.join(self.folder, "fault-%s-state" % name)
         config = autodeploy_section(port, receiver_port, state_dir, workers=2).replace(
             "callback_allow = http://127.0.0.1:%d" % receiver_port,
-            " ".join(("callback_allow = http://127.0.0.1:%d" % receiver_port,) + also_allow)) + """
+            " ".join(("callback_allow = http://127.0.0.1:%d" % receiver_port,) + also_allow)) + extra + """
 [bench/{name}]
 image = {image}
-tag = v1 v2
+tag = v1 v2 bad
 container = {container}
 settle = {settle}
 remove_old_image = no
@@ -1736,7 +1745,85 @@ def fault_retry_across_restart(rig: FaultRig, how: str) -> Dict[str, Any]:
             "detail": "restart -> the callback's 200 (the service answered after %.0f ms)" % answered_ms}
 
 
+# (remove-image: these apps keep their old images; tests/test_e2e_faults crashes there too)
+CRASH_STEPS = ("rename-aside", "create-new", "stop-old", "start-new", "gate", "remove-old",
+               "remove-new", "rename-back", "start-old")
+ROLLBACK_STEPS = ("remove-new", "rename-back", "start-old")  # crashed while rolling back `bad`
+
+
+def fault_crash_at(rig: FaultRig, step: str) -> Dict[str, Any]:
+    """The service kills itself (AUTODEPLOY_CRASH_AT) right after recording
+    `step`'s intent, and is started again: from the launch to the job's
+    callback and the app answering what it must (v2, or v1 after a rollback)."""
+    from tests import support
+    rig.bad_image()
+    receiver = support.CallbackReceiver()
+    try:
+        container, app_port = rig.app("crash-" + step)
+        service = rig.service("crash-" + step, container, receiver.port)
+        service.env = dict(rig.env, AUTODEPLOY_CRASH_AT=step)
+        service.launch()
+        service.wait_answer()
+        rollback = step in ROLLBACK_STEPS
+        post_job(service, "bench/crash-" + step, "bad" if rollback else "v2", receiver.url("crash"))
+        try:
+            service.process.wait(60)
+        except subprocess.TimeoutExpired:
+            pass
+        if service.process.returncode != -signal.SIGKILL:
+            raise BenchError("the service did not crash at %s:\n%s" % (step, service.log_tail()))
+        service.env = rig.env
+        restarted = time.monotonic()
+        service.launch()
+        [called] = receiver.wait_count("crash", 1, timeout=120)
+        answered, _ = wait_for_version(app_port, b"v1\n" if rollback else b"v2\n", restarted, timeout=60)
+        state = receiver.wait_for("crash").get("state")
+        service.stop()
+    finally:
+        receiver.close()
+    return {"converged_ms": (max(called, answered) - restarted) * 1000, "state": state,
+            "detail": "restart -> callback (%s) and the app answering %s"
+                      % (state, "v1 again" if rollback else "v2")}
+
+
+def fault_engine_away(rig: FaultRig, away: float = 5.0) -> Dict[str, Any]:
+    """The Engine cut (a proxy) mid-gate for `away` s, longer than engine_wait
+    (2 s), the new container stopped meanwhile as an Engine restart stops
+    it: from the Engine's return to /healthz 200, the callback and v2 answering."""
+    from tests import support
+    receiver = support.CallbackReceiver()
+    proxy = support.EngineProxy(rig.env["DOCKER_HOST"][len("unix://"):], rig.folder)
+    try:
+        container, app_port = rig.app("away")
+        service = rig.service("away", container, receiver.port,
+                              extra="docker_host = %s\nengine_wait = 2\n" % proxy.url)
+        service.launch()
+        service.wait_answer()
+        job = post_job(service, "bench/away", "v2", receiver.url("away"))
+        wait_log(service, ("job=%s " % job, "checking it stays up"))
+        proxy.cut()
+        support.docker("kill", container)
+        wait_log(service, ("job=%s " % job, "waiting for it to put the swap in order"))
+        time.sleep(away)
+        back = time.monotonic()
+        proxy.restore()
+        [called] = receiver.wait_count("away", 1, timeout=120)
+        answered, _ = wait_for_version(app_port, b"v2\n", back, timeout=60)
+        healthy = support.wait_healthz(service.port, 200, timeout=30)
+        state = receiver.wait_for("away").get("state")
+        service.stop()
+    finally:
+        proxy.close()
+        receiver.close()
+    return {"converged_ms": (max(called, answered, healthy) - back) * 1000, "state": state,
+            "detail": "Engine back -> /healthz 200 (%.0f ms), callback (%s) and v2 answering"
+                      % ((healthy - back) * 1000, state)}
+
+
 FAULTS = [
+    ("Engine away 5 s mid-gate (engine_wait 2 s)", fault_engine_away),
+] + [("kill -9 at step %s" % step, lambda rig, step=step: fault_crash_at(rig, step))
+     for step in CRASH_STEPS] + [
     ("journal on a full 1 MiB disk", fault_full_disk),
     ("callback host stalled, 8 posts", lambda rig: fault_stalled_host(rig, 8)),
     ("callback host stalled, 20 posts", lambda rig: fault_stalled_host(rig, 20)),

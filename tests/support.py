@@ -32,7 +32,7 @@ import unittest
 import urllib.error
 import urllib.request
 from functools import lru_cache
-from typing import Dict, Iterable, List, Optional
+from typing import Dict, Iterable, List, Optional, Tuple
 
 # Label put on every container a test creates, so cleanup can find exactly
 # those and nothing else: --label autodeploy.test=<run_id()>.
@@ -413,6 +413,30 @@ def docker(*args, input: Optional[bytes] = None, check: bool = True,
                              % (command[:300], result.returncode,
                                 result.stderr.strip() or result.stdout.strip()))
     return result
+
+
+def run_version(test: unittest.TestCase, app: str, ref: str, version: str = "v1",
+                publish: bool = True) -> Tuple[str, Optional[int]]:
+    """docker run <ref>:<version> as e2e-<app>-<run id> (this run's label;
+    removed when the test ends), its port 8080 published on a free loopback
+    port unless not `publish`; once it answers its version: (name, port or None)."""
+    name = "e2e-%s-%s" % (app, run_id())
+    test.addCleanup(docker, "rm", "-f", name, check=False)
+    args = ["run", "-d", "--name", name, "--label", "%s=%s" % (TEST_LABEL, run_id())]
+    port = free_port() if publish else None
+    if port is not None:
+        args += ["-p", "127.0.0.1:%d:8080" % port]
+    docker(*(args + ["%s:%s" % (ref, version)]))
+    wait_running(name)
+    wait_http(app_url(name, port), expect_body=version + "\n")
+    return name, port
+
+
+def app_url(name: str, port: Optional[int]) -> str:
+    """The app's URL: its published loopback port, else its address on the default bridge."""
+    if port is not None:
+        return "http://127.0.0.1:%d/" % port
+    return "http://%s:8080/" % inspect(name)["NetworkSettings"]["IPAddress"]
 
 
 def wait_running(container: str, timeout: float = 20.0) -> None:

@@ -39,25 +39,12 @@ class FaultTestCase(unittest.TestCase):
     def run_v1(self, app: str, publish: bool = True) -> str:
         """docker run the app's v1 (its port published on loopback, unless not
         `publish`: then start-first applies); its container name."""
-        name = "e2e-%s-%s" % (app, self.label)
-        self.addCleanup(support.docker, "rm", "-f", name, check=False)
-        args = ["run", "-d", "--name", name, "--label", "autodeploy.test=" + self.label]
-        self.port = None
-        if publish:
-            self.port = support.free_port()
-            args += ["-p", "127.0.0.1:%d:8080" % self.port]
-        support.docker(*(args + [self.ref + ":v1"]))
-        support.wait_running(name)
-        self.assertEqual(self.answer(name, "v1"), "v1\n")
+        name, self.port = support.run_version(self, app, self.ref, "v1", publish)
         return name
 
     def answer(self, name: str, version: str) -> str:
         """What the app answers, on its published port or its bridge address."""
-        if self.port is not None:
-            url = "http://127.0.0.1:%d/" % self.port
-        else:
-            url = "http://%s:8080/" % inspect(name)["NetworkSettings"]["IPAddress"]
-        return support.wait_http(url, expect_body=version + "\n")
+        return support.wait_http(support.app_url(name, self.port), expect_body=version + "\n")
 
     def start_service(self, app: str, name: str, env: dict = None, extra: str = "",
                       settings: str = "", settle: float = 1) -> ServiceProcess:
@@ -95,12 +82,8 @@ settle = {settle}
         self.assertEqual(rows[job_id]["state"], state)
         self.assertEqual([r["id"] for r in rows.values() if r["state"] not in FINAL_STATES], [])
         self.callbacks.wait_for(app, timeout=30)
-        self.assertEqual(self.callbacks_for(app), 1, diagnostics)
+        self.assertEqual(self.callbacks.count(app), 1, diagnostics)
         return job
-
-    def callbacks_for(self, app: str) -> int:
-        with self.callbacks.cond:
-            return sum(1 for path, _ in self.callbacks.received if path == "/cb/" + app)
 
 
 class CrashAtEachStepTest(FaultTestCase):

@@ -72,14 +72,7 @@ class OutboundFaultsTest(unittest.TestCase):
 
     def run_v1(self, app: str) -> tuple:
         """Run v1 under the name of `app`'s container, its port published; (name, port)."""
-        name = "e2e-%s-%s" % (app, self.label)
-        port = support.free_port()
-        self.addCleanup(support.docker, "rm", "-f", name, check=False)
-        support.docker("run", "-d", "--name", name, "--label", "autodeploy.test=" + self.label,
-                       "-p", "127.0.0.1:%d:8080" % port, self.ref + ":v1")
-        support.wait_running(name)
-        support.wait_http("http://127.0.0.1:%d/" % port, expect_body="v1\n")
-        return name, port
+        return support.run_version(self, app, self.ref)
 
     def config(self, port: int, app: str, name: str, also_allow=(), extra: str = "") -> str:
         """A service deploying e2e/<app> (tags v1 v2) to `name`, and e2e/junk,

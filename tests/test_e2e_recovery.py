@@ -15,7 +15,6 @@ afterwards; the only networks used are loopback and the Engine's default
 bridge (or the host network of the private Engine).
 """
 
-import errno
 import http.client
 import os
 import shutil
@@ -190,13 +189,7 @@ class KillDuringDeployTest(unittest.TestCase):
 
     def start_app_and_service(self, app: str, tags: str = "v2"):
         """Run v1 of `app` and start a service that deploys it."""
-        name = "e2e-%s-%s" % (app, self.label)
-        port = support.free_port()
-        self.addCleanup(support.docker, "rm", "-f", name, check=False)
-        support.docker("run", "-d", "--name", name, "--label", "autodeploy.test=" + self.label,
-                       "-p", "127.0.0.1:%d:8080" % port, self.image + ":v1")
-        support.wait_running(name)
-        self.assertEqual(support.wait_http("http://127.0.0.1:%d/" % port, expect_body="v1\n"), "v1\n")
+        name, port = support.run_version(self, app, self.image)
         service_port = support.free_port()
         config = main_section(service_port, self.callbacks) + """
 [e2e/{app}]
@@ -712,7 +705,7 @@ cooldown = 0
         accepted = [first["job"]]
 
         filler = os.path.join(state, "filler")
-        fill(filler)
+        support.fill_file_system(filler)
         refused = None
         for n in range(300):
             status, answer = service.post(hub_payload("e2e/full", "latest"))
@@ -749,19 +742,6 @@ cooldown = 0
         self.assertEqual([i for i in accepted if i not in in_journal], [],
                          "202 answered for jobs the journal does not hold")
         self.assertIn("cannot write", service.log_text())
-
-
-def fill(path: str) -> None:
-    """Write `path` until the file system has not one byte left."""
-    with open(path, "wb", buffering=0) as fh:
-        for size in (1 << 16, 1 << 12, 512, 64, 1):
-            while True:
-                try:
-                    fh.write(b"\0" * size)
-                except OSError as exc:
-                    if exc.errno != errno.ENOSPC:
-                        raise
-                    break
 
 
 # ---------------------------------------------------------------------------
