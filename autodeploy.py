@@ -725,7 +725,7 @@ class Job:
     """One accepted webhook (or `deploy` command) and what became of it."""
     __slots__ = ("id", "app", "tag", "callback_url", "source", "received", "started",
                  "finished", "state", "description", "superseded", "lines", "resume", "swap",
-                 "waiter")
+                 "waiter", "digest")
 
     def __init__(self, id: str, app: AppConfig, tag: str, callback_url: Optional[str] = None,
                  source: str = "dockerhub", received: float = 0.0) -> None:
@@ -745,6 +745,9 @@ class Job:
         self.resume: Optional[Dict[str, Any]] = None  # its journal row, when a crash interrupted it
         self.swap: Optional[Dict[str, Any]] = None  # what converge() needs, once the old one is set aside
         self.waiter: Optional["Waiter"] = None  # set when a `deploy` command awaits it
+        # The image digest: the one the sender named (deployed exactly), else
+        # the one the tag pointed to when the job pulled it.
+        self.digest = ""
 
     def __repr__(self) -> str:
         return "<Job %s %s:%s %s>" % (self.id, self.app.repository, self.tag, self.state)
@@ -752,6 +755,12 @@ class Job:
     @property
     def reference(self) -> str:
         return "%s:%s" % (self.app.image, self.tag)
+
+    @property
+    def pinned_reference(self) -> str:
+        """What the new container is created from: image:tag@digest once the
+        digest is known (the container shows the tag, runs that digest)."""
+        return "%s@%s" % (self.reference, self.digest) if self.digest else self.reference
 
     @property
     def awaited(self) -> bool:
@@ -1150,18 +1159,28 @@ def aside_name(container: str, job_id: str) -> str:
 
 
 def pull(engine: DockerClient, app: AppConfig, tag: str, docker_config: str,
-         jlog: logging.LoggerAdapter, check: Callable[[], None]) -> Dict[str, Any]:
-    """Pull app.image:tag with the registry's credentials; the image's
-    inspect document. DeployFailed when the registry refuses."""
-    jlog.info("pulling %s:%s", app.image, tag)
+         jlog: logging.LoggerAdapter, check: Callable[[], None], digest: str = "") -> Dict[str, Any]:
+    """Pull app.image:tag (exactly `digest`, when the sender named one) with
+    the registry's credentials; the image's inspect document. DeployFailed
+    when the registry refuses."""
+    jlog.info("pulling %s:%s%s", app.image, tag, "@" + digest if digest else "")
     try:
         auth = dockerapi.load_registry_auth(app.image, docker_config)
-        engine.pull_image(app.image, tag, auth, on_progress=_pull_logger(jlog, check))
+        engine.pull_image(app.image, digest or tag, auth, on_progress=_pull_logger(jlog, check))
     except DockerError as exc:
         if exc.status is None:
             raise
         raise DeployFailed("pull failed: %s" % exc.message) from exc
-    return engine.inspect_image("%s:%s" % (app.image, tag))
+    return engine.inspect_image("%s%s%s" % (app.image, "@" if digest else ":", digest or tag))
+
+
+def digest_of(image: Dict[str, Any], name: str) -> str:
+    """The digest `name` (a repository) has in an image's RepoDigests, or ''."""
+    for entry in image.get("RepoDigests") or ():
+        repository, _, digest = entry.partition("@")
+        if repository == name:
+            return digest
+    return ""
 
 
 def _pull_logger(jlog: logging.LoggerAdapter, check: Callable[[], None]
@@ -1262,17 +1281,19 @@ class ContainerTarget:
     def deploy(self, job: Job, jlog: logging.LoggerAdapter) -> Tuple[str, str]:
         """Pull and replace; returns (state, description) or raises."""
         app = job.app
-        new_image = pull(self.engine, app, job.tag, self.docker_config, jlog, self.deadline.check)
-        self.record_step(job, new_image=new_image.get("Id"))
+        new_image = pull(self.engine, app, job.tag, self.docker_config, jlog, self.deadline.check,
+                         job.digest)
+        job.digest = job.digest or digest_of(new_image, app.image)
+        self.record_step(job, new_image=new_image.get("Id"), digest=job.digest)
         old = self._inspect_or_none(app.container)
         if old is None:
-            return self.create_first(app, job.reference, jlog)
+            return self.create_first(app, job.pinned_reference, jlog)
         if old.get("Image") == new_image.get("Id"):
             if is_running(old):
                 return UP_TO_DATE, "%s already runs %s (%s)" % (
                     app.container, job.reference, _short(new_image.get("Id")))
             return self.start_stopped(job, old, jlog)
-        body, later_networks = self.new_container_config(old, job.reference)
+        body, later_networks = self.new_container_config(old, job.pinned_reference)
         self.deadline.check()  # the last moment to stop with nothing changed
         how = self.replace(job, old, body, later_networks, jlog)
         self.clean_up(job, old.get("Image"), jlog)
@@ -1906,6 +1927,7 @@ def resume_unfinished(rows: List[Dict[str, Any]], config: Config, queue: JobQueu
                   tag=row["tag"], callback_url=row["callback_url"], source=row["source"],
                   received=row["received"] or 0.0)
         job.lines = (row["log"] or "").split("\n") if row["log"] else []
+        job.digest = row.get("digest") or ""
         if app is None or row["tag"] not in app.tags:
             job.state, job.finished = ERROR, clock()
             job.description = "%s:%s is no longer configured; not resumed" % (row["app"], row["tag"])
@@ -2342,9 +2364,9 @@ class Reporter:
 JOURNAL_COLUMNS = ("id", "app", "container", "tag", "source", "callback_url", "received",
                    "started", "finished", "state", "description", "old_image", "new_image",
                    "old_container", "new_container", "was_running", "superseded_by", "log",
-                   "step", "failure")
+                   "step", "failure", "digest")
 # Columns added since the first journals: (name, type), added to an older file when opened.
-ADDED_COLUMNS = (("step", "TEXT"), ("failure", "TEXT"))
+ADDED_COLUMNS = (("step", "TEXT"), ("failure", "TEXT"), ("digest", "TEXT"))
 
 
 def job_row(job: Job) -> Dict[str, Any]:
@@ -2352,7 +2374,8 @@ def job_row(job: Job) -> Dict[str, Any]:
     return {"id": job.id, "app": job.app.repository, "container": job.app.container,
             "tag": job.tag, "source": job.source, "callback_url": job.callback_url,
             "received": job.received, "started": job.started, "finished": job.finished,
-            "state": job.state, "description": job.description, "log": "\n".join(job.lines)}
+            "state": job.state, "description": job.description, "log": "\n".join(job.lines),
+            "digest": job.digest}
 
 
 RUN_COLUMNS = ("started", "finished", "state", "description", "log")  # what a job's run changes
@@ -2431,7 +2454,8 @@ def public_row(row: Dict[str, Any], with_log: bool = False) -> Dict[str, Any]:
     registry's), durations in seconds, log lines only in the detail."""
     out = {key: row.get(key) for key in ("id", "app", "container", "tag", "source", "state",
                                          "description", "received", "started", "finished",
-                                         "old_image", "new_image", "superseded_by", "step")}
+                                         "old_image", "new_image", "digest", "superseded_by",
+                                         "step")}
     out["waited"] = round(row["started"] - row["received"], 3) if row.get("started") else None
     out["took"] = round(row["finished"] - row["started"], 3) \
         if row.get("finished") and row.get("started") else None
@@ -2580,9 +2604,9 @@ class Journal:
         """Record an accepted job; JournalError when it cannot be written
         (the webhook then gets a 503, not a 202 that could be lost)."""
         self._write("INSERT INTO jobs (id, app, container, tag, source, callback_url, received, "
-                    "state, description) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "state, description, digest) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (job.id, job.app.repository, job.app.container, job.tag, job.source,
-                     job.callback_url, job.received, job.state, job.description))
+                     job.callback_url, job.received, job.state, job.description, job.digest))
 
     def mark_superseded(self, rows: List[Tuple[float, str, str]]) -> None:
         """(finished, description, id) of jobs superseded while waiting, in one commit."""
@@ -3047,6 +3071,7 @@ class Service:
                                % (push.tag, push.repository, ", ".join(app.tags)))
         job = Job(id=new_job_id(), app=app, tag=push.tag, callback_url=push.callback_url,
                   source=push.sender, received=self.clock())
+        job.digest = push.digest
         job.waiter = waiter
         try:
             self.journal.add(job)  # on disk before the 202

@@ -33,8 +33,8 @@ class ContainerTargetTest(unittest.TestCase):
         self.assertEqual(self.engine.names(), ["web"])
         self.assertNotIn("sha256:v1", self.engine.images)  # the unused image went
         recorded = {key for fields in self.steps for key in fields}
-        self.assertEqual(recorded, {"new_image", "old_container", "old_image", "was_running",
-                                    "new_container", "step", "failure"})
+        self.assertEqual(recorded, {"new_image", "digest", "old_container", "old_image",
+                                    "was_running", "new_container", "step", "failure"})
         self.assertIsNone(self.job.swap)
 
     def test_each_step_is_recorded_before_it_is_taken(self):
@@ -55,6 +55,24 @@ class ContainerTargetTest(unittest.TestCase):
         rollback = [fields for fields in self.steps if fields.get("step") in autodeploy.ROLLBACK_STEPS]
         self.assertEqual([fields["step"] for fields in rollback], ["remove-new", "rename-back", "start-old"])
         self.assertIn("exit code 2", rollback[0]["failure"])
+
+    def test_a_digest_the_sender_named_is_pulled_exactly_and_the_container_shows_the_tag(self):
+        digest = "sha256:" + "ab" * 32
+        self.engine.add_image("reg.example/team/web@" + digest, "sha256:v3")
+        self.job.digest = digest
+        state, description = self.deploy()
+        self.assertEqual(state, "succeeded", description)
+        self.assertIn(("pull_image", "reg.example/team/web", digest), self.engine.calls)
+        web = self.engine.named("web")
+        self.assertEqual(web["Image"], "sha256:v3")  # not what :latest points to (v2)
+
+    def test_without_a_digest_the_one_the_tag_pointed_to_is_recorded(self):
+        digest = "sha256:" + "cd" * 32
+        self.engine.images["reg.example/team/web:latest"]["RepoDigests"] = [
+            "other.example/web@sha256:" + "00" * 32, "reg.example/team/web@" + digest]
+        self.deploy()
+        self.assertEqual(self.job.digest, digest)
+        self.assertEqual(self.steps[0]["digest"], digest)
 
     def test_the_same_image_is_up_to_date_and_nothing_changes(self):
         self.engine.containers[self.old_id]["Image"] = "sha256:v2"

@@ -696,7 +696,8 @@ class FakeEngine:
     def pull_image(self, image: str, tag: str, auth: Any = None,
                    on_progress: Optional[Callable[[Dict[str, Any]], None]] = None) -> None:
         self._call("pull_image", image, tag)
-        if "%s:%s" % (image, tag) not in self.images:
+        # A digest is pulled as image@digest; a tag as image:tag.
+        if "%s%s%s" % (image, "@" if tag.startswith("sha256:") else ":", tag) not in self.images:
             raise DockerError("manifest for %s:%s not found" % (image, tag), 404, "POST", "/images/create")
         if on_progress is not None:
             on_progress({"status": "Status: Downloaded newer image for %s:%s" % (image, tag)})
@@ -705,10 +706,22 @@ class FakeEngine:
         self._call("create_container", name)
         if name and self.named(name) is not None:
             raise DockerError("Conflict. The container name /%s is already in use" % name, 409)
-        image = self.images[body["Image"]]
+        image = self._image_for(body["Image"])
         container_id = self.add_container(name or "anon", image["Id"], running=False)
         self.containers[container_id]["State"]["Status"] = "created"
         return container_id
+
+    def _image_for(self, reference: str) -> Dict[str, Any]:
+        """The image a create names: name:tag@digest runs the digest, pulled
+        by digest or known by the image's RepoDigests."""
+        if "@" not in reference:
+            return self.images[reference]
+        name, _, digest = reference.partition("@")
+        by_digest = name.rsplit(":", 1)[0] + "@" + digest
+        for key, doc in self.images.items():
+            if key == by_digest or by_digest in (doc.get("RepoDigests") or ()):
+                return doc
+        raise KeyError(reference)
 
     def start_container(self, name: str) -> None:
         self._call("start_container", name)
