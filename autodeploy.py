@@ -106,6 +106,9 @@ CALLBACK_TIMEOUT = 5.0
 CALLBACK_RETRY_DELAYS = (1.0, 5.0, 30.0)  # seconds before the 2nd, 3rd and 4th attempt
 CALLBACK_DESTINATIONS = 32  # callback destinations (scheme, host, port) sent to at once, a thread each
 KEPT_JOBS = 1000
+# Delivery ids (GitHub's, a registry event's) remembered to answer redeliveries as duplicates.
+SEEN_DELIVERIES = 10000
+SEEN_DELIVERY_DAYS = 7
 ENGINE_WAIT = 120.0  # seconds a job waits for a Docker Engine that is down or restarting
 ENGINE_LOSSES = 3  # times a job starts over after losing the Engine before it is an error
 ENGINE_RETRY_MAX = 15.0  # seconds: the longest pause between attempts to converge a swap
@@ -2536,6 +2539,8 @@ class Journal:
                        "from_request INTEGER)")
             # One row, rewritten to learn whether an unwritable journal can be written again.
             db.execute("CREATE TABLE IF NOT EXISTS probe (id INTEGER PRIMARY KEY, at REAL)")
+            # The senders' delivery ids accepted lately: a redelivery is answered as a duplicate.
+            db.execute("CREATE TABLE IF NOT EXISTS seen_deliveries (key TEXT PRIMARY KEY, at REAL)")
             db.execute("DROP INDEX IF EXISTS jobs_by_state")  # older journals had it
             db.execute("CREATE INDEX IF NOT EXISTS jobs_by_app ON jobs (app, received)")
             db.execute("SELECT count(*) FROM jobs").fetchone()
@@ -2668,14 +2673,26 @@ class Journal:
             except self._sqlite3.Error as exc:
                 raise JournalError("the journal cannot be read: %s" % exc) from exc
 
-    def _write(self, sql: str, args: Tuple[Any, ...]) -> None:
+    def _write(self, sql: str, args: Tuple[Any, ...]) -> int:
+        """Run one write; how many rows it changed."""
         with self._lock:
             self._check_open()
             try:
-                self._db.execute(sql, args)
+                changed = self._db.execute(sql, args).rowcount
             except self._sqlite3.Error as exc:
                 self._failed(exc)
             self._succeeded()
+            return changed
+
+    def first_delivery(self, key: str) -> bool:
+        """Note a sender's delivery id as accepted; False when it was
+        already (a redelivery). JournalError when it cannot be written."""
+        return self._write("INSERT OR IGNORE INTO seen_deliveries (key, at) VALUES (?, ?)",
+                           (key, self.clock())) == 1
+
+    def forget_delivery(self, key: str) -> None:
+        """Unnote a delivery id whose job was refused after all (a full queue)."""
+        self._write("DELETE FROM seen_deliveries WHERE key = ?", (key,))
 
     def _check_open(self) -> None:
         """Under the lock: JournalError when closed; the connection, reopened when it was lost."""
@@ -2709,6 +2726,9 @@ class Journal:
                 "(SELECT id, row_number() OVER (PARTITION BY app ORDER BY received DESC) AS n "
                 "FROM jobs) WHERE n > ?))" % ",".join("?" * len(FINAL_STATES)),
                 FINAL_STATES + (self.clock() - self.keep_days * 86400, self.keep_per_app))
+            self._db.execute("DELETE FROM seen_deliveries WHERE at < ? OR key IN (SELECT key FROM "
+                             "seen_deliveries ORDER BY at DESC LIMIT -1 OFFSET ?)",
+                             (self.clock() - SEEN_DELIVERY_DAYS * 86400, SEEN_DELIVERIES))
         except self._sqlite3.Error as exc:
             log.warning("journal %s: pruning failed: %s", self.path, exc)
 
@@ -2757,10 +2777,24 @@ class MemoryJournal:
         self.limit = limit
         self._jobs: "collections.OrderedDict[str, Job]" = collections.OrderedDict()
         self._extra: Dict[str, Dict[str, Any]] = {}  # columns save() was given besides the job's own
+        self._seen: "collections.OrderedDict[str, None]" = collections.OrderedDict()
         self._lock = threading.Lock()
 
     def open(self) -> "MemoryJournal":
         return self
+
+    def first_delivery(self, key: str) -> bool:
+        with self._lock:
+            if key in self._seen:
+                return False
+            self._seen[key] = None
+            while len(self._seen) > SEEN_DELIVERIES:
+                self._seen.popitem(last=False)
+            return True
+
+    def forget_delivery(self, key: str) -> None:
+        with self._lock:
+            self._seen.pop(key, None)
 
     def start_housekeeping(self) -> None:
         pass

@@ -129,6 +129,30 @@ class JournalTest(BoundedTestCase):
         journal.save(Job(id="j0", app=APP, tag="latest"), step="gate")
         self.assertEqual(journal.get("j0")["step"], "gate")
 
+    def test_a_delivery_id_is_accepted_once_and_can_be_forgotten(self):
+        self.assertTrue(self.journal.first_delivery("github:d1"))
+        self.assertFalse(self.journal.first_delivery("github:d1"))
+        self.journal.forget_delivery("github:d1")
+        self.assertTrue(self.journal.first_delivery("github:d1"))
+
+    def test_delivery_ids_survive_a_reopen_and_old_ones_are_pruned(self):
+        self.journal.first_delivery("old")
+        self.clock.advance(autodeploy.SEEN_DELIVERY_DAYS * 86400 + 1)
+        self.journal.first_delivery("new")
+        self.journal.close()
+        journal = self.open()
+        self.assertFalse(journal.first_delivery("new"))
+        journal._prune()
+        self.assertTrue(journal.first_delivery("old"))
+
+    def test_the_memory_journal_keeps_a_bounded_window_of_delivery_ids(self):
+        journal = autodeploy.MemoryJournal()
+        self.assertTrue(journal.first_delivery("a"))
+        self.assertFalse(journal.first_delivery("a"))
+        for n in range(autodeploy.SEEN_DELIVERIES):
+            journal.first_delivery("k%d" % n)
+        self.assertTrue(journal.first_delivery("a"))  # the oldest went
+
     def test_a_closed_journal_refuses_writes(self):
         self.journal.close()
         with self.assertRaises(JournalError):
