@@ -210,10 +210,16 @@ def _helper_for(config: Dict[str, Any], registry: str) -> str:
     """The credential helper's name for `registry`: its credHelpers entry,
     else credsStore; "" for none. As with the docker CLI, a helper set here
     hides any auths entry for the same registry."""
-    for key, name in (config.get("credHelpers") or {}).items():
+    for key, name in _section(config, "credHelpers").items():
         if _normalise_registry_key(key) == registry and name:
             return str(name)
     return str(config.get("credsStore") or "")
+
+
+def _section(config: Dict[str, Any], key: str) -> Dict[str, Any]:
+    """config[key] when it is an object, else {}: a malformed entry is no credentials."""
+    value = config.get(key)
+    return value if isinstance(value, dict) else {}
 
 
 def _ask_helper(helper: str, registry: str, server: str, run: Runner,
@@ -261,7 +267,7 @@ def _first_line(text: str, limit: int = 200) -> str:
 
 def _auths_entry(config: Dict[str, Any], registry: str, config_path: str) -> Optional[Dict[str, str]]:
     """The X-Registry-Auth document from the `auths` entry for `registry`, or None."""
-    for key, entry in (config.get("auths") or {}).items():
+    for key, entry in _section(config, "auths").items():
         if _normalise_registry_key(key) != registry or not isinstance(entry, dict):
             continue
         if entry.get("identitytoken"):
