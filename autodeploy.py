@@ -1222,7 +1222,8 @@ def pull(engine: DockerClient, app: AppConfig, tag: str, docker_config: str,
     except DockerError as exc:
         if exc.status is None:
             raise
-        raise DeployFailed("pull failed: %s (credentials: %s)" % (exc.message, credentials.source)) from exc
+        raise DeployFailed("pull failed: %s (credentials: %s)"
+                           % (exc.message, credentials.source)) from exc
     return engine.inspect_image("%s:%s" % (app.image, tag))
 
 

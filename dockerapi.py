@@ -185,7 +185,8 @@ def find_registry_auth(image: str, config_path: str, run: Runner = run_program,
     return RegistryAuth(None, "anonymous: no credentials for %s in %s" % (registry, config_path))
 
 
-def load_registry_auth(image: str, config_path: str, run: Runner = run_program) -> Optional[Dict[str, str]]:
+def load_registry_auth(image: str, config_path: str,
+                       run: Runner = run_program) -> Optional[Dict[str, str]]:
     """find_registry_auth's credentials alone: the X-Registry-Auth document, or None."""
     return find_registry_auth(image, config_path, run).auth
 
