@@ -187,6 +187,10 @@ class AppConfig(NamedTuple):
     tokens: Tuple[str, ...] = ()  # deploy tokens for this app only, besides the global ones
     signing_secret: str = ""  # when set, requests for this app must carry X-Hub-Signature-256
     remove_old_image: bool = True
+    # The app's own registry login, which wins over the Docker config file.
+    registry_user: str = ""
+    registry_password: str = ""
+    registry_password_file: str = ""  # where the password was read, for `check`
     # Outbound notifications (from [autodeploy] unless the section sets its own).
     notify_url: str = ""   # generic JSON webhook
     slack_url: str = ""    # Slack-compatible incoming webhook
@@ -199,6 +203,16 @@ class AppConfig(NamedTuple):
     restart: str = ""
     network: str = ""
     command: Sequence[str] = ()
+
+    def __repr__(self) -> str:
+        """As a NamedTuple's, with the secrets masked: an AppConfig may end
+        up in a log line or an error."""
+        return "AppConfig(%s)" % ", ".join(
+            "%s=%s" % (name, "'***'" if name in SECRET_FIELDS and value else repr(value))
+            for name, value in zip(self._fields, self))
+
+
+SECRET_FIELDS = frozenset(("tokens", "signing_secret", "registry_password"))
 
 
 class Config(NamedTuple):
@@ -258,7 +272,8 @@ MAIN_KEYS = {"listen", "token", "token_file", "workers", "state_dir", "callback_
 APP_KEYS = {"image", "tag", "container", "stop_timeout", "order", "health_url", "health_tcp",
             "health_timeout", "settle", "cooldown", "remove_old_image", "ports", "env", "volumes",
             "labels", "restart", "network", "command", "token", "token_file", "signing_secret",
-            "signing_secret_file", "notify_url", "slack_url", "notify_on"}
+            "signing_secret_file", "notify_url", "slack_url", "notify_on", "registry_user",
+            "registry_password_file"}
 
 
 def load_config(path: str, environ: Optional[Mapping[str, str]] = None) -> Config:
@@ -387,6 +402,7 @@ def _parse_app(repository: str, section: configparser.SectionProxy, where: str,
         restart=restart, network=section.get("network", ""), command=command,
         tokens=tuple(_read_tokens(section, where, base)),
         signing_secret=_read_secret(section, where, base),
+        **_read_registry_login(section, where, base),
         **dict(zip(("notify_url", "slack_url", "notify_on"), _parse_notify(section, where, notify))))
 
 
@@ -514,6 +530,31 @@ def _read_secret(section: configparser.SectionProxy, where: str, base: str) -> s
     if secret and len(secret) < MIN_SECRET_LENGTH:
         raise ConfigError("%s signing_secret: at least %d characters" % (where, MIN_SECRET_LENGTH))
     return secret
+
+
+def _read_registry_login(section: configparser.SectionProxy, where: str, base: str) -> Dict[str, str]:
+    """registry_user, and the password from registry_password_file (read
+    now, as the other secret files are: a bad file shows at `check` and at
+    start, not at the next push; a new password takes a reload)."""
+    user = section.get("registry_user", "").strip()
+    password_file = section.get("registry_password_file", "").strip()
+    if not user and not password_file:
+        return {}
+    if not user or not password_file:
+        raise ConfigError("%s registry_user and registry_password_file: give both, or neither" % where)
+    path = os.path.join(base, password_file)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            password = fh.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise ConfigError("%s registry_password_file: cannot read %s: %s"
+                          % (where, path, reason or exc)) from None
+    if password.endswith("\n"):  # one trailing newline is the editor's, not the password's
+        password = password[:-2] if password.endswith("\r\n") else password[:-1]
+    if not password:
+        raise ConfigError("%s registry_password_file: %s is empty" % (where, path))
+    return {"registry_user": user, "registry_password": password, "registry_password_file": path}
 
 
 def _parse_networks(section: configparser.SectionProxy, key: str, where: str) -> Tuple[Network, ...]:
@@ -1144,6 +1185,23 @@ def choose_order(app: AppConfig, old: Dict[str, Any]) -> str:
 
 
 ############################################################################
+# Registry credentials: whose login a pull uses
+############################################################################
+
+def app_registry_auth(app: AppConfig, docker_config: str,
+                      run: dockerapi.Runner = dockerapi.run_program) -> dockerapi.RegistryAuth:
+    """The credentials app.image is pulled with, and where they come from:
+    the app's registry_user, else the Docker config file (its credHelpers,
+    credsStore or auths, as the docker CLI looks; `run` runs the helper).
+    CredentialsError when the file or a helper fails."""
+    if app.registry_user:
+        return dockerapi.RegistryAuth(
+            dockerapi.login_auth(app.image, app.registry_user, app.registry_password),
+            "registry_user %s" % app.registry_user)
+    return dockerapi.find_registry_auth(app.image, docker_config, run)
+
+
+############################################################################
 # Targets: what a job deploys to
 ############################################################################
 #
@@ -1165,15 +1223,21 @@ def pull(engine: DockerClient, app: AppConfig, tag: str, docker_config: str,
          jlog: logging.LoggerAdapter, check: Callable[[], None], digest: str = "") -> Dict[str, Any]:
     """Pull app.image:tag (exactly `digest`, when the sender named one) with
     the registry's credentials; the image's inspect document. DeployFailed
-    when the registry refuses."""
-    jlog.info("pulling %s:%s%s", app.image, tag, "@" + digest if digest else "")
+    when the registry refuses, or its credentials cannot be had."""
     try:
-        auth = dockerapi.load_registry_auth(app.image, docker_config)
-        engine.pull_image(app.image, digest or tag, auth, on_progress=_pull_logger(jlog, check))
+        credentials = app_registry_auth(app, docker_config)
+    except dockerapi.CredentialsError as exc:
+        raise DeployFailed("pull failed: %s" % exc.message) from None
+    jlog.info("pulling %s:%s%s, credentials: %s", app.image, tag, "@" + digest if digest else "",
+              credentials.source)
+    try:
+        engine.pull_image(app.image, digest or tag, credentials.auth,
+                          on_progress=_pull_logger(jlog, check))
     except DockerError as exc:
         if exc.status is None:
             raise
-        raise DeployFailed("pull failed: %s" % exc.message) from exc
+        raise DeployFailed("pull failed: %s (credentials: %s)"
+                           % (exc.message, credentials.source)) from exc
     return engine.inspect_image("%s%s%s" % (app.image, "@" if digest else ":", digest or tag))
 
 
@@ -4510,12 +4574,20 @@ def _when(timestamp: Optional[float]) -> str:
 
 
 def check(config: Config) -> int:
-    """The `check` command: the config is valid and the Engine answers."""
+    """The `check` command: the config is valid, each app's registry
+    credentials can be had, and the Engine answers."""
     print("config %s: OK, %d app(s), listening on %s:%d"
           % (config.path, len(config.apps), config.listen_host, config.listen_port))
+    failed = False
     for app in config.apps.values():
         print("  %s -> %s, image %s, tags %s"
               % (app.repository, ContainerTarget.describe(app), app.image, " ".join(app.tags)))
+        try:
+            print("    credentials: %s" % app_registry_auth(
+                app, config.docker_config or dockerapi.docker_config_path()).source)
+        except dockerapi.CredentialsError as exc:
+            print("%s credentials: %s" % (app.repository, exc), file=sys.stderr)
+            failed = True
     if not config.has_tokens():
         print("warning: no token configured; serve will refuse to start", file=sys.stderr)
     engine = make_engine(config)
@@ -4528,7 +4600,7 @@ def check(config: Config) -> int:
     print("Docker Engine %s at %s, API %s (engine max %s, min %s)"
           % (version.get("Version"), engine.where, api, version.get("ApiVersion"),
              version.get("MinAPIVersion")))
-    return 0
+    return 1 if failed else 0
 
 
 def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:

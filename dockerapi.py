@@ -18,14 +18,16 @@ import http.client
 import json
 import os
 import socket
+import subprocess
 import threading
 import time
 import urllib.parse
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple
 
 __all__ = [
     "CLIENT_API_VERSION", "DEFAULT_SOCKET", "DockerClient", "DockerError",
-    "NotFound", "Conflict", "split_image", "registry_of", "load_registry_auth",
+    "NotFound", "Conflict", "CredentialsError", "RegistryAuth", "split_image", "registry_of",
+    "server_address", "find_registry_auth", "load_registry_auth", "login_auth",
     "encode_registry_auth", "version_tuple",
 ]
 
@@ -38,6 +40,14 @@ DEFAULT_SOCKET = "/var/run/docker.sock"
 DEFAULT_TIMEOUT = 30.0
 DEFAULT_PULL_IDLE_TIMEOUT = 120.0
 DOCKER_HUB = "docker.io"
+# The key Docker Hub's credentials go by, in config files and credential helpers.
+DOCKER_HUB_SERVER = "https://index.docker.io/v1/"
+# Seconds a docker-credential-* helper may take (one may wait on a keyring).
+CREDENTIAL_HELPER_TIMEOUT = 10.0
+# What a helper prints (exit status 1) when it holds nothing for a registry.
+CREDENTIALS_NOT_FOUND = "credentials not found in native keychain"
+# A helper's Username meaning "Secret is an identity token".
+TOKEN_USERNAME = "<token>"
 
 
 ############################################################################
@@ -68,6 +78,11 @@ class NotFound(DockerError):
 
 class Conflict(DockerError):
     """The Engine answered 409: a name in use, or a container in the way."""
+
+
+class CredentialsError(DockerError):
+    """Credentials for a registry could not be had: the Docker config file
+    is unreadable, or a credential helper failed. Never holds a secret."""
 
 
 def _error_for(status: int, message: str, method: str, path: str) -> DockerError:
@@ -121,22 +136,139 @@ def docker_config_path(environ: Optional[Dict[str, str]] = None) -> str:
     return os.path.join(folder, "config.json")
 
 
-def load_registry_auth(image: str, config_path: str) -> Optional[Dict[str, str]]:
-    """Credentials for the registry of `image` from the `auths` entries of a
-    Docker config file, or None (anonymous pull).
+class RegistryAuth(NamedTuple):
+    """Credentials for a pull, and where they come from in words a person
+    can check (never the secret): "auths entry for 127.0.0.1:5000 in ...",
+    "credential helper docker-credential-pass for ...", "anonymous ..."."""
+    auth: Optional[Dict[str, str]]  # the X-Registry-Auth document; None: pull anonymously
+    source: str
 
-    Credential helpers (credsStore/credHelpers) are not run: configure an
-    `auths` entry for registries that need one.
+
+def server_address(image: str) -> str:
+    """The name the docker CLI gives a registry's credentials: Docker Hub's
+    https://index.docker.io/v1/, else the registry host."""
+    registry = registry_of(image)
+    return DOCKER_HUB_SERVER if registry == DOCKER_HUB else registry
+
+
+def login_auth(image: str, username: str, password: str) -> Dict[str, str]:
+    """The X-Registry-Auth document for a user name and password."""
+    return {"username": username, "password": password, "serveraddress": server_address(image)}
+
+
+def run_program(argv: List[str], stdin: bytes, timeout: float) -> "subprocess.CompletedProcess[bytes]":
+    """Run a helper program, its stdout and stderr captured. OSError when it
+    cannot be started; subprocess.TimeoutExpired (it is killed) after `timeout`."""
+    return subprocess.run(argv, input=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          timeout=timeout)
+
+
+Runner = Callable[[List[str], bytes, float], "subprocess.CompletedProcess[bytes]"]
+
+
+def find_registry_auth(image: str, config_path: str, run: Runner = run_program,
+                       timeout: float = CREDENTIAL_HELPER_TIMEOUT) -> RegistryAuth:
+    """Credentials for the registry of `image` from a Docker config file,
+    looked up as the docker CLI does: the registry's `credHelpers` entry,
+    else the `credsStore` helper, else the `auths` entry, else anonymous.
+    A helper is run (through `run`) as `docker-credential-<name> get`.
+    CredentialsError when the file or a helper fails.
     """
+    config = _read_docker_config(config_path)
+    registry = registry_of(image)
+    helper = _helper_for(config, registry)
+    if helper:
+        return _ask_helper(helper, registry, server_address(image), run, timeout)
+    auth = _auths_entry(config, registry, config_path)
+    if auth is not None:
+        return RegistryAuth(auth, "auths entry for %s in %s" % (registry, config_path))
+    return RegistryAuth(None, "anonymous: no credentials for %s in %s" % (registry, config_path))
+
+
+def load_registry_auth(image: str, config_path: str,
+                       run: Runner = run_program) -> Optional[Dict[str, str]]:
+    """find_registry_auth's credentials alone: the X-Registry-Auth document, or None."""
+    return find_registry_auth(image, config_path, run).auth
+
+
+def _read_docker_config(config_path: str) -> Dict[str, Any]:
+    """The Docker config file as a dict; {} when there is none."""
     try:
         with open(config_path, encoding="utf-8") as fh:
             config = json.load(fh)
     except FileNotFoundError:
-        return None
+        return {}
     except (OSError, ValueError) as exc:
-        raise DockerError("cannot read Docker credentials from %s: %s" % (config_path, exc)) from exc
-    registry = registry_of(image)
-    for key, entry in (config.get("auths") or {}).items():
+        raise CredentialsError("cannot read Docker credentials from %s: %s"
+                               % (config_path, getattr(exc, "strerror", None) or exc)) from None
+    if not isinstance(config, dict):
+        raise CredentialsError("cannot read Docker credentials from %s: not a JSON object"
+                               % config_path)
+    return config
+
+
+def _helper_for(config: Dict[str, Any], registry: str) -> str:
+    """The credential helper's name for `registry`: its credHelpers entry,
+    else credsStore; "" for none. As with the docker CLI, a helper set here
+    hides any auths entry for the same registry."""
+    for key, name in _section(config, "credHelpers").items():
+        if _normalise_registry_key(key) == registry and name:
+            return str(name)
+    return str(config.get("credsStore") or "")
+
+
+def _section(config: Dict[str, Any], key: str) -> Dict[str, Any]:
+    """config[key] when it is an object, else {}: a malformed entry is no credentials."""
+    value = config.get(key)
+    return value if isinstance(value, dict) else {}
+
+
+def _ask_helper(helper: str, registry: str, server: str, run: Runner,
+                timeout: float) -> RegistryAuth:
+    """`docker-credential-<helper> get` with the server address on stdin;
+    its {"ServerURL", "Username", "Secret"} as credentials. "credentials not
+    found" means anonymous, as the docker CLI then pulls anonymously too."""
+    program = "docker-credential-" + helper
+    said = "credential helper %s for %s" % (program, registry)
+    try:
+        done = run([program, "get"], server.encode("utf-8"), timeout)
+    except subprocess.TimeoutExpired:
+        raise CredentialsError("%s did not answer within %gs" % (said, timeout)) from None
+    except OSError as exc:
+        reason = "not found on PATH" if isinstance(exc, FileNotFoundError) else (
+            exc.strerror or str(exc))
+        raise CredentialsError("%s: cannot run it: %s" % (said, reason)) from None
+    if done.returncode != 0:
+        message = (done.stdout or b"").decode("utf-8", "replace").strip()
+        if message == CREDENTIALS_NOT_FOUND:
+            return RegistryAuth(None, "anonymous: %s has none" % said)
+        # A failing helper says why on stdout (the protocol) or stderr; no
+        # secret is in that answer, since it gave none.
+        detail = message or (done.stderr or b"").decode("utf-8", "replace").strip()
+        raise CredentialsError("%s failed (exit status %s)%s" % (
+            said, done.returncode, ": " + _first_line(detail) if detail else ""))
+    try:
+        answer = json.loads(done.stdout)
+        username, secret = str(answer.get("Username") or ""), str(answer.get("Secret") or "")
+    except (ValueError, AttributeError, UnicodeDecodeError):
+        # Never quote the answer: it may be a secret in the wrong shape.
+        raise CredentialsError("%s answered something other than the JSON "
+                               "{ServerURL, Username, Secret}" % said) from None
+    if not secret:
+        return RegistryAuth(None, "anonymous: %s has none" % said)
+    if username == TOKEN_USERNAME:
+        return RegistryAuth({"identitytoken": secret, "serveraddress": server}, said)
+    return RegistryAuth({"username": username, "password": secret, "serveraddress": server}, said)
+
+
+def _first_line(text: str, limit: int = 200) -> str:
+    line = text.splitlines()[0] if text else ""
+    return line if len(line) <= limit else line[:limit] + "..."
+
+
+def _auths_entry(config: Dict[str, Any], registry: str, config_path: str) -> Optional[Dict[str, str]]:
+    """The X-Registry-Auth document from the `auths` entry for `registry`, or None."""
+    for key, entry in _section(config, "auths").items():
         if _normalise_registry_key(key) != registry or not isinstance(entry, dict):
             continue
         if entry.get("identitytoken"):
@@ -144,9 +276,9 @@ def load_registry_auth(image: str, config_path: str) -> Optional[Dict[str, str]]
         if entry.get("auth"):
             try:
                 user, _, password = base64.b64decode(entry["auth"]).decode("utf-8").partition(":")
-            except (ValueError, UnicodeDecodeError) as exc:
-                raise DockerError("the auths entry for %s in %s is not valid base64 user:password"
-                                  % (key, config_path)) from exc
+            except (ValueError, UnicodeDecodeError):
+                raise CredentialsError("the auths entry for %s in %s is not valid base64 "
+                                       "user:password" % (key, config_path)) from None
             return {"username": user, "password": password, "serveraddress": key}
         if entry.get("username"):
             return {"username": entry["username"], "password": entry.get("password", ""),

@@ -103,6 +103,38 @@ command = httpd -f -p "80"
         self.assertConfigError("[autodeploy]\n[a/b]\ncommand = 'unclosed\n", "[a/b] command")
         self.assertConfigError("[autodeploy]\n[a/b]\ncontainer = x\n[c/d]\ncontainer = x\n", "same container")
 
+    def test_an_apps_registry_login_reads_its_password_file_relative_to_the_config(self):
+        path = write_config(self, "[autodeploy]\n[team/web]\nregistry_user = alice\n"
+                                  "registry_password_file = secrets/registry\n")
+        os.mkdir(os.path.join(os.path.dirname(path), "secrets"))
+        for written, password in (("Zq9 x\n", "Zq9 x"), ("Zq9x\r\n", "Zq9x"), ("Zq9x\n\n", "Zq9x\n"),
+                                  ("Zq9x", "Zq9x"), (" Zq9x ", " Zq9x ")):
+            with self.subTest(written=written):
+                password_file = write_file(os.path.dirname(path), "secrets/registry", written)
+                app = load_config(path).app_for("team/web")
+                self.assertEqual((app.registry_user, app.registry_password, app.registry_password_file),
+                                 ("alice", password, password_file))
+                self.assertNotIn(password.strip(), repr(app))
+
+    def test_without_a_registry_login_an_app_has_none(self):
+        app = self.load("[autodeploy]\n[team/web]\n").app_for("team/web")
+        self.assertEqual((app.registry_user, app.registry_password), ("", ""))
+
+    def test_a_registry_login_needs_both_keys_and_a_readable_non_empty_file(self):
+        folder = os.path.dirname(write_config(self, ""))
+        empty = write_file(folder, "empty", "\n")
+        self.assertConfigError("[autodeploy]\n[a/b]\nregistry_user = alice\n",
+                               "[a/b] registry_user and registry_password_file", "both")
+        self.assertConfigError("[autodeploy]\n[a/b]\nregistry_password_file = %s\n" % empty,
+                               "[a/b] registry_user and registry_password_file", "both")
+        self.assertConfigError("[autodeploy]\n[a/b]\nregistry_user = alice\n"
+                               "registry_password_file = /nonexistent/pass\n",
+                               "[a/b] registry_password_file", "/nonexistent/pass", "cannot read")
+        self.assertConfigError("[autodeploy]\n[a/b]\nregistry_user = alice\n"
+                               "registry_password_file = %s\n" % empty,
+                               "[a/b] registry_password_file", empty, "empty")
+        self.assertConfigError("[autodeploy]\nregistry_user = alice\n", "unknown setting 'registry_user'")
+
     def test_notifications_inherit_and_override(self):
         config = self.load("""
 [autodeploy]

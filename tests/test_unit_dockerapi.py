@@ -8,9 +8,11 @@ import http.server
 import json
 import os
 import socketserver
+import subprocess
 import threading
 import time
 import unittest
+import unittest.mock
 
 import dockerapi
 from dockerapi import DockerClient, DockerError, NotFound, Conflict
@@ -255,6 +257,159 @@ class PullTest(FakeEngineTest):
         self.assertEqual(dockerapi.registry_of("myname/myrepo"), "docker.io")
         self.assertEqual(dockerapi.registry_of("localhost/x"), "localhost")
         self.assertEqual(dockerapi.registry_of("ghcr.io/a/b"), "ghcr.io")
+
+
+SECRET = "s3cr3t-Pa55"  # never to be seen in a message
+
+
+class FakeHelpers:
+    """An injected `run` for credential helpers: answers per program name,
+    noting (argv, stdin, timeout) of each call. An answer is (exit status,
+    stdout) or an exception to raise."""
+
+    def __init__(self, **answers):
+        self.answers = answers
+        self.calls = []
+
+    def __call__(self, argv, stdin, timeout):
+        self.calls.append((argv, stdin, timeout))
+        answer = self.answers.get(argv[0])
+        if answer is None:
+            raise FileNotFoundError(2, "No such file or directory", argv[0])
+        if isinstance(answer, BaseException):
+            raise answer
+        status, stdout = answer
+        return subprocess.CompletedProcess(argv, status, stdout.encode(), b"")
+
+
+def helper_answer(username="alice", secret=SECRET, server="127.0.0.1:5000"):
+    return 0, json.dumps({"ServerURL": server, "Username": username, "Secret": secret})
+
+
+def basic(user, password):
+    return base64.b64encode(("%s:%s" % (user, password)).encode()).decode()
+
+
+class RegistryCredentialsTest(unittest.TestCase):
+    """find_registry_auth: where credentials come from, as the docker CLI looks."""
+
+    IMAGE = "127.0.0.1:5000/team/app"
+
+    def config(self, doc):
+        return write_file(temp_folder(self, "docker-config-"), "config.json", json.dumps(doc))
+
+    def find(self, doc, run=None, image=IMAGE):
+        return dockerapi.find_registry_auth(image, self.config(doc), run or FakeHelpers())
+
+    def assertFails(self, doc, run, *fragments):
+        with self.assertRaises(dockerapi.CredentialsError) as caught:
+            self.find(doc, run)
+        for fragment in fragments:
+            self.assertIn(fragment, str(caught.exception))
+        self.assertNotIn(SECRET, str(caught.exception))
+        self.assertIsNone(caught.exception.__cause__)
+        return str(caught.exception)
+
+    def test_a_registry_helper_wins_over_the_default_helper_and_auths(self):
+        run = FakeHelpers(**{"docker-credential-reg": helper_answer(),
+                             "docker-credential-store": helper_answer("bob")})
+        found = self.find({"credHelpers": {"127.0.0.1:5000": "reg"}, "credsStore": "store",
+                           "auths": {"127.0.0.1:5000": {"auth": basic("carol", "x")}}}, run)
+        self.assertEqual(found.auth, {"username": "alice", "password": SECRET,
+                                      "serveraddress": "127.0.0.1:5000"})
+        self.assertEqual(found.source, "credential helper docker-credential-reg for 127.0.0.1:5000")
+        self.assertEqual(run.calls, [(["docker-credential-reg", "get"], b"127.0.0.1:5000",
+                                      dockerapi.CREDENTIAL_HELPER_TIMEOUT)])
+
+    def test_the_default_helper_wins_over_auths_and_another_registrys_helper(self):
+        run = FakeHelpers(**{"docker-credential-store": helper_answer("bob")})
+        found = self.find({"credHelpers": {"ghcr.io": "gh"}, "credsStore": "store",
+                           "auths": {"127.0.0.1:5000": {"auth": basic("carol", "x")}}}, run)
+        self.assertEqual(found.auth["username"], "bob")
+        self.assertIn("docker-credential-store", found.source)
+
+    def test_auths_serve_when_no_helper_is_configured(self):
+        found = self.find({"auths": {"127.0.0.1:5000": {"auth": basic("carol", SECRET)}}})
+        self.assertEqual(found.auth, {"username": "carol", "password": SECRET,
+                                      "serveraddress": "127.0.0.1:5000"})
+        self.assertTrue(found.source.startswith("auths entry for 127.0.0.1:5000 in "), found.source)
+        self.assertNotIn(SECRET, found.source)
+
+    def test_nothing_for_the_registry_is_anonymous_and_says_so(self):
+        found = self.find({"auths": {"ghcr.io": {"auth": basic("carol", "x")}}})
+        self.assertIsNone(found.auth)
+        self.assertTrue(found.source.startswith("anonymous: no credentials for 127.0.0.1:5000 in "))
+        missing = dockerapi.find_registry_auth(self.IMAGE, "/nonexistent/config.json", FakeHelpers())
+        self.assertIsNone(missing.auth)
+
+    def test_docker_hub_is_asked_for_under_its_v1_url_whatever_the_helper_key(self):
+        for key in ("https://index.docker.io/v1/", "docker.io", "index.docker.io"):
+            with self.subTest(key=key):
+                run = FakeHelpers(**{"docker-credential-hub": helper_answer(server="x")})
+                found = self.find({"credHelpers": {key: "hub"}}, run, image="myname/myrepo")
+                self.assertEqual(run.calls[0][1], b"https://index.docker.io/v1/")
+                self.assertEqual(found.auth["serveraddress"], "https://index.docker.io/v1/")
+
+    def test_a_token_username_means_the_secret_is_an_identity_token(self):
+        run = FakeHelpers(**{"docker-credential-reg": helper_answer("<token>")})
+        found = self.find({"credsStore": "reg"}, run)
+        self.assertEqual(found.auth, {"identitytoken": SECRET, "serveraddress": "127.0.0.1:5000"})
+
+    def test_a_helper_without_credentials_means_anonymous_as_with_the_docker_cli(self):
+        run = FakeHelpers(**{"docker-credential-reg": (1, "credentials not found in native keychain\n")})
+        found = self.find({"credsStore": "reg",
+                           "auths": {"127.0.0.1:5000": {"auth": basic("carol", "x")}}}, run)
+        self.assertIsNone(found.auth)
+        self.assertEqual(found.source, "anonymous: credential helper docker-credential-reg "
+                                       "for 127.0.0.1:5000 has none")
+        empty = FakeHelpers(**{"docker-credential-reg": helper_answer("", "")})
+        self.assertIsNone(self.find({"credsStore": "reg"}, empty).auth)
+
+    def test_a_helper_missing_from_path_is_named(self):
+        self.assertFails({"credsStore": "gone"}, FakeHelpers(),
+                         "docker-credential-gone for 127.0.0.1:5000", "not found on PATH")
+
+    def test_a_helper_that_times_out_is_named_with_the_limit(self):
+        run = FakeHelpers(**{"docker-credential-slow": subprocess.TimeoutExpired("x", 10)})
+        self.assertFails({"credsStore": "slow"}, run, "docker-credential-slow", "within 10s")
+
+    def test_a_failing_helper_is_named_with_its_own_words(self):
+        run = FakeHelpers(**{"docker-credential-reg": (3, "gpg: decryption failed\nmore\n")})
+        message = self.assertFails({"credsStore": "reg"}, run, "docker-credential-reg for 127.0.0.1:5000",
+                                   "exit status 3", "gpg: decryption failed")
+        self.assertNotIn("more", message)
+
+    def test_an_answer_that_is_not_the_protocols_json_is_not_quoted(self):
+        for stdout in (SECRET, json.dumps([SECRET])):
+            with self.subTest(stdout=stdout):
+                run = FakeHelpers(**{"docker-credential-reg": (0, stdout)})
+                self.assertFails({"credsStore": "reg"}, run, "docker-credential-reg", "ServerURL")
+
+    def test_an_unreadable_config_file_fails_without_quoting_it(self):
+        path = write_file(temp_folder(self), "config.json", '{"auths": {"x": "%s"' % SECRET)
+        with self.assertRaises(dockerapi.CredentialsError) as caught:
+            dockerapi.find_registry_auth(self.IMAGE, path, FakeHelpers())
+        self.assertIn(path, str(caught.exception))
+        self.assertNotIn(SECRET, str(caught.exception))
+        self.assertFails({"auths": {"127.0.0.1:5000": {"auth": "%%" + SECRET}}}, FakeHelpers(),
+                         "auths entry for 127.0.0.1:5000", "base64")
+
+    def test_the_real_runner_runs_a_helper_from_path_and_kills_a_slow_one(self):
+        folder = temp_folder(self, "helpers-")
+        for name, body in (("quick", 'read -r server; printf \'{"Username":"u","Secret":"%s"}\' "$server"'),
+                           ("slow", "exec sleep 30")):
+            path = write_file(folder, "docker-credential-" + name, "#!/bin/sh\n%s\n" % body)
+            os.chmod(path, 0o755)
+        config = self.config({"credHelpers": {"127.0.0.1:5000": "quick", "ghcr.io": "slow"}})
+        with unittest.mock.patch.dict(os.environ, {"PATH": folder + os.pathsep + os.environ["PATH"]}):
+            found = dockerapi.find_registry_auth(self.IMAGE, config)
+            started = time.monotonic()
+            with self.assertRaises(dockerapi.CredentialsError) as caught:
+                dockerapi.find_registry_auth("ghcr.io/a/b", config, timeout=0.3)
+        self.assertEqual(found.auth, {"username": "u", "password": "127.0.0.1:5000",
+                                      "serveraddress": "127.0.0.1:5000"})
+        self.assertLess(time.monotonic() - started, 5)
+        self.assertIn("did not answer within 0.3s", str(caught.exception))
 
 
 if __name__ == "__main__":
