@@ -745,15 +745,15 @@ def parse_quay(doc: Dict[str, Any], headers: Any = None) -> Parsed:
     """Quay's "Push to Repository" notification: docker_url (host/ns/name)
     or repository (ns/name), and updated_tags, a list of tags (in 2013's
     payloads an object {tag: image id}): one push per tag, no digest."""
-    field = "docker_url" if doc.get("docker_url") is not None else "repository"
-    host, path = split_reference(_text(doc, field), field)
-    repository = _repository(path, field)
     tags = doc.get("updated_tags")
     if isinstance(tags, dict):
         tags = list(tags)
     if not isinstance(tags, list):
         raise PayloadError(400, "updated_tags is not a list of tags" if tags is not None
                            else "no updated_tags in the payload")
+    field = "docker_url" if doc.get("docker_url") is not None else "repository"
+    host, path = split_reference(_text(doc, field), field)
+    repository = _repository(path, field)
     pushes = [Push(repository, _tag(tag, "updated_tags[%d]" % i), sender="quay", host=host)
               for i, tag in enumerate(tags)]
     return Parsed("quay", pushes, [] if pushes else ["Quay push of %s naming no tag" % repository])
@@ -926,7 +926,7 @@ def parse_distribution(doc: Dict[str, Any], headers: Any = None) -> Parsed:
         action = _text(event, "action", where)
         media_type = _dig(event, "target", "mediaType")
         name = _shown_name(_dig(event, "target", "repository"))
-        if action == "push" and media_type in MANIFEST_TYPES:
+        if action == "push" and isinstance(media_type, str) and media_type in MANIFEST_TYPES:
             pushes.append(_distribution_push(event, where))
         elif action == "push":
             ignored.append("blob push of %s" % name if _is_blob(media_type)
@@ -1026,12 +1026,12 @@ def _repository(value: str, field: str) -> str:
     return value
 
 
-def _tag(value: str, field: str, digest: str = "") -> str:
+def _tag(value: Any, field: str, digest: str = "") -> str:
     if value == "":  # fine when there is a digest to deploy: a push by digest
         if digest:
             return ""
         raise PayloadError(400, "no %s in the payload, and no digest" % field)
-    if not TAG_RE.fullmatch(value):
+    if not isinstance(value, str) or not TAG_RE.fullmatch(value):
         raise PayloadError(400, "%s is not a valid tag: %s" % (field, _shown(value)))
     return value
 
