@@ -772,11 +772,11 @@ def parse_harbor(doc: Dict[str, Any], headers: Any = None) -> Parsed:
     cloud = "specversion" in doc
     kind, data_key = _text(doc, "type"), "data" if cloud else "event_data"
     data = doc.get(data_key)
+    if kind not in HARBOR_PUSHES:
+        return Parsed("harbor", [], ["Harbor %s event of %s" % (
+            _shown_name(kind), _shown_name(_dig(data, "repository", "repo_full_name")))])
     if not isinstance(data, dict):
         raise PayloadError(400, "no %s object in the payload" % data_key)
-    full_name = _dig(data, "repository", "repo_full_name")
-    if kind not in HARBOR_PUSHES:
-        return Parsed("harbor", [], ["Harbor %s event of %s" % (_shown_name(kind), _shown_name(full_name))])
     repository = _repository(_text(data, "repository.repo_full_name", data_key + "."),
                              data_key + ".repository.repo_full_name")
     delivery = _delivery(doc.get("id"), "id") if cloud else ""
