@@ -651,46 +651,515 @@ def _lines(value: str) -> List[str]:
 ############################################################################
 
 class Push(NamedTuple):
-    """One push, whoever sent it: the repository path as the config names
-    it, the tag, the image digest when the sender gives one, the sender's
-    name (SENDERS) and where it wants the outcome posted."""
+    """One push, whoever sent it: the repository path as the sender names
+    it, without the registry host ("team/app"); the tag ("" when the sender
+    named none: a push by digest); the image digest when the sender gives
+    one; the sender's name (SENDERS); where it wants the outcome posted; the
+    registry host it named ("" if none); and its id for this delivery ("" if
+    none), for telling a redelivery from a new push."""
     repository: str
     tag: str
     digest: str = ""
     sender: str = "dockerhub"
     callback_url: Optional[str] = None
+    host: str = ""
+    delivery: str = ""
 
 
-def parse_dockerhub(doc: Dict[str, Any]) -> Push:
+class Parsed(NamedTuple):
+    """What one request asked for: the pushes to act on (a distribution
+    request may carry several, Quay names several tags) and short notes on
+    what it carried that is not to be acted on (a pull, a blob push, a ping)."""
+    sender: str
+    pushes: List[Push]
+    ignored: List[str]
+
+
+# A digest we pass on to the Engine: sha256 only, as every sender here
+# sends; anything else (samples in official docs have "xxxx" or 60 hex
+# digits) is refused rather than pulled.
+DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
+# A registry host as an image reference names it: a DNS name or an address,
+# IPv6 in brackets, and an optional port.
+HOST_RE = re.compile(r"^(?:[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?|\[[0-9A-Fa-f:.]{2,45}\])"
+                     r"(?::[0-9]{1,5})?$")
+# A sender's delivery id (a GUID, an event id): kept to spot redeliveries.
+DELIVERY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+# The manifest media types a deployable push carries; a distribution push of
+# anything else is a blob (a layer, a config) or an artifact that is no image.
+MANIFEST_TYPES = frozenset([
+    "application/vnd.docker.distribution.manifest.v2+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+    "application/vnd.oci.image.manifest.v1+json",
+    "application/vnd.oci.image.index.v1+json",
+])
+DISTRIBUTION_TYPES = ("application/vnd.docker.distribution.events.v1+json",  # registry 2.x, GitLab
+                      "application/vnd.docker.distribution.events.v2+json")  # registry 3.x
+MAX_PUSHES = 50  # pushes one request may carry: each becomes a job
+MAX_IGNORED_NOTES = 10  # notes on ignored events kept per request; the rest are counted
+
+
+def parse_request(body: bytes, headers: Any, sender: Optional[str] = None) -> Parsed:
+    """What a webhook request asks for. `headers` answers get(name),
+    case-insensitively; `sender` is the name the URL gave, or None to tell
+    the sender from the headers and the body's shape. PayloadError 404 for a
+    sender name not in SENDERS, 400 for a body no sender sends, or one whose
+    sender's fields are missing or invalid (a digest included)."""
+    if sender is not None and sender not in SENDERS:
+        raise PayloadError(404, "no sender is named %s: the senders are %s"
+                           % (_shown(sender), ", ".join(SENDER_NAMES)))
+    if (sender in (None, "github") and header(headers, "X-GitHub-Event") is not None
+            and _media_type(headers) == "application/x-www-form-urlencoded"):
+        raise PayloadError(400, "GitHub sent a form-encoded payload: set the webhook's "
+                           "content type to application/json")
+    doc = read_json_object(body)
+    name = sender or detect_sender(doc, headers)
+    if name is None:
+        raise PayloadError(400, "%snot a push from a sender autodeploy understands (%s; see the "
+                           "README, Senders)" % (_known_non_webhook(doc), ", ".join(SENDER_NAMES)))
+    parsed = SENDERS[name](doc, headers)
+    if len(parsed.pushes) > MAX_PUSHES:
+        raise PayloadError(400, "more than %d pushes in one request" % MAX_PUSHES)
+    return parsed._replace(ignored=_counted(parsed.ignored))
+
+
+def parse_push(body: bytes, sender: str = "dockerhub") -> Push:
+    """The first push a request from `sender` carries; PayloadError(400)
+    when it carries none, or is not one."""
+    parsed = parse_request(body, None, sender)
+    if not parsed.pushes:
+        raise PayloadError(400, "nothing to deploy: %s" % "; ".join(parsed.ignored))
+    return parsed.pushes[0]
+
+
+def detect_sender(doc: Dict[str, Any], headers: Any) -> Optional[str]:
+    """The sender of a request to /deploy/<token>: a header only one sender
+    sets, else the shape of the body; None when no sender sends this."""
+    if header(headers, "X-GitHub-Event") is not None:
+        return "github"
+    if header(headers, "X-JFrog-Event-Auth") is not None:
+        return "jfrog"
+    if _media_type(headers) in DISTRIBUTION_TYPES:
+        return "distribution"
+    for name, looks_like in SHAPES:
+        if looks_like(doc):
+            return name
+    return None
+
+
+def _known_non_webhook(doc: Dict[str, Any]) -> str:
+    # Events some users will point here first: say what they are.
+    if doc.get("source") == "aws.ecr":
+        return ("an Amazon ECR event from EventBridge (an API destination's input transformer "
+                "can send the native format instead): ")
+    if "subscription" in doc and "message" in doc or doc.get("action") in ("INSERT", "DELETE"):
+        return "a Google Artifact Registry Pub/Sub message: "
+    return ""
+
+
+def header(headers: Any, name: str) -> Optional[str]:
+    """A request header's value, or None; `headers` is an HTTP message (or
+    anything with get()), a plain dict (looked up case-insensitively), or None."""
+    if headers is None:
+        return None
+    if isinstance(headers, dict):
+        wanted = name.lower()
+        return next((value for key, value in headers.items() if key.lower() == wanted), None)
+    return headers.get(name)
+
+
+def _media_type(headers: Any) -> str:
+    return (header(headers, "Content-Type") or "").split(";", 1)[0].strip().lower()
+
+
+# -- one parser per sender: a JSON object and the headers in, Parsed out ---
+
+def parse_dockerhub(doc: Dict[str, Any], headers: Any = None) -> Parsed:
     """Docker Hub's push webhook: repository.repo_name, push_data.tag and
-    a callback_url to report the outcome to."""
-    repository = _dig(doc, "repository", "repo_name")
-    tag = _dig(doc, "push_data", "tag")
-    if not isinstance(repository, str) or not repository:
-        raise PayloadError(400, "no repository.repo_name in the payload")
-    if not isinstance(tag, str) or not tag:
-        raise PayloadError(400, "no push_data.tag in the payload")
-    if not REPOSITORY_RE.fullmatch(repository) or len(repository) > 255:
-        raise PayloadError(400, "repository.repo_name is not a valid repository name")
-    if not TAG_RE.fullmatch(tag):
-        raise PayloadError(400, "push_data.tag is not a valid tag")
+    a callback_url to report the outcome to. No digest, no delivery id."""
+    repository = _text(doc, "repository.repo_name")
+    tag = _text(doc, "push_data.tag")
+    push = Push(repository=_repository(repository, "repository.repo_name"),
+                tag=_tag(tag, "push_data.tag"), sender="dockerhub",
+                callback_url=_callback_url(doc))
+    return Parsed("dockerhub", [push], [])
+
+
+def parse_quay(doc: Dict[str, Any], headers: Any = None) -> Parsed:
+    """Quay's "Push to Repository" notification: docker_url (host/ns/name)
+    or repository (ns/name), and updated_tags, a list of tags (in 2013's
+    payloads an object {tag: image id}): one push per tag, no digest."""
+    tags = doc.get("updated_tags")
+    if isinstance(tags, dict):
+        tags = list(tags)
+    if not isinstance(tags, list):
+        raise PayloadError(400, "updated_tags is not a list of tags" if tags is not None
+                           else "no updated_tags in the payload")
+    field = "docker_url" if doc.get("docker_url") is not None else "repository"
+    host, path = split_reference(_text(doc, field), field)
+    repository = _repository(path, field)
+    pushes = [Push(repository, _tag(tag, "updated_tags[%d]" % i), sender="quay", host=host)
+              for i, tag in enumerate(tags)]
+    return Parsed("quay", pushes, [] if pushes else ["Quay push of %s naming no tag" % repository])
+
+
+HARBOR_PUSHES = ("PUSH_ARTIFACT", "pushImage", "harbor.artifact.pushed")  # 2.x, 1.x, CloudEvents
+
+
+def parse_harbor(doc: Dict[str, Any], headers: Any = None) -> Parsed:
+    """Harbor's artifact push: type PUSH_ARTIFACT (2.x), pushImage (1.x) or,
+    in the CloudEvents format, harbor.artifact.pushed with `data` for
+    `event_data` and an event `id`. One push per resource: repository from
+    repository.repo_full_name, host from resource_url, its tag (which is the
+    digest when pushed by digest: then no tag) and digest. Other events
+    (pulls, deletes, scans) are ignored."""
+    cloud = "specversion" in doc
+    kind, data_key = _text(doc, "type"), "data" if cloud else "event_data"
+    data = doc.get(data_key)
+    if kind not in HARBOR_PUSHES:
+        return Parsed("harbor", [], ["Harbor %s event of %s" % (
+            _shown_name(kind), _shown_name(_dig(data, "repository", "repo_full_name")))])
+    if not isinstance(data, dict):
+        raise PayloadError(400, "no %s object in the payload" % data_key)
+    repository = _repository(_text(data, "repository.repo_full_name", data_key + "."),
+                             data_key + ".repository.repo_full_name")
+    delivery = _delivery(doc.get("id"), "id") if cloud else ""
+    resources = data.get("resources")
+    if not isinstance(resources, list) or not resources:
+        raise PayloadError(400, "%s.resources lists no artifact" % data_key)
+    pushes = []
+    for i, resource in enumerate(resources):
+        where = "%s.resources[%d]." % (data_key, i)
+        if not isinstance(resource, dict):
+            raise PayloadError(400, "%s is not an object" % where[:-1])
+        digest = _digest(_text(resource, "digest", where, required=False), where + "digest")
+        tag = _text(resource, "tag", where, required=False)
+        if tag.startswith("sha256:"):  # pushed by digest: Harbor names the digest as the tag
+            digest = digest or _digest(tag, where + "tag")
+            tag = ""
+        url = _text(resource, "resource_url", where, required=False)
+        host = split_reference(url, where + "resource_url")[0] if url else ""
+        pushes.append(Push(repository, _tag(tag, where + "tag", digest), digest, "harbor",
+                           host=host, delivery=delivery))
+    return Parsed("harbor", pushes, [])
+
+
+GITHUB_PACKAGE_EVENTS = ("package", "registry_package")
+GITHUB_PUSHES = ("published", "updated", "create")  # "create": ghcr.io's 2021 beta (package_v2)
+
+
+def parse_github(doc: Dict[str, Any], headers: Any = None) -> Parsed:
+    """GitHub's `package` (repository and organization webhooks) and
+    `registry_package` (GitHub Apps) events for container images on
+    ghcr.io: the image from package_version.package_url (else owner/name),
+    lower-cased as ghcr.io names it; the tag and digest from
+    container_metadata.tag (the tag name may be empty: a push by digest).
+    A ping, other events and other packages are ignored."""
+    event = header(headers, "X-GitHub-Event") or _github_event_of(doc)
+    if event == "ping":
+        return Parsed("github", [], ["GitHub ping"])
+    if event not in GITHUB_PACKAGE_EVENTS:
+        return Parsed("github", [], ["GitHub %s event" % _shown_name(event)])
+    package = doc.get(event)
+    if not isinstance(package, dict):
+        raise PayloadError(400, "no %s object in the payload" % event)
+    action = doc.get("action")
+    kinds = {str(package.get(key) or "").lower() for key in ("package_type", "ecosystem")}
+    if not kinds & {"container", "docker"}:
+        return Parsed("github", [], ["GitHub package event %s of a non-container package"
+                                     % _shown_name(action)])
+    if action not in GITHUB_PUSHES:
+        return Parsed("github", [], ["GitHub package event %s of %s"
+                                     % (_shown_name(action), _shown_name(package.get("name")))])
+    where = event + ".package_version."
+    metadata = _dig(package, "package_version", "container_metadata")
+    if not isinstance(metadata, dict):
+        raise PayloadError(400, "no %scontainer_metadata in the payload: only container images on "
+                           "ghcr.io are understood" % where)
+    tag = _text(metadata, "tag.name", where + "container_metadata.", required=False)
+    digest = _digest(_text(metadata, "tag.digest", where + "container_metadata.", required=False),
+                     where + "container_metadata.tag.digest")
+    host, path, field = _github_image(package, event)
+    delivery = header(headers, "X-GitHub-Delivery")
+    push = Push(_repository(path, field), _tag(tag, where + "container_metadata.tag.name", digest),
+                digest, "github", host=host,
+                delivery=_delivery(delivery, "X-GitHub-Delivery") if delivery else "")
+    return Parsed("github", [push], [])
+
+
+def _github_event_of(doc: Dict[str, Any]) -> str:
+    # No X-GitHub-Event (a relay dropped it): the body tells.
+    for event in GITHUB_PACKAGE_EVENTS:
+        if event in doc:
+            return event
+    return "ping" if "zen" in doc and "hook_id" in doc else "unknown"
+
+
+def _github_image(package: Dict[str, Any], event: str) -> Tuple[str, str, str]:
+    """(host, path, field it came from) of a GitHub package's image."""
+    url = _dig(package, "package_version", "package_url")
+    if isinstance(url, str) and url:  # "ghcr.io/Owner/name:tag", with an empty tag at times
+        field = event + ".package_version.package_url"
+        host, path = split_reference(_without_tag(url), field)
+        return host or "ghcr.io", path.lower(), field
+    owner = _dig(package, "owner", "login") or package.get("namespace")
+    name = package.get("name")
+    if not isinstance(owner, str) or not isinstance(name, str) or not owner or not name:
+        raise PayloadError(400, "no %s.package_version.package_url, nor %s.owner.login and "
+                           "%s.name, in the payload" % (event, event, event))
+    return "ghcr.io", ("%s/%s" % (owner, name)).lower(), event + ".name"
+
+
+def parse_acr(doc: Dict[str, Any], headers: Any = None) -> Parsed:
+    """Azure Container Registry's webhook: action push with request.host and
+    target.repository, target.tag (none when pushed by digest) and
+    target.digest; the event id. Pings, deletes and chart events are ignored."""
+    action = _text(doc, "action")
+    if action != "push":
+        what = "ACR ping" if action == "ping" else "ACR %s of %s" % (
+            _shown_name(action), _shown_name(_dig(doc, "target", "repository")))
+        return Parsed("acr", [], [what])
+    digest = _digest(_text(doc, "target.digest", required=False), "target.digest")
+    host = _text(doc, "request.host", required=False)
+    push = Push(_repository(_text(doc, "target.repository"), "target.repository"),
+                _tag(_text(doc, "target.tag", required=False), "target.tag", digest), digest, "acr",
+                host=_host(host, "request.host") if host else "",
+                delivery=_delivery(doc.get("id"), "id") if doc.get("id") is not None else "")
+    return Parsed("acr", [push], [])
+
+
+def parse_jfrog(doc: Dict[str, Any], headers: Any = None) -> Parsed:
+    """JFrog Artifactory's docker "pushed" event: the image is
+    data.repo_key/data.image_name, the path `docker pull` uses with
+    Artifactory's default (repository path) access method; the host from
+    jpd_origin; data.tag; data.sha256, the pushed manifest's digest.
+    Other domains and event types are ignored."""
+    domain, event = _text(doc, "domain"), _text(doc, "event_type")
+    data = doc.get("data")
+    if domain != "docker":
+        return Parsed("jfrog", [], ["JFrog %s event %s" % (_shown_name(domain), _shown_name(event))])
+    if event != "pushed":
+        return Parsed("jfrog", [], ["JFrog docker event %s of %s" % (
+            _shown_name(event), _shown_name(_dig(data, "image_name")))])
+    if not isinstance(data, dict):
+        raise PayloadError(400, "no data object in the payload")
+    path = "%s/%s" % (_text(data, "repo_key", "data."), _text(data, "image_name", "data."))
+    sha256 = _text(data, "sha256", "data.", required=False)
+    digest = _digest(sha256 if not sha256 or sha256.startswith("sha256:") else "sha256:" + sha256,
+                     "data.sha256")
+    origin = _text(doc, "jpd_origin", required=False)
+    push = Push(_repository(path, "data.repo_key and data.image_name"),
+                _tag(_text(data, "tag", "data."), "data.tag"), digest, "jfrog",
+                host=_url_host(origin, "jpd_origin") if origin else "")
+    return Parsed("jfrog", [push], [])
+
+
+def parse_distribution(doc: Dict[str, Any], headers: Any = None) -> Parsed:
+    """The CNCF distribution registry's notifications (GitLab's registry
+    sends them too): {"events": [...]}, several per request. A push of an
+    image manifest is a push (tag "" when pushed by digest); blob pushes,
+    pulls, deletes and the rest are ignored."""
+    events = doc.get("events")
+    if not isinstance(events, list):
+        raise PayloadError(400, "no events list in the payload")
+    pushes, ignored = [], []
+    for i, event in enumerate(events):
+        where = "events[%d]." % i
+        if not isinstance(event, dict):
+            raise PayloadError(400, "%s is not an object" % where[:-1])
+        action = _text(event, "action", where)
+        media_type = _dig(event, "target", "mediaType")
+        name = _shown_name(_dig(event, "target", "repository"))
+        if action == "push" and isinstance(media_type, str) and media_type in MANIFEST_TYPES:
+            pushes.append(_distribution_push(event, where))
+        elif action == "push":
+            ignored.append("blob push of %s" % name if _is_blob(media_type)
+                           else "push of %s of type %s" % (name, _shown_name(media_type)))
+        else:
+            ignored.append("%s of %s" % (_shown_name(action), name))
+    return Parsed("distribution", pushes, ignored if events else ["no events"])
+
+
+def _distribution_push(event: Dict[str, Any], where: str) -> Push:
+    digest = _digest(_text(event, "target.digest", where), where + "target.digest")
+    host = _text(event, "request.host", where, required=False)
+    event_id = event.get("id")
+    return Push(_repository(_text(event, "target.repository", where), where + "target.repository"),
+                _tag(_text(event, "target.tag", where, required=False), where + "target.tag", digest),
+                digest, "distribution", host=_host(host, where + "request.host") if host else "",
+                delivery=_delivery(event_id, where + "id") if event_id is not None else "")
+
+
+def _is_blob(media_type: Any) -> bool:
+    # Layers and image configs; an unknown manifest type (a schema 1
+    # manifest, an artifact) is named as what it is instead.
+    return not isinstance(media_type, str) or not ("manifest" in media_type or "index" in media_type)
+
+
+NATIVE_FIELDS = ("image", "tag", "digest", "callback_url")
+
+
+def parse_native(doc: Dict[str, Any], headers: Any = None) -> Parsed:
+    """autodeploy's own format, for CI scripts: {"image": "[host/]team/app",
+    "tag": "v2", "digest": "sha256:..."}; a tag, a digest or both, and an
+    optional callback_url. Any other field is refused (a typo would
+    otherwise go unnoticed)."""
+    unknown = sorted(set(doc) - set(NATIVE_FIELDS))
+    if unknown:
+        raise PayloadError(400, "unknown field %s: the fields are %s"
+                           % (_shown(unknown[0]), ", ".join(NATIVE_FIELDS)))
+    image = _text(doc, "image")
+    if image != _without_tag(image):
+        raise PayloadError(400, 'image names a tag or a digest: give them as "tag" and "digest"')
+    host, path = split_reference(image, "image")
+    digest = _digest(_text(doc, "digest", required=False), "digest")
+    push = Push(_repository(path, "image"), _tag(_text(doc, "tag", required=False), "tag", digest),
+                digest, "native", callback_url=_callback_url(doc), host=host)
+    return Parsed("native", [push], [])
+
+
+# Sender name (as in /deploy/<sender>/<token>) -> its parser.
+SENDERS: Dict[str, Callable[[Dict[str, Any], Any], Parsed]] = {
+    "dockerhub": parse_dockerhub,
+    "quay": parse_quay,
+    "harbor": parse_harbor,
+    "github": parse_github,
+    "acr": parse_acr,
+    "jfrog": parse_jfrog,
+    "distribution": parse_distribution,
+    "native": parse_native,
+}
+SENDER_NAMES: Tuple[str, ...] = tuple(SENDERS)
+
+# How each sender's body looks, for a request to /deploy/<token> whose
+# headers did not tell (no sender's fields overlap another's here).
+SHAPES: Tuple[Tuple[str, Callable[[Dict[str, Any]], bool]], ...] = (
+    ("dockerhub", lambda doc: "push_data" in doc and "repository" in doc),
+    ("quay", lambda doc: "updated_tags" in doc),
+    ("harbor", lambda doc: "event_data" in doc and "type" in doc
+     or "specversion" in doc and str(doc.get("type", "")).startswith("harbor.")),
+    ("github", lambda doc: any(event in doc for event in GITHUB_PACKAGE_EVENTS) and "action" in doc
+     or "zen" in doc and "hook_id" in doc),
+    ("jfrog", lambda doc: "domain" in doc and "event_type" in doc),
+    ("distribution", lambda doc: isinstance(doc.get("events"), list)),
+    ("acr", lambda doc: "action" in doc and ("target" in doc or doc.get("action") == "ping")),
+    ("native", lambda doc: "image" in doc),
+)
+
+
+# -- fields: found, then checked ---------------------------------------------
+
+def _text(doc: Any, path: str, where: str = "", required: bool = True) -> str:
+    """The string at dotted `path` in `doc` ("" when absent and not
+    required); PayloadError(400) naming where+path otherwise."""
+    value = _dig(doc, *path.split("."))
+    if value is None and not required:
+        return ""
+    if value is None or value == "" and required:
+        raise PayloadError(400, "no %s%s in the payload" % (where, path))
+    if not isinstance(value, str):
+        raise PayloadError(400, "%s%s is not a string" % (where, path))
+    return value
+
+
+def _repository(value: str, field: str) -> str:
+    if not REPOSITORY_RE.fullmatch(value) or len(value) > 255:
+        raise PayloadError(400, "%s is not a valid repository name: %s (a path such as team/app: "
+                           "lower-case letters, digits and . _ - between slashes, no registry "
+                           "host, no tag)" % (field, _shown(value)))
+    return value
+
+
+def _tag(value: Any, field: str, digest: str = "") -> str:
+    if value == "":  # fine when there is a digest to deploy: a push by digest
+        if digest:
+            return ""
+        raise PayloadError(400, "no %s in the payload, and no digest" % field)
+    if not isinstance(value, str) or not TAG_RE.fullmatch(value):
+        raise PayloadError(400, "%s is not a valid tag: %s" % (field, _shown(value)))
+    return value
+
+
+def _digest(value: str, field: str) -> str:
+    if value and not DIGEST_RE.fullmatch(value):
+        raise PayloadError(400, "%s is not a valid digest (sha256: and 64 lower-case hex "
+                           "digits): %s" % (field, _shown(value)))
+    return value
+
+
+def _host(value: str, field: str) -> str:
+    if not HOST_RE.fullmatch(value):
+        raise PayloadError(400, "%s is not a valid registry host: %s" % (field, _shown(value)))
+    return value
+
+
+def _url_host(url: str, field: str) -> str:
+    try:
+        netloc = urllib.parse.urlsplit(url if "//" in url else "//" + url).netloc
+    except ValueError:
+        netloc = ""
+    return _host(netloc.rpartition("@")[2], field)
+
+
+def _delivery(value: Any, field: str) -> str:
+    if not isinstance(value, str) or not DELIVERY_RE.fullmatch(value):
+        raise PayloadError(400, "%s is not a valid delivery id: %s" % (field, _shown(value)))
+    return value
+
+
+def _callback_url(doc: Dict[str, Any]) -> Optional[str]:
     callback = doc.get("callback_url")
     if callback is not None and not isinstance(callback, str):
         raise PayloadError(400, "callback_url is not a string")
     if callback and not _encodable(callback):  # "\ud800": the journal could not store it
         raise PayloadError(400, "callback_url is not valid Unicode")
-    return Push(repository=repository, tag=tag, sender="dockerhub", callback_url=callback or None)
+    return callback or None
 
 
-# One parser per sender: a JSON object in, a Push out (or PayloadError).
-SENDERS: Dict[str, Callable[[Dict[str, Any]], Push]] = {
-    "dockerhub": parse_dockerhub,
-}
+def split_reference(reference: str, field: str) -> Tuple[str, str]:
+    """("host[:port]", "path") of an image name without tag, as Docker reads
+    one: the first component is a registry host when it has a dot or a
+    colon, or is localhost ("127.0.0.1:5000/nc/web" -> ("127.0.0.1:5000",
+    "nc/web"); "team/app" -> ("", "team/app")). The host is checked here,
+    the path by the caller."""
+    first, slash, rest = reference.partition("/")
+    if slash and ("." in first or ":" in first or first == "localhost"):
+        return _host(first, field), rest
+    return "", reference
 
 
-def parse_push(body: bytes, sender: str = "dockerhub") -> Push:
-    """Read a push payload from `sender`; PayloadError(400) when it is not one."""
-    return SENDERS[sender](read_json_object(body))
+def _without_tag(reference: str) -> str:
+    # "host:5000/team/app:v1" and "...@sha256:..." -> "host:5000/team/app";
+    # a trailing ":" (GitHub's package_url for an untagged version) too.
+    name = reference.split("@", 1)[0]
+    slash = name.rfind("/")
+    colon = name.rfind(":")
+    return name[:colon] if colon > slash else name
+
+
+def _shown(value: Any) -> str:
+    """A client's value in an error message: a string JSON-quoted, at most
+    80 characters of it; anything else by its JSON type only."""
+    if not isinstance(value, str):
+        return "(%s)" % _JSON_TYPES.get(type(value), "a value")
+    return json.dumps(value[:80] + ("..." if len(value) > 80 else ""))
+
+
+def _shown_name(value: Any) -> str:
+    """A client's value in a note on an ignored event: printable, short."""
+    text = printable(value if isinstance(value, str) else "(none)" if value is None else repr(value))
+    return text[:100]
+
+
+_JSON_TYPES = {dict: "an object", list: "a list", int: "a number", float: "a number",
+               bool: "true or false", type(None): "null"}
+
+
+def _counted(notes: List[str]) -> List[str]:
+    # A request of 50 blob pushes needs no 50 notes.
+    if len(notes) <= MAX_IGNORED_NOTES:
+        return notes
+    return notes[:MAX_IGNORED_NOTES] + ["and %d more" % (len(notes) - MAX_IGNORED_NOTES)]
 
 
 def read_json_object(body: bytes) -> Dict[str, Any]:
@@ -3414,16 +3883,79 @@ def token_matches(given: str, tokens: Sequence[str]) -> bool:
 
 
 def check_sender(config: Config, push: Push, scope: FrozenSet[str], body: bytes,
-                 signature: Optional[str]) -> None:
+                 headers: Any) -> None:
     """PayloadError(404) when the token may not deploy this repository,
-    401 when a signing secret applies and the signature is missing or wrong."""
+    401 when a signing secret applies and the request does not carry the
+    signature the push's sender makes with it (signature_problem)."""
     app = config.app_for(push.repository)
     if scope is not ANY_APP and push.repository not in scope:
         raise PayloadError(404, "not found")
     secret = (app.signing_secret if app else "") or config.signing_secret
-    if secret and not signature_ok(secret, body, signature):
-        raise PayloadError(401, "missing or bad X-Hub-Signature-256" if signature is None
-                           else "bad X-Hub-Signature-256")
+    problem = signature_problem(push.sender, secret, body, headers) if secret else None
+    if problem:
+        raise PayloadError(401, problem)
+
+
+def signature_problem(sender: str, secret: str, body: bytes, headers: Any) -> Optional[str]:
+    """None when the request carries what `secret` calls for in `sender`'s
+    scheme (SIGNATURE_SCHEMES); else why not, for a 401. Every comparison
+    takes constant time."""
+    return SIGNATURE_SCHEMES.get(sender, _hub_signature_problem)(secret, body, headers)
+
+
+def _hub_signature_problem(secret: str, body: bytes, headers: Any) -> Optional[str]:
+    value = header(headers, "X-Hub-Signature-256")
+    if value is None:
+        return "missing X-Hub-Signature-256"
+    return None if signature_ok(secret, body, value) else "bad X-Hub-Signature-256"
+
+
+def _jfrog_auth_problem(secret: str, body: bytes, headers: Any) -> Optional[str]:
+    # JFrog sends the secret itself, or, with "Use secret for payload
+    # signing", the hex HMAC-SHA256 of the body keyed with it: either will do
+    # (whoever knows the secret can make both).
+    value = header(headers, "X-JFrog-Event-Auth")
+    if value is None:
+        return "missing X-JFrog-Event-Auth"
+    given = _header_bytes(value.strip())
+    signed = hmac.new(secret.encode("utf-8"), body, "sha256").hexdigest().encode("ascii")
+    plain = hmac.compare_digest(given, secret.encode("utf-8"))
+    hashed = hmac.compare_digest(given.lower(), signed)
+    return None if plain | hashed else "bad X-JFrog-Event-Auth"
+
+
+def _authorization_problem(secret: str, body: bytes, headers: Any) -> Optional[str]:
+    # The Authorization header the sender was configured to add: the secret
+    # as it is, or as a bearer token.
+    value = header(headers, "Authorization")
+    if value is None:
+        return "missing Authorization"
+    given = _header_bytes(value.strip())
+    plain = hmac.compare_digest(given, secret.encode("utf-8"))
+    bearer = hmac.compare_digest(given, b"Bearer " + secret.encode("utf-8"))
+    return None if plain | bearer else "bad Authorization"
+
+
+def _header_bytes(value: str) -> bytes:
+    # A header value as it came: http.client decodes them as Latin-1.
+    try:
+        return value.encode("latin-1")
+    except UnicodeEncodeError:
+        return value.encode("utf-8", "replace")
+
+
+# Sender -> how it signs. Docker Hub and Quay sign nothing: a signing
+# secret for their apps needs a signing proxy in front (GitHub's scheme).
+SIGNATURE_SCHEMES: Dict[str, Callable[[str, bytes, Any], Optional[str]]] = {
+    "dockerhub": _hub_signature_problem,
+    "quay": _hub_signature_problem,
+    "github": _hub_signature_problem,
+    "native": _hub_signature_problem,
+    "jfrog": _jfrog_auth_problem,
+    "harbor": _authorization_problem,
+    "acr": _authorization_problem,
+    "distribution": _authorization_problem,
+}
 
 
 def signature_ok(secret: str, body: bytes, header: Optional[str]) -> bool:
@@ -4037,7 +4569,7 @@ class WebhookHandler(http.server.BaseHTTPRequestHandler):
             return
         try:
             push = parse_push(body)
-            check_sender(service.config, push, scope, body, self.headers.get("X-Hub-Signature-256"))
+            check_sender(service.config, push, scope, body, self.headers)
             job = service.submit(push)
         except PayloadError as exc:
             log.info("webhook refused (%d): %s", exc.status, printable(exc.message))
