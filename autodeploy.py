@@ -53,7 +53,7 @@ Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 __version__ = "0.1.0"
 __all__ = [
     "__version__", "AutodeployError", "ConfigError", "PayloadError", "DeployFailed",
-    "AppConfig", "Config", "load_config", "Push", "parse_push", "Job", "JobQueue",
+    "AppConfig", "Config", "load_config", "Push", "Parsed", "parse_request", "Job", "JobQueue",
     "RolledBack", "ContainerTarget", "HealthGate", "JobRunner", "build_create_body",
     "choose_order", "probe_endpoint", "Journal", "MemoryJournal", "Service", "WebhookServer",
     "main",
@@ -699,15 +699,20 @@ MAX_PUSHES = 50  # pushes one request may carry: each becomes a job
 MAX_IGNORED_NOTES = 10  # notes on ignored events kept per request; the rest are counted
 
 
+def check_sender_name(sender: Optional[str]) -> None:
+    """PayloadError(404) naming the senders, when `sender` (from the URL) is none of them."""
+    if sender is not None and sender not in SENDERS:
+        raise PayloadError(404, "no sender is named %s: the senders are %s"
+                           % (_shown(sender), ", ".join(SENDER_NAMES)))
+
+
 def parse_request(body: bytes, headers: Any, sender: Optional[str] = None) -> Parsed:
     """What a webhook request asks for. `headers` answers get(name),
     case-insensitively; `sender` is the name the URL gave, or None to tell
     the sender from the headers and the body's shape. PayloadError 404 for a
     sender name not in SENDERS, 400 for a body no sender sends, or one whose
     sender's fields are missing or invalid (a digest included)."""
-    if sender is not None and sender not in SENDERS:
-        raise PayloadError(404, "no sender is named %s: the senders are %s"
-                           % (_shown(sender), ", ".join(SENDER_NAMES)))
+    check_sender_name(sender)
     if (sender in (None, "github") and header(headers, "X-GitHub-Event") is not None
             and _media_type(headers) == "application/x-www-form-urlencoded"):
         raise PayloadError(400, "GitHub sent a form-encoded payload: set the webhook's "
@@ -721,15 +726,6 @@ def parse_request(body: bytes, headers: Any, sender: Optional[str] = None) -> Pa
     if len(parsed.pushes) > MAX_PUSHES:
         raise PayloadError(400, "more than %d pushes in one request" % MAX_PUSHES)
     return parsed._replace(ignored=_counted(parsed.ignored))
-
-
-def parse_push(body: bytes, sender: str = "dockerhub") -> Push:
-    """The first push a request from `sender` carries; PayloadError(400)
-    when it carries none, or is not one."""
-    parsed = parse_request(body, None, sender)
-    if not parsed.pushes:
-        raise PayloadError(400, "nothing to deploy: %s" % "; ".join(parsed.ignored))
-    return parsed.pushes[0]
 
 
 def detect_sender(doc: Dict[str, Any], headers: Any) -> Optional[str]:
@@ -1271,7 +1267,7 @@ class Job:
 
     @property
     def pinned_reference(self) -> str:
-        """What the new container is created from: image:tag@digest once the
+        """What the new container is created from: image:tag@digest when the
         digest is known (the container shows the tag, runs that digest)."""
         return "%s@%s" % (self.reference, self.digest) if self.digest else self.reference
 
@@ -1817,19 +1813,22 @@ class ContainerTarget:
     def deploy(self, job: Job, jlog: logging.LoggerAdapter) -> Tuple[str, str]:
         """Pull and replace; returns (state, description) or raises."""
         app = job.app
+        # A digest the sender named is pinned in the container's image
+        # (image:tag@digest); without one, the container names the tag, as before.
+        reference = job.pinned_reference
         new_image = pull(self.engine, app, job.tag, self.docker_config, jlog, self.deadline.check,
                          job.digest)
         job.digest = job.digest or digest_of(new_image, app.image)
         self.record_step(job, new_image=new_image.get("Id"), digest=job.digest)
         old = self._inspect_or_none(app.container)
         if old is None:
-            return self.create_first(app, job.pinned_reference, jlog)
+            return self.create_first(app, reference, jlog)
         if old.get("Image") == new_image.get("Id"):
             if is_running(old):
                 return UP_TO_DATE, "%s already runs %s (%s)" % (
                     app.container, job.reference, _short(new_image.get("Id")))
             return self.start_stopped(job, old, jlog)
-        body, later_networks = self.new_container_config(old, job.pinned_reference)
+        body, later_networks = self.new_container_config(old, reference)
         self.deadline.check()  # the last moment to stop with nothing changed
         how = self.replace(job, old, body, later_networks, jlog)
         self.clean_up(job, old.get("Image"), jlog)
@@ -3579,6 +3578,8 @@ def _label(value: str) -> str:
 # Seconds a deploy cut off by a shutdown gets to put the old container back
 # (stop the new one, start the old one) before the process exits anyway.
 ROLLBACK_GRACE = 30.0
+# Senders that report every repository of a registry, and retry what is refused.
+LENIENT_SENDERS = ("distribution",)
 SUPERSEDED_BATCH = 256  # jobs superseded in the queue, written to the journal in one commit
 
 
@@ -3632,7 +3633,9 @@ class Service:
         503 when the journal cannot record it or the queue is full."""
         app = self.config.app_for(push.repository)
         if app is None:
-            raise PayloadError(422, "repository %s is not configured for deploys" % push.repository)
+            named = "%s/%s" % (push.host, push.repository) if push.host else push.repository
+            raise PayloadError(422, "repository %s is not configured for deploys: a section "
+                               "[%s] would follow pushes of %s" % (push.repository, push.repository, named))
         if push.tag not in app.tags:
             raise PayloadError(422, "tag %s of %s is not configured for deploys (follows: %s)"
                                % (push.tag, push.repository, ", ".join(app.tags)))
@@ -3652,6 +3655,79 @@ class Service:
         log.info("job=%s repo=%s queued %s%s", job.id, app.repository, job.reference,
                  " (replaces waiting job %s)" % replaced.id if replaced else "")
         return job
+
+    def accept(self, parsed: "Parsed", check: Callable[[Push], None]) -> Tuple[int, Dict[str, Any]]:
+        """Queue the pushes of one request; one (status, answer) for all of it.
+
+        `check(push)` raises PayloadError when this request may not deploy
+        the push (the token's scope: 404; its signature: 401). Then: 202 with
+        the jobs when any was queued; else 422 naming the first push no app
+        follows; else 200 with what was ignored (events to ignore, pushes by
+        digest alone, redeliveries). A registry's own notifications
+        (`distribution`) never get a 422 or a 404 for a repository nobody
+        follows: the registry would retry the event, holding back every
+        later one. 401 and 503 refuse the whole request."""
+        jobs: List[Job] = []
+        ignored = list(parsed.ignored)
+        unmatched: List[str] = []
+        lenient = parsed.sender in LENIENT_SENDERS
+        for push in parsed.pushes:
+            try:
+                check(push)
+                if not push.tag:
+                    ignored.append("%s@%s was pushed with no tag: none to follow"
+                                   % (push.repository, push.digest or "?"))
+                    continue
+                job = self.submit_once(push)
+            except PayloadError as exc:
+                if exc.status == 422 or (exc.status == 404 and lenient):
+                    unmatched.append(exc.message)
+                    continue
+                raise
+            if job is None:
+                ignored.append("delivery %s (%s:%s) was accepted already"
+                               % (push.delivery, push.repository, push.tag))
+            else:
+                jobs.append(job)
+        if ignored or unmatched:
+            log.info("webhook from %s: ignored %s", parsed.sender,
+                     printable("; ".join(ignored + unmatched)))
+        if jobs:
+            first = jobs[0]
+            answer: Dict[str, Any] = {"job": first.id, "state": QUEUED, "app": first.app.repository,
+                                      "tag": first.tag}
+            if len(jobs) > 1:
+                answer["jobs"] = [{"job": job.id, "app": job.app.repository, "tag": job.tag}
+                                  for job in jobs]
+            if ignored or unmatched:
+                answer["ignored"] = ignored + unmatched
+            return 202, answer
+        if unmatched and not lenient:
+            raise PayloadError(422, unmatched[0])
+        return 200, {"status": "nothing to deploy", "ignored": ignored + unmatched}
+
+    def submit_once(self, push: Push) -> Optional[Job]:
+        """submit(push), unless the sender's delivery id was accepted before
+        (a redelivery, a registry retrying): then None."""
+        if not push.delivery:
+            return self.submit(push)
+        key = "%s:%s:%s:%s" % (push.sender, push.delivery, push.repository, push.tag)
+        try:
+            if not self.journal.first_delivery(key):
+                return None
+        except JournalError as exc:
+            raise PayloadError(503, "cannot record the delivery (%s); retry later" % exc) from exc
+        try:
+            return self.submit(push)
+        except PayloadError:
+            self._forget_delivery(key)
+            raise
+
+    def _forget_delivery(self, key: str) -> None:
+        try:
+            self.journal.forget_delivery(key)
+        except JournalError:
+            pass  # a refused delivery stays noted: its redelivery is answered as a duplicate
 
     def recover(self) -> int:
         """Queue again what the journal holds unfinished (see resume_unfinished)."""
@@ -4400,6 +4476,13 @@ def page_of(target: str) -> Optional[str]:
     return {"/healthz": "healthz", "/metrics": "metrics", "/jobs": "jobs"}.get(path)
 
 
+def deploy_path(target: str) -> Tuple[Optional[str], str]:
+    """(sender or None, token) of /deploy/<token> or /deploy/<sender>/<token>."""
+    rest = target.split("?", 1)[0][len("/deploy/"):].rstrip("/")
+    sender, _, token = rest.rpartition("/")
+    return sender or None, token
+
+
 # (method, page) -> the WebhookHandler method that answers it. A page asked
 # for with another method gets 405 for the deploy path, 404 for the rest.
 ROUTES = {
@@ -4558,25 +4641,30 @@ class WebhookHandler(http.server.BaseHTTPRequestHandler):
     do_GET = do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = route
 
     def deploy(self) -> None:
-        """POST /deploy/<token>: check, journal and queue the push; 202."""
+        """POST /deploy/<token> or /deploy/<sender>/<token>: check, journal
+        and queue the pushes; 202 (200 when there is nothing to deploy)."""
         service = self.server.service
-        token = self.path.split("?", 1)[0][len("/deploy/"):].rstrip("/")
+        sender, token = deploy_path(self.path)
         scope = token_scope(service.config, token)
         if scope is None:
             return self.answer(404, {"error": "not found"})
+        try:
+            check_sender_name(sender)  # before the body is read
+        except PayloadError as exc:
+            return self.answer(exc.status, {"error": exc.message})
         body = self._read_body()
         if body is None:
             return
+        config, headers = service.config, self.headers
         try:
-            push = parse_push(body)
-            check_sender(service.config, push, scope, body, self.headers)
-            job = service.submit(push)
+            parsed = parse_request(body, headers, sender)
+            status, answer = service.accept(
+                parsed, lambda push: check_sender(config, push, scope, body, headers))
         except PayloadError as exc:
             log.info("webhook refused (%d): %s", exc.status, printable(exc.message))
-            headers = {"Retry-After": "30"} if exc.status == 503 else None
-            return self.answer(exc.status, {"error": exc.message}, headers)
-        self.answer(202, {"job": job.id, "state": QUEUED, "app": job.app.repository,
-                          "tag": job.tag})
+            retry = {"Retry-After": "30"} if exc.status == 503 else None
+            return self.answer(exc.status, {"error": exc.message}, retry)
+        self.answer(status, answer)
 
     def healthz(self) -> None:
         self.answer(*self.server.admin.healthz())

@@ -474,7 +474,11 @@ class Registry:
     Use as a context manager, or call start() and stop().
     """
 
-    def __init__(self) -> None:
+    def __init__(self, notify_url: Optional[str] = None,
+                 notify_headers: Optional[Dict[str, str]] = None) -> None:
+        """`notify_url`: send the registry's own notifications (events of
+        pushes and pulls) there, with `notify_headers`."""
+        self.notify_url, self.notify_headers = notify_url, notify_headers or {}
         self.port = None  # type: Optional[int]
         self._dir = None  # type: Optional[str]
         self._proc = None  # type: Optional[subprocess.Popen]
@@ -522,7 +526,21 @@ class Registry:
             "    enabled: true\n"
             "http:\n"
             "  addr: %s\n" % (os.path.join(self._dir, "data"), self.host)
-        )
+        ) + self._notifications()
+
+    def _notifications(self) -> str:
+        if not self.notify_url:
+            return ""
+        headers = "".join("        %s: [%s]\n" % (name, json.dumps(value))
+                          for name, value in self.notify_headers.items())
+        return ("notifications:\n"
+                "  endpoints:\n"
+                "    - name: autodeploy\n"
+                "      url: %s\n"
+                "      timeout: 5s\n"
+                "      threshold: 3\n"
+                "      backoff: 1s\n"
+                "%s" % (json.dumps(self.notify_url), "      headers:\n" + headers if headers else ""))
 
     def _wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout

@@ -13,7 +13,7 @@ import unittest
 from typing import Any, Dict, List, Optional
 
 from autodeploy import (MAX_IGNORED_NOTES, MAX_PUSHES, SENDER_NAMES, Parsed, PayloadError, Push,
-                        parse_push, parse_request, split_reference)
+                        parse_request, split_reference)
 
 DIGEST = "sha256:" + "0123456789abcdef" * 4
 OTHER_DIGEST = "sha256:" + "fedcba9876543210" * 4
@@ -147,13 +147,6 @@ class DockerHubTest(SenderTestCase):
                                                                   "repository name")
         self.assertIn('"127.0.0.1:5000/nc/web"', error.message)
         self.assertIn("team/app", error.message)
-
-    def test_parse_push_still_answers_the_first_push(self):
-        self.assertEqual(parse_push(body(hub())), Push("team/app", "v1"))
-        self.assertEqual(parse_push(body(quay(["a", "b"])), "quay").tag, "a")
-        with self.assertRaises(PayloadError) as caught:
-            parse_push(body(acr("ping")), "acr")
-        self.assertIn("nothing to deploy: ACR ping", caught.exception.message)
 
 
 class QuayTest(SenderTestCase):
