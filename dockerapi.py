@@ -14,9 +14,14 @@ and 409) with a message a person can act on.
 """
 
 import base64
+import datetime
+import email.utils
+import hashlib
 import http.client
+import ipaddress
 import json
 import os
+import re
 import socket
 import subprocess
 import threading
@@ -28,7 +33,8 @@ __all__ = [
     "CLIENT_API_VERSION", "DEFAULT_SOCKET", "DockerClient", "DockerError",
     "NotFound", "Conflict", "CredentialsError", "RegistryAuth", "split_image", "registry_of",
     "server_address", "find_registry_auth", "load_registry_auth", "login_auth",
-    "encode_registry_auth", "version_tuple",
+    "encode_registry_auth", "version_tuple", "repository_of", "is_loopback_registry",
+    "RegistryError", "ManifestAnswer", "RegistryClient",
 ]
 
 # Highest API version this client speaks. 1.44 lets us create a container on
@@ -110,12 +116,29 @@ def split_image(reference: str) -> Tuple[str, str]:
     return reference, "latest"
 
 
+def _names_registry(image: str) -> bool:
+    """True when the first part of an image name is a registry host, as the
+    docker CLI decides: it has a '.' or a ':', or is 'localhost'."""
+    first, sep, _ = image.partition("/")
+    return bool(sep) and ("." in first or ":" in first or first == "localhost")
+
+
 def registry_of(image: str) -> str:
     """The registry host an image name lives on (docker.io when none is named)."""
-    first, sep, _ = image.partition("/")
-    if sep and ("." in first or ":" in first or first == "localhost"):
+    if _names_registry(image):
+        first = image.partition("/")[0]
         return DOCKER_HUB if first in ("index.docker.io", "registry-1.docker.io") else first
     return DOCKER_HUB
+
+
+def repository_of(image: str) -> str:
+    """The repository's name in its registry's API: 'team/app' for
+    'host:5000/team/app' or 'team/app', 'library/nginx' for 'nginx' (Docker
+    Hub keeps its official images under library/)."""
+    name = image.partition("/")[2] if _names_registry(image) else image
+    if registry_of(image) == DOCKER_HUB and "/" not in name:
+        return "library/" + name
+    return name
 
 
 def _normalise_registry_key(key: str) -> str:
@@ -297,6 +320,488 @@ def version_tuple(version: str) -> Tuple[int, ...]:
         return tuple(int(part) for part in version.split("."))
     except ValueError:
         raise DockerError("not an API version: %r" % (version,)) from None
+
+
+############################################################################
+# Registries: the Registry HTTP API v2
+############################################################################
+
+# What a manifest HEAD accepts: a multi-platform index or a single manifest,
+# OCI or Docker. The digest of whichever the tag points at is what `docker
+# pull` records in RepoDigests.
+MANIFEST_MEDIA_TYPES = (
+    "application/vnd.oci.image.index.v1+json",
+    "application/vnd.oci.image.manifest.v1+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+    "application/vnd.docker.distribution.manifest.v2+json",
+)
+# Docker Hub's images live here, whatever the reference calls it.
+DOCKER_HUB_API = "registry-1.docker.io"
+DEFAULT_REGISTRY_TIMEOUT = 10.0
+# Size caps on what a registry sends: a token answer is a few KB, a page of
+# tags well under a MB even for images with thousands of tags.
+TOKEN_BODY_LIMIT = 1 << 20
+TAGS_BODY_LIMIT = 4 << 20
+ERROR_BODY_LIMIT = 4096
+# The token spec's lifetime when a token service names none.
+DEFAULT_TOKEN_LIFETIME = 60.0
+# A cached token is dropped this long before it expires, so that it does not
+# expire on its way to the registry.
+TOKEN_EXPIRY_MARGIN = 5.0
+# The OAuth2 client_id the token spec requires when a refresh token is used.
+OAUTH_CLIENT_ID = "autodeploy"
+USER_AGENT = "autodeploy-dockerapi"
+_DIGEST = re.compile(r"sha256:[0-9a-f]{64}\Z")
+# One auth-param of a challenge: key=token or key="quoted string".
+_AUTH_PARAM = re.compile(r'\s*([A-Za-z0-9_.-]+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,"]*))\s*,?')
+
+
+class RegistryError(DockerError):
+    """A registry refused or failed a request; .status (HTTP status or None for
+    no answer), .retry_after (seconds, from a 429/503 Retry-After, else None).
+    Never holds a credential."""
+
+    def __init__(self, message: str, status: Optional[int] = None, method: str = "",
+                 path: str = "", retry_after: Optional[float] = None):
+        super().__init__(message, status, method, path)
+        self.retry_after = retry_after
+
+
+class ManifestAnswer(NamedTuple):
+    """What a manifest HEAD told: the digest the tag points at, and Docker
+    Hub's pull quota left ("98;w=21600": pulls left in a 21600 s window)."""
+    digest: str
+    rate_limit: Optional[str]
+
+
+class Challenge(NamedTuple):
+    """A 401's WWW-Authenticate: 'bearer' with the token service's realm,
+    service and scope, or 'basic'."""
+    scheme: str
+    realm: str = ""
+    service: str = ""
+    scope: str = ""
+
+
+class _Answer(NamedTuple):
+    status: int
+    headers: Any  # an email.message.Message: case-insensitive get() and get_all()
+    body: bytes
+
+
+def is_loopback_registry(registry: str) -> bool:
+    """True for a registry on this host (127.0.0.0/8, ::1, localhost, with or
+    without a port), which the Docker Engine reaches over plain HTTP unless
+    told otherwise: its default insecure registries are the loopback ones."""
+    host = registry
+    if host.startswith("["):
+        host = host[1:].partition("]")[0]
+    elif host.count(":") == 1:
+        host = host.partition(":")[0]
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def parse_challenge(values: List[str], name: str) -> Optional[Challenge]:
+    """The challenge to answer among WWW-Authenticate values: Bearer (with
+    scope repository:<name>:pull when the registry names none) before
+    Basic; None when there is neither, or a Bearer challenge has no realm."""
+    found = {}
+    for value in values:
+        scheme, _, rest = value.strip().partition(" ")
+        params = {key.lower(): quoted.replace('\\"', '"') if quoted is not None and not bare else bare
+                  for key, quoted, bare in _AUTH_PARAM.findall(rest)}
+        found.setdefault(scheme.lower(), params)
+    if "bearer" in found and found["bearer"].get("realm"):
+        params = found["bearer"]
+        return Challenge("bearer", params["realm"], params.get("service", ""),
+                         params.get("scope") or "repository:%s:pull" % name)
+    if "basic" in found:
+        return Challenge("basic")
+    return None
+
+
+def parse_retry_after(value: Optional[str], now: float) -> Optional[float]:
+    """Seconds to wait from a Retry-After value: delay-seconds or an HTTP date
+    (counted from `now`, a Unix time); None when absent or unreadable."""
+    value = (value or "").strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):  # which one depends on the Python version
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.timezone.utc)
+    return max(0.0, when.timestamp() - now)
+
+
+def registry_opener(use_proxy_env: bool = True) -> Callable[..., Any]:
+    """urlopen that never follows a redirect (a 3xx comes back as an
+    HTTPError); without `use_proxy_env` it never uses an http(s)_proxy."""
+    import urllib.request  # loaded on first use: it costs start-up time
+
+    class NoRedirect(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+            return None
+
+    handlers = [NoRedirect]  # type: List[Any]
+    if not use_proxy_env:
+        handlers.append(urllib.request.ProxyHandler({}))
+    return urllib.request.build_opener(*handlers).open
+
+
+class RegistryClient:
+    """Asks registries what a tag points at and which tags there are, with
+    the Registry HTTP API v2 and the credentials a pull uses, spending none
+    of Docker Hub's pull quota (a manifest HEAD is not counted; a GET is).
+
+    https, except for registries `insecure` names (by default the loopback
+    ones, which the Docker Engine treats as insecure: plain http). The
+    registry's own auth is answered: a Bearer challenge with a token from
+    its token service (cached per realm, service, scope and credentials
+    until it expires, on `clock`), a Basic one with the user and password.
+
+    Redirects are not followed: registries answer manifest HEADs and tag
+    lists themselves (only blobs go to CDNs), and following one could carry
+    credentials elsewhere; a 3xx is a RegistryError naming where it led.
+    Requests to a loopback host never go through a proxy (as the Engine's
+    Go client does); others honour https_proxy/http_proxy/no_proxy.
+
+    `urlopen`: urllib.request.urlopen's shape, (request, timeout) -> response,
+    raising urllib.error.HTTPError for a status of 300 and up.
+    """
+
+    def __init__(self, urlopen: Optional[Callable[..., Any]] = None,
+                 timeout: float = DEFAULT_REGISTRY_TIMEOUT,
+                 insecure: Callable[[str], bool] = is_loopback_registry,
+                 clock: Callable[[], float] = time.time):
+        self.urlopen = urlopen
+        self.timeout = timeout
+        self.insecure = insecure
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._challenges = {}  # type: Dict[Tuple[str, str], Challenge]  # (origin, name) -> last seen
+        self._tokens = {}  # type: Dict[Tuple[str, str, str, str], Tuple[str, float]]  # -> (token, until)
+        self._openers = {}  # type: Dict[bool, Callable[..., Any]]
+
+    # -- the API -----------------------------------------------------------
+
+    def manifest_digest(self, image: str, tag: str, auth: Optional[Dict[str, str]]) -> ManifestAnswer:
+        """HEAD /v2/<name>/manifests/<tag> with Accept listing the OCI index, OCI manifest,
+        Docker manifest list and Docker manifest v2 media types; the digest from
+        Docker-Content-Digest. A HEAD is not counted against Docker Hub's pull rate limit; a GET is."""
+        name = repository_of(image)
+        url = "%s/v2/%s/manifests/%s" % (self.base_url(image), urllib.parse.quote(name, safe="/"),
+                                         urllib.parse.quote(tag, safe=""))
+        answer = self._ask("HEAD", url, image, name, auth, {"Accept": ", ".join(MANIFEST_MEDIA_TYPES)},
+                           ERROR_BODY_LIMIT, "no tag %s in %s" % (tag, name))
+        digest = (answer.headers.get("Docker-Content-Digest") or "").strip()
+        if not _DIGEST.match(digest):
+            raise RegistryError("%s answered for %s:%s without a sha256 Docker-Content-Digest (%s)" % (
+                registry_of(image), name, tag, "none" if not digest else "%r" % digest[:80]),
+                answer.status, "HEAD", urllib.parse.urlsplit(url).path)
+        return ManifestAnswer(digest, answer.headers.get("ratelimit-remaining"))
+
+    def tags(self, image: str, auth: Optional[Dict[str, str]], max_pages: int = 50) -> List[str]:
+        """GET /v2/<name>/tags/list, following Link: <...>; rel="next" pagination (bounded)."""
+        name = repository_of(image)
+        url = "%s/v2/%s/tags/list" % (self.base_url(image), urllib.parse.quote(name, safe="/"))
+        found = []  # type: List[str]
+        for _ in range(max_pages):
+            answer = self._ask("GET", url, image, name, auth, {"Accept": "application/json"},
+                               TAGS_BODY_LIMIT, "no repository %s on %s" % (name, registry_of(image)))
+            found.extend(_tag_page(answer.body, url))
+            url = _next_page(answer.headers, url)
+            if url is None:
+                return found
+        raise RegistryError("%s lists the tags of %s in more than %d pages; not reading on" % (
+            registry_of(image), name, max_pages), None, "GET", urllib.parse.urlsplit(url).path)
+
+    def base_url(self, image: str) -> str:
+        """'https://registry-1.docker.io' for 'nginx', 'http://127.0.0.1:5000' for '127.0.0.1:5000/app'."""
+        registry = registry_of(image)
+        scheme = "http" if self.insecure(registry) else "https"
+        return "%s://%s" % (scheme, DOCKER_HUB_API if registry == DOCKER_HUB else registry)
+
+    # -- auth ----------------------------------------------------------------
+
+    def _ask(self, method: str, url: str, image: str, name: str, auth: Optional[Dict[str, str]],
+             headers: Dict[str, str], limit: int, not_found: str) -> _Answer:
+        """One request, answering the registry's challenge: the answer when
+        2xx, else the RegistryError its status means."""
+        origin = _origin(url)
+        with self._lock:
+            known = self._challenges.get((origin, name))
+        where = (method, urllib.parse.urlsplit(url).path)
+        sent = self._authorization(known, auth, image, where) if known else None
+        answer = self._send(method, url, headers, sent, limit)
+        if answer.status == 401:
+            challenge = parse_challenge(answer.headers.get_all("WWW-Authenticate") or [], name)
+            if challenge is not None and not (sent and challenge.scheme == "basic"):
+                if sent and challenge == known:
+                    self._forget_token(challenge, auth)  # revoked, or expired early
+                with self._lock:
+                    self._challenges[(origin, name)] = challenge
+                answer = self._send(method, url, headers,
+                                    self._authorization(challenge, auth, image, where), limit)
+        if answer.status in (401, 403):
+            raise self._refused(image, name, auth, answer, method, url)
+        return self._checked(answer, image, method, url, not_found)
+
+    def _authorization(self, challenge: Challenge, auth: Optional[Dict[str, str]], image: str,
+                       where: Tuple[str, str]) -> str:
+        """The Authorization header that answers `challenge` with `auth`;
+        `where` is the challenged request's (method, path), for errors."""
+        if challenge.scheme == "basic":
+            if not auth or not auth.get("username"):
+                raise RegistryError("%s asks for a user name and password, and %s" % (
+                    registry_of(image), "an identity token is no password" if auth
+                    else "no credentials were given"), 401, *where)
+            return _basic(auth)
+        return "Bearer " + self._token(challenge, auth, image, where)
+
+    def _token(self, challenge: Challenge, auth: Optional[Dict[str, str]], image: str,
+               where: Tuple[str, str]) -> str:
+        """A token for `challenge`'s scope: the cached one while it lasts, else the token service's."""
+        key = _token_key(challenge, auth)
+        with self._lock:
+            cached = self._tokens.get(key)
+        if cached is not None and self.clock() < cached[1]:
+            return cached[0]
+        token, lifetime = self._fetch_token(challenge, auth, image, where)
+        with self._lock:
+            self._tokens[key] = (token, self.clock() + max(0.0, lifetime - TOKEN_EXPIRY_MARGIN))
+        return token
+
+    def _forget_token(self, challenge: Challenge, auth: Optional[Dict[str, str]]) -> None:
+        with self._lock:
+            self._tokens.pop(_token_key(challenge, auth), None)
+
+    def _fetch_token(self, challenge: Challenge, auth: Optional[Dict[str, str]], image: str,
+                     where: Tuple[str, str]) -> Tuple[str, float]:
+        """(token, lifetime in seconds) from the token service at the realm.
+
+        As the token spec says: a GET with service and scope, with basic auth
+        when there is a user and password. An identity token (what `docker
+        login` keeps for registries that issue one) is an OAuth2 refresh
+        token: POSTed as grant_type=refresh_token; a token service without
+        OAuth2 answers that POST 404 (or 405), and is then asked by GET.
+        """
+        realm = urllib.parse.urlsplit(challenge.realm)
+        if realm.scheme not in ("http", "https") or not realm.hostname:
+            raise RegistryError("%s names a token service that is no http(s) URL: %r" % (
+                registry_of(image), _without_query(challenge.realm)[:200]), 401, *where)
+        if auth and realm.scheme == "http" and not self.insecure(realm.netloc):
+            # Credentials go over plain http only to this host, as they would to the registry.
+            raise RegistryError("%s names a token service on plain http (%s); not sending it "
+                                "credentials" % (registry_of(image), realm.netloc), 401, *where)
+        params = [(key, value) for key, value in
+                  (("service", challenge.service), ("scope", challenge.scope)) if value]
+        answer, method = None, "POST"
+        if auth and auth.get("identitytoken"):
+            form = urllib.parse.urlencode([("grant_type", "refresh_token"),
+                                           ("refresh_token", auth["identitytoken"]),
+                                           ("client_id", OAUTH_CLIENT_ID)] + params)
+            answer = self._send("POST", challenge.realm, {
+                "Content-Type": "application/x-www-form-urlencoded"}, None, TOKEN_BODY_LIMIT,
+                form.encode("ascii"))
+            if answer.status in (404, 405):
+                answer = None
+        if answer is None:
+            method, query = "GET", urllib.parse.urlencode(params)
+            url = challenge.realm + (("&" if realm.query else "?") + query if query else "")
+            answer = self._send("GET", url, {}, _basic(auth) if auth and auth.get("username")
+                                else None, TOKEN_BODY_LIMIT)
+        path = realm.path
+        if answer.status in (401, 403):
+            raise RegistryError("the token service of %s (%s) refused %s" % (
+                registry_of(image), realm.netloc, "the credentials given" if auth
+                else "an anonymous request"), answer.status, method, path)
+        self._checked(answer, image, method, challenge.realm, "no token service at %s" % realm.netloc)
+        try:
+            doc = json.loads(answer.body)
+            token = doc.get("token") or doc.get("access_token")
+            lifetime = float(doc.get("expires_in") or DEFAULT_TOKEN_LIFETIME)
+        except (ValueError, TypeError, AttributeError):
+            token, lifetime = None, 0.0
+        if not isinstance(token, str) or not token:
+            raise RegistryError("the token service of %s (%s) answered without a token" % (
+                registry_of(image), realm.netloc), answer.status, method, path)
+        return token, lifetime
+
+    # -- HTTP ----------------------------------------------------------------
+
+    def _send(self, method: str, url: str, headers: Dict[str, str], authorization: Optional[str],
+              limit: int, data: Optional[bytes] = None) -> _Answer:
+        """One request; its answer whatever the status. RegistryError (status
+        None) when there was no answer, or an answer larger than `limit` bytes."""
+        import urllib.error
+        import urllib.request
+        headers = dict(headers, **{"User-Agent": USER_AGENT})
+        if authorization:
+            headers["Authorization"] = authorization
+        request = urllib.request.Request(url, data=data, method=method, headers=headers)
+        parts = urllib.parse.urlsplit(url)
+        try:
+            try:
+                with self._opener(parts.hostname or "")(request, timeout=self.timeout) as response:
+                    return _Answer(response.status, response.headers, _read(response, limit))
+            except urllib.error.HTTPError as exc:
+                if exc.fp is None:  # an HTTPError made without a body (Python 3.8 cannot read() it)
+                    return _Answer(exc.code, exc.headers, b"")
+                try:
+                    return _Answer(exc.code, exc.headers, _read(exc, ERROR_BODY_LIMIT, cut=True))
+                finally:
+                    exc.close()
+        except _TooLarge:
+            raise RegistryError("%s sent more than %d bytes for %s %s" % (
+                parts.netloc, limit, method, parts.path), None, method, parts.path) from None
+        except (OSError, http.client.HTTPException, ValueError) as exc:
+            raise RegistryError("no answer from %s: %s" % (parts.netloc, _registry_reason(exc)),
+                                None, method, parts.path) from None
+
+    def _opener(self, host: str) -> Callable[..., Any]:
+        if self.urlopen is not None:
+            return self.urlopen
+        direct = is_loopback_registry(host)
+        with self._lock:
+            if direct not in self._openers:
+                self._openers[direct] = registry_opener(use_proxy_env=not direct)
+            return self._openers[direct]
+
+    def _checked(self, answer: _Answer, image: str, method: str, url: str, not_found: str) -> _Answer:
+        """`answer` when 2xx; else the RegistryError for its status."""
+        if 200 <= answer.status < 300:
+            return answer
+        path = urllib.parse.urlsplit(url).path
+        registry = registry_of(image)
+        if answer.status in (429, 503):
+            retry_after = parse_retry_after(answer.headers.get("Retry-After"), self.clock())
+            raise RegistryError("%s asks to wait%s (%s)%s" % (
+                registry, " %gs" % retry_after if retry_after is not None else "",
+                "too many requests" if answer.status == 429 else "unavailable",
+                _quota(answer.headers)), answer.status, method, path, retry_after)
+        if 300 <= answer.status < 400:
+            raise RegistryError("%s redirected to %s; redirects are not followed" % (
+                registry, _without_query(answer.headers.get("Location") or "nowhere")),
+                answer.status, method, path)
+        if answer.status == 404:
+            raise RegistryError(not_found, 404, method, path)
+        raise RegistryError("%s failed: %s" % (registry, _registry_message(answer.body)),
+                            answer.status, method, path)
+
+    def _refused(self, image: str, name: str, auth: Optional[Dict[str, str]], answer: _Answer,
+                 method: str, url: str) -> RegistryError:
+        # Docker Hub answers 401, not 404, for a repository that does not exist.
+        return RegistryError("%s refused %s for %s (or it has no such repository)" % (
+            registry_of(image), "the credentials given" if auth else
+            "an anonymous request (no credentials were given)", name),
+            answer.status, method, urllib.parse.urlsplit(url).path)
+
+
+class _TooLarge(Exception):
+    """An answer over its size cap."""
+
+
+def _read(response: Any, limit: int, cut: bool = False) -> bytes:
+    """At most `limit` bytes of a body: more is _TooLarge, or cut off with `cut`."""
+    body = response.read(limit + 1) or b""
+    if len(body) > limit:
+        if not cut:
+            raise _TooLarge()
+        body = body[:limit]
+    return body
+
+
+def _tag_page(body: bytes, url: str) -> List[str]:
+    """The tags of one tags/list answer ({"name": ..., "tags": [...] or null})."""
+    try:
+        tags = json.loads(body).get("tags") or []
+    except (ValueError, AttributeError):
+        tags = None
+    if not isinstance(tags, list) or not all(isinstance(tag, str) for tag in tags):
+        raise RegistryError("%s answered a tag list that is not {\"tags\": [strings]}" % (
+            urllib.parse.urlsplit(url).netloc,), 200, "GET", urllib.parse.urlsplit(url).path)
+    return tags
+
+
+def _next_page(headers: Any, url: str) -> Optional[str]:
+    """The rel="next" URL of a Link header, resolved against `url`; None on
+    the last page. A next page on another host is refused: it would get the
+    credentials."""
+    for value in headers.get_all("Link") or []:
+        for link in value.split(","):
+            target, _, params = link.partition(";")
+            target = target.strip()
+            if target.startswith("<") and target.endswith(">") and re.search(
+                    r'rel\s*=\s*"?next"?', params):
+                following = urllib.parse.urljoin(url, target[1:-1])
+                if _origin(following) != _origin(url):
+                    raise RegistryError("%s links its next page of tags to another host (%s)" % (
+                        urllib.parse.urlsplit(url).netloc, urllib.parse.urlsplit(following).netloc),
+                        200, "GET", urllib.parse.urlsplit(url).path)
+                return following
+    return None
+
+
+def _origin(url: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    return "%s://%s" % (parts.scheme, parts.netloc.lower())
+
+
+def _basic(auth: Dict[str, str]) -> str:
+    pair = "%s:%s" % (auth.get("username", ""), auth.get("password", ""))
+    return "Basic " + base64.b64encode(pair.encode("utf-8")).decode("ascii")
+
+
+def _token_key(challenge: Challenge, auth: Optional[Dict[str, str]]) -> Tuple[str, str, str, str]:
+    """(realm, service, scope, whose): two logins never share a token. `whose`
+    is a digest, so that no secret sits in the cache's keys."""
+    whose = "" if not auth else hashlib.sha256(json.dumps(
+        [auth.get("username"), auth.get("password"), auth.get("identitytoken")]).encode()).hexdigest()
+    return challenge.realm, challenge.service, challenge.scope, whose
+
+
+def _quota(headers: Any) -> str:
+    remaining = headers.get("ratelimit-remaining")
+    return "; pulls left: %s" % remaining if remaining else ""
+
+
+def _without_query(url: str) -> str:
+    """A URL without its query and fragment, where a signed URL keeps its secrets."""
+    parts = urllib.parse.urlsplit(url)
+    return urllib.parse.urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))
+
+
+def _registry_message(body: bytes) -> str:
+    """The registry's {"errors": [{"code", "message"}]}, else the start of its answer."""
+    try:
+        errors = json.loads(body).get("errors") or []
+        said = "; ".join("%s: %s" % (e.get("code", "?"), e.get("message", "")) for e in errors[:3])
+        if said:
+            return _first_line(said)
+    except (ValueError, AttributeError, TypeError):
+        pass
+    return _first_line(body.decode("utf-8", "replace").strip()) or "no message"
+
+
+def _registry_reason(exc: BaseException) -> str:
+    """Why a registry gave no answer, in words."""
+    reason = getattr(exc, "reason", None)  # urllib.error.URLError wraps the OSError
+    if isinstance(reason, BaseException):
+        exc = reason
+    elif isinstance(reason, str):
+        return reason
+    if isinstance(exc, socket.timeout):
+        return "timed out"
+    if isinstance(exc, http.client.HTTPException):
+        return "bad HTTP (%s)" % exc.__class__.__name__
+    return getattr(exc, "strerror", None) or str(exc) or exc.__class__.__name__
 
 
 ############################################################################
