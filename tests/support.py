@@ -30,6 +30,7 @@ import threading
 import time
 import unittest
 import urllib.error
+import urllib.parse
 import urllib.request
 from functools import lru_cache
 from typing import Dict, Iterable, List, Optional, Tuple
@@ -1176,3 +1177,159 @@ def wait_healthz(port: int, status: int = 200, timeout: float = 30.0) -> float:
         if time.monotonic() > deadline:
             raise AssertionError("/healthz not %d within %.0fs: %r" % (status, timeout, last))
         time.sleep(0.02)
+
+
+# ---------------------------------------------------------------------------
+# Registry proxies
+# ---------------------------------------------------------------------------
+
+class RecordingProxy:
+    """A reverse proxy on 127.0.0.1:<free port> in front of a registry (or
+    any HTTP server) at `target` ("http://127.0.0.1:5000"): each request is
+    forwarded as it came (Host included, so the registry's own URLs point
+    back here) and noted. Image references name it by `host`, as they
+    would the registry; the Engine treats it as insecure (loopback) too.
+
+    `requests`: (method, path) in arrival order; `hits`: (time.monotonic(),
+    method, path, status). throttle(n, s) answers the next n requests with
+    429 and Retry-After: s itself, without forwarding them.
+    Use as a context manager, or call close().
+    """
+
+    # Hop-by-hop headers (RFC 9110 7.6.1): for one connection, never forwarded.
+    HOP_BY_HOP = frozenset(("connection", "keep-alive", "proxy-connection", "te", "trailer",
+                            "transfer-encoding", "upgrade", "proxy-authorization",
+                            "proxy-authenticate"))
+
+    def __init__(self, target: str, timeout: float = 30.0) -> None:
+        parts = urllib.parse.urlsplit(target)
+        if parts.scheme != "http" or not parts.hostname:
+            raise ValueError("RecordingProxy forwards to http://host:port, not %r" % target)
+        self.target_host, self.target_port = parts.hostname, parts.port or 80
+        self.timeout = timeout
+        self.requests = []  # type: List[Tuple[str, str]]
+        self.hits = []  # type: List[Tuple[float, str, str, int]]
+        self._cond = threading.Condition()
+        self._throttled = 0
+        self._retry_after = "1"
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def relay(self) -> None:
+                body = proxy._request_body(self)
+                with proxy._cond:
+                    throttled = proxy._throttled > 0
+                    proxy._throttled -= 1 if throttled else 0
+                if throttled:
+                    status, headers, data = 429, [("Retry-After", proxy._retry_after),
+                                                  ("Content-Type", "application/json")], \
+                        b'{"errors":[{"code":"TOOMANYREQUESTS","message":"throttled by the test"}]}'
+                else:
+                    status, headers, data = proxy._forward(self.command, self.path,
+                                                           self.headers.items(), body)
+                with proxy._cond:
+                    proxy.requests.append((self.command, self.path))
+                    proxy.hits.append((time.monotonic(), self.command, self.path, status))
+                    proxy._cond.notify_all()
+                self.send_response(status)
+                length = str(len(data))
+                for name, value in headers:
+                    if name.lower() == "content-length":
+                        length = value if self.command == "HEAD" else length
+                    elif name.lower() not in proxy.HOP_BY_HOP:
+                        self.send_header(name, value)
+                self.send_header("Content-Length", length)
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+
+            do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = relay
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self._thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05},
+                                        name="recording-proxy", daemon=True)
+        self._thread.start()
+
+    @property
+    def host(self) -> str:
+        """"127.0.0.1:PORT", the registry part of image references through the proxy."""
+        return "127.0.0.1:%d" % self.port
+
+    @property
+    def url(self) -> str:
+        return "http://" + self.host
+
+    def throttle(self, count: int, retry_after: float = 1) -> None:
+        """Answer the next `count` requests with 429 and Retry-After: `retry_after` (seconds)."""
+        with self._cond:
+            self._throttled, self._retry_after = count, "%d" % retry_after
+
+    def wait_for(self, method: str, path_part: str, count: int = 1,
+                 timeout: float = 60.0) -> List[float]:
+        """Wait until `count` requests of `method` with `path_part` in their
+        path came; their times (time.monotonic()). AssertionError after `timeout`."""
+        def matching() -> List[float]:
+            return [at for at, seen, path, _ in self.hits if seen == method and path_part in path]
+        with self._cond:
+            if not self._cond.wait_for(lambda: len(matching()) >= count, timeout):
+                raise AssertionError("%d of %d %s requests for %r in %.0fs; seen: %r"
+                                     % (len(matching()), count, method, path_part, timeout,
+                                        self.requests[-20:]))
+            return matching()
+
+    def close(self) -> None:
+        """Stop serving and close the listening socket. Safe to call twice."""
+        if self._thread is not None:
+            self.server.shutdown()
+            self._thread.join(10)
+            self.server.server_close()
+            self._thread = None
+
+    def __enter__(self) -> "RecordingProxy":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    @staticmethod
+    def _request_body(handler: http.server.BaseHTTPRequestHandler) -> Optional[bytes]:
+        """The request's body, by Content-Length or chunked; None when it has none."""
+        if handler.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            chunks = []
+            while True:
+                size = int(handler.rfile.readline().split(b";")[0].strip() or b"0", 16)
+                if size == 0:
+                    while handler.rfile.readline() not in (b"\r\n", b"\n", b""):
+                        pass  # trailers
+                    return b"".join(chunks)
+                chunks.append(handler.rfile.read(size))
+                handler.rfile.readline()
+        length = int(handler.headers.get("Content-Length") or 0)
+        return handler.rfile.read(length) if length else None
+
+    def _forward(self, method: str, path: str, headers: Iterable[Tuple[str, str]],
+                 body: Optional[bytes]) -> Tuple[int, List[Tuple[str, str]], bytes]:
+        """The target's answer to the request: (status, headers, body);
+        502 when it gives none."""
+        conn = http.client.HTTPConnection(self.target_host, self.target_port, timeout=self.timeout)
+        try:
+            conn.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
+            for name, value in headers:
+                if name.lower() not in self.HOP_BY_HOP and name.lower() != "content-length":
+                    conn.putheader(name, value)
+            if body is not None:
+                conn.putheader("Content-Length", str(len(body)))
+            conn.endheaders(body)
+            response = conn.getresponse()
+            return response.status, response.getheaders(), response.read()
+        except (OSError, http.client.HTTPException) as exc:
+            return 502, [("Content-Type", "text/plain")], ("proxy: %s" % exc).encode()
+        finally:
+            conn.close()
