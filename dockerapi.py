@@ -413,7 +413,7 @@ def parse_challenge(values: List[str], name: str) -> Optional[Challenge]:
     found = {}
     for value in values:
         scheme, _, rest = value.strip().partition(" ")
-        params = {key.lower(): quoted.replace('\\"', '"') if quoted is not None and not bare else bare
+        params = {key.lower(): re.sub(r"\\(.)", r"\1", quoted) if quoted else bare
                   for key, quoted, bare in _AUTH_PARAM.findall(rest)}
         found.setdefault(scheme.lower(), params)
     if "bearer" in found and found["bearer"].get("realm"):
@@ -538,7 +538,10 @@ class RegistryClient:
         with self._lock:
             known = self._challenges.get((origin, name))
         where = (method, urllib.parse.urlsplit(url).path)
-        sent = self._authorization(known, auth, image, where) if known else None
+        # Answered at once when it was asked before; a Basic challenge without a
+        # password is asked again, should the registry have dropped it.
+        answerable = known and (known.scheme == "bearer" or (auth and auth.get("username")))
+        sent = self._authorization(known, auth, image, where) if answerable else None
         answer = self._send(method, url, headers, sent, limit)
         if answer.status == 401:
             challenge = parse_challenge(answer.headers.get_all("WWW-Authenticate") or [], name)

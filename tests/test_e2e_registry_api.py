@@ -5,9 +5,10 @@ is the digest `docker push` left in the image's RepoDigests, and its tag
 list is what was pushed. Through tests/support.py's RecordingProxy the
 manifest request is a HEAD (a GET would count against Docker Hub's pull
 quota), a 429 with Retry-After from the proxy comes back as
-RegistryError.retry_after, and the Engine can pull through the proxy. Behind htpasswd basic auth (the registry of
-test_e2e_private_registry) the credentials `docker login` wrote are used,
-and none, or a wrong password, are refused. Loopback only; every wait is bounded.
+RegistryError.retry_after, and the Engine can pull through the proxy.
+Behind htpasswd basic auth (the registry of test_e2e_private_registry)
+the credentials `docker login` wrote are used, and none, or a wrong
+password, are refused. Loopback only; every wait is bounded.
 """
 
 import json

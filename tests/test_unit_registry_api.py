@@ -417,6 +417,12 @@ class BasicAuthTest(RegistryTestCase):
         self.assertIn("%s asks for a user name and password, and no credentials were given"
                       % registry.host, str(error))
 
+    def test_a_registry_that_stops_asking_for_a_password_is_read_anonymously(self):
+        registry = self.start(auth="basic")
+        self.refusal(self.client.manifest_digest, self.image, "v1", None)
+        registry.auth = "none"
+        self.assertEqual(self.client.manifest_digest(self.image, "v1", None).digest, DIGEST_V1)
+
     def test_a_wrong_password_is_refused_after_one_try(self):
         registry = self.start(auth="basic")
         error = self.refusal(self.client.manifest_digest, self.image, "v1",
@@ -594,6 +600,8 @@ class AddressesTest(unittest.TestCase):
             "repository:samalba/my-app:pull,push"))
         self.assertEqual(parse(['Bearer realm="https://ghcr.io/token"'], "o/a").scope,
                          "repository:o/a:pull")
+        self.assertEqual(parse(['Bearer realm=https://q.example/t, service=q, error="a\\"b"'], "o/a"),
+                         dockerapi.Challenge("bearer", "https://q.example/t", "q", "repository:o/a:pull"))
         self.assertEqual(parse(['Basic realm="x"', hub], "x").scheme, "bearer")
         self.assertEqual(parse(['basic realm="Registry Realm"'], "x"), dockerapi.Challenge("basic"))
         self.assertIsNone(parse(['Bearer service="no-realm"'], "x"))
