@@ -24,6 +24,7 @@ import collections
 import configparser
 import copy
 import fcntl
+import fnmatch
 import hmac
 import http.client
 import heapq
@@ -42,7 +43,7 @@ import sys
 import threading
 import time
 import urllib.parse
-from typing import (Any, Callable, Deque, Dict, Iterator, List, Mapping, NamedTuple, Optional,
+from typing import (Any, Callable, Deque, Dict, Iterable, Iterator, List, Mapping, NamedTuple, Optional,
                     Sequence, Set, Tuple, Union, FrozenSet)
 
 import dockerapi
@@ -143,6 +144,15 @@ class PayloadError(AutodeployError):
         self.message = message
 
 
+class Ignored(AutodeployError):
+    """A push the app's tag policy does not deploy (outside its bound, older
+    than the running version, a pre-release): acknowledged, not an error."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
 class QueueFull(AutodeployError):
     """More jobs wait than the queue may hold."""
 
@@ -175,8 +185,13 @@ class AppConfig(NamedTuple):
     """One [repository] section: what may deploy, and where to."""
     repository: str
     image: str
+    # exact: the tags followed; glob: their patterns; patch/minor/major:
+    # nothing, or the version to start from while no version runs.
     tags: Tuple[str, ...]
     container: str
+    tag_policy: str = "exact"  # which pushed tags deploy: TAG_POLICIES
+    prerelease: bool = False  # glob and semver policies: follow SemVer pre-releases too
+    poll: float = 0.0  # seconds between asking the registry for the followed tag's digest; 0: never
     stop_timeout: Optional[int] = None
     order: str = "auto"
     health_url: str = ""
@@ -268,12 +283,12 @@ MAIN_KEYS = {"listen", "token", "token_file", "workers", "state_dir", "callback_
              "request_timeout", "tls_cert", "tls_key", "engine_wait", "journal", "keep_jobs",
              "keep_days", "admin_token", "metrics_public", "notify_url", "slack_url",
              "notify_on", "stop_deadline", "header_timeout", "keepalive_timeout",
-             "max_header_bytes", "max_connections_per_source"}
-APP_KEYS = {"image", "tag", "container", "stop_timeout", "order", "health_url", "health_tcp",
-            "health_timeout", "settle", "cooldown", "remove_old_image", "ports", "env", "volumes",
-            "labels", "restart", "network", "command", "token", "token_file", "signing_secret",
-            "signing_secret_file", "notify_url", "slack_url", "notify_on", "registry_user",
-            "registry_password_file"}
+             "max_header_bytes", "max_connections_per_source", "poll"}
+APP_KEYS = {"image", "tag", "tag_policy", "prerelease", "poll", "container", "stop_timeout",
+            "order", "health_url", "health_tcp", "health_timeout", "settle", "cooldown",
+            "remove_old_image", "ports", "env", "volumes", "labels", "restart", "network", "command",
+            "token", "token_file", "signing_secret", "signing_secret_file", "notify_url", "slack_url",
+            "notify_on", "registry_user", "registry_password_file"}
 
 
 def load_config(path: str, environ: Optional[Mapping[str, str]] = None) -> Config:
@@ -300,10 +315,15 @@ def load_config(path: str, environ: Optional[Mapping[str, str]] = None) -> Confi
     _reject_unknown_keys(main, MAIN_KEYS, where)
     host, port = _parse_listen(main.get("listen", DEFAULT_LISTEN), where)
     notify = _parse_notify(main, where, ("", "", AppConfig._field_defaults["notify_on"]))
+    default_poll = _poll_option(main, where, 0.0)
     apps = {}
     for name in parser.sections():
         if name != "autodeploy":
-            apps[name] = _parse_app(name, parser[name], "%s: [%s]" % (path, name), base, notify)
+            apps[name] = _parse_app(name, parser[name], "%s: [%s]" % (path, name), base, notify,
+                                    default_poll)
+            warning = poll_warning(apps[name])
+            if warning:
+                log.warning("%s: [%s] %s", path, name, warning)
     containers = collections.Counter(app.container for app in apps.values())
     for container, count in containers.items():
         if count > 1:
@@ -347,15 +367,14 @@ def load_config(path: str, environ: Optional[Mapping[str, str]] = None) -> Confi
         stop_deadline=_float_option(main, "stop_deadline", 30, where, 0, 3600))
 
 
-def _parse_app(repository: str, section: configparser.SectionProxy, where: str,
-               base: str, notify: Tuple[str, str, FrozenSet[str]]) -> AppConfig:
+def _parse_app(repository: str, section: configparser.SectionProxy, where: str, base: str,
+               notify: Tuple[str, str, FrozenSet[str]], default_poll: float = 0.0) -> AppConfig:
     _reject_unknown_keys(section, APP_KEYS, where)
-    tags = tuple(_split_list(section.get("tag", "latest")))
-    for tag in tags:
-        if not TAG_RE.match(tag):
-            raise ConfigError("%s tag: %r is not a valid Docker tag" % (where, tag))
-    if not tags:
-        raise ConfigError("%s tag: empty; name at least one tag to follow" % where)
+    tag_policy = section.get("tag_policy", "exact").strip()
+    if tag_policy not in TAG_POLICIES:
+        raise ConfigError("%s tag_policy: %r; use %s" % (where, tag_policy, ", ".join(TAG_POLICIES)))
+    prerelease = _bool_option(section, "prerelease", False, where)
+    tags = _followed_tags(section, tag_policy, prerelease, where)
     container = section.get("container") or repository.replace("/", "-")
     if not CONTAINER_NAME_RE.match(container):
         raise ConfigError("%s container: %r is not a valid container name" % (where, container))
@@ -388,6 +407,7 @@ def _parse_app(repository: str, section: configparser.SectionProxy, where: str,
         raise ConfigError("%s remove_old_image: use yes or no" % where) from None
     return AppConfig(
         repository=repository, image=image, tags=tags, container=container,
+        tag_policy=tag_policy, prerelease=prerelease, poll=_poll_option(section, where, default_poll),
         stop_timeout=None if stop is None else _int_option(section, "stop_timeout", 10, where, -1, 3600),
         order=order, health_url=health_url, health_tcp=health_tcp,
         health_timeout=_int_option(section, "health_timeout", 60, where, 1, 3600),
@@ -404,6 +424,92 @@ def _parse_app(repository: str, section: configparser.SectionProxy, where: str,
         signing_secret=_read_secret(section, where, base),
         **_read_registry_login(section, where, base),
         **dict(zip(("notify_url", "slack_url", "notify_on"), _parse_notify(section, where, notify))))
+
+
+TAG_POLICIES = ("exact", "glob", "patch", "minor", "major")
+SEMVER_POLICIES = ("patch", "minor", "major")
+# fnmatch patterns over Docker tags: a tag's characters and the wildcards * ? [...] [!...].
+TAG_PATTERN_RE = re.compile(r"^[A-Za-z0-9_.*?\[\]!-]{1,128}$")
+DURATION_RE = re.compile(r"^(?:([0-9]+)h)?(?:([0-9]+)m)?(?:([0-9]+)s)?$")
+POLL_WARN_BELOW = 60.0  # seconds: a shorter poll of a Docker Hub image is warned about
+
+
+def _followed_tags(section: configparser.SectionProxy, policy: str, prerelease: bool,
+                   where: str) -> Tuple[str, ...]:
+    """`tag` as the policy reads it: exact, the tags (default latest); glob,
+    the patterns (required); patch/minor/major, nothing or the one version
+    to start from while the running version is unknown."""
+    values = _split_list(section.get("tag", "latest" if policy == "exact" else ""))
+    if policy == "exact":
+        if prerelease:
+            raise ConfigError("%s prerelease: no effect with tag_policy = exact, which follows the "
+                              "listed tags whatever they are" % where)
+        for tag in values:
+            if not TAG_RE.match(tag):
+                raise ConfigError("%s tag: %r is not a valid Docker tag" % (where, tag))
+        if not values:
+            raise ConfigError("%s tag: empty; name at least one tag to follow" % where)
+    elif policy == "glob":
+        for pattern in values:
+            if not TAG_PATTERN_RE.match(pattern):
+                raise ConfigError("%s tag: %r is not a tag pattern (a tag's letters, digits and "
+                                  "_ . -, with the wildcards * ? [...])" % (where, pattern))
+        if not values:
+            raise ConfigError("%s tag: tag_policy = glob follows the tags matching the patterns "
+                              "given here, such as v1.*; none is" % where)
+    else:
+        if len(values) > 1:
+            raise ConfigError("%s tag: with tag_policy = %s, at most one version, the one to start "
+                              "from; %d are given" % (where, policy, len(values)))
+        for tag in values:
+            version = SemVer.parse(tag) if TAG_RE.match(tag) else None
+            if version is None:
+                raise ConfigError("%s tag: %r is not a version such as v1.2.0 (with tag_policy = %s "
+                                  "it names the version to start from)" % (where, tag, policy))
+            if version.prerelease and not prerelease:
+                raise ConfigError("%s tag: %s is a pre-release, and prerelease = no" % (where, tag))
+    return tuple(values)
+
+
+def parse_duration(text: str) -> Optional[float]:
+    """Seconds in '90s', '5m', '2h' or '1h30m' (whole numbers, h m s in that
+    order); None when `text` is no such duration."""
+    match = DURATION_RE.match(text.strip().lower())
+    if not match or not any(match.groups()):
+        return None
+    hours, minutes, seconds = (int(group or 0) for group in match.groups())
+    return float(hours * 3600 + minutes * 60 + seconds)
+
+
+def format_duration(seconds: float) -> str:
+    """90 -> '1m30s', 3600 -> '1h': as `poll` is written."""
+    whole = int(seconds)
+    parts = [(whole // 3600, "h"), (whole % 3600 // 60, "m"), (whole % 60, "s")]
+    return "".join("%d%s" % (count, unit) for count, unit in parts if count) or "0s"
+
+
+def _poll_option(section: configparser.SectionProxy, where: str, default: float) -> float:
+    """`poll` in seconds: a duration of at least 1 s, or no (0: no polling)."""
+    raw = section.get("poll")
+    if raw is None:
+        return default
+    if raw.strip().lower() in ("no", "off", "false"):
+        return 0.0
+    seconds = parse_duration(raw)
+    if seconds is None:
+        raise ConfigError("%s poll: %r; use a duration such as 30s, 5m or 1h30m, or no" % (where, raw))
+    if seconds < 1:
+        raise ConfigError("%s poll: %r; at least 1s (no turns polling off)" % (where, raw))
+    return seconds
+
+
+def poll_warning(app: AppConfig) -> Optional[str]:
+    """What is unwise about the app's poll interval, or None: under a minute
+    for an image on Docker Hub, which rate-limits its registry's requests."""
+    if 0 < app.poll < POLL_WARN_BELOW and dockerapi.registry_of(app.image) == dockerapi.DOCKER_HUB:
+        return ("poll = %s asks Docker Hub more than once a minute, and Docker Hub rate-limits "
+                "its registry's requests; 1m or more is advised" % format_duration(app.poll))
+    return None
 
 
 def _parse_notify(section: configparser.SectionProxy, where: str,
@@ -1196,6 +1302,205 @@ def _dig(doc: Dict[str, Any], *keys: str) -> Any:
             return None
         doc = doc.get(key)
     return doc
+
+
+############################################################################
+# Tag policies: which pushed tag to deploy
+############################################################################
+#
+# tag_policy = exact follows the listed tags; glob, the tags matching one of
+# the listed patterns (fnmatch, case-sensitive); patch, minor and major,
+# SemVer 2.0.0 versions within a bound of the version they count from: the
+# same major.minor, the same major, any. That version (the anchor) is the
+# running container's tag when it is a version, else the one version the
+# app's `tag` may name; with neither, any version satisfies the bound.
+# Under every policy but exact, a version older than the running one is
+# not deployed, nor a pre-release unless prerelease = yes.
+
+# SemVer 2.0.0's grammar (its BNF, as the specification's own regular
+# expression), with a leading v or V tolerated: no leading zeros in numeric
+# identifiers, pre-release identifiers after '-', build metadata after '+'.
+SEMVER_RE = re.compile(
+    r"^[vV]?(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)"
+    r"(?:-((?:0|[1-9][0-9]*|[0-9]*[A-Za-z-][0-9A-Za-z-]*)"
+    r"(?:\.(?:0|[1-9][0-9]*|[0-9]*[A-Za-z-][0-9A-Za-z-]*))*))?"
+    r"(?:\+([0-9A-Za-z-]+(?:\.[0-9A-Za-z-]+)*))?\Z")
+
+
+class SemVer:
+    """A SemVer 2.0.0 version, as the tag `text` spells it. Versions compare
+    by precedence (the specification's §11), so build metadata is ignored:
+    1.0.0+a == 1.0.0+b, and v1.0.0 == 1.0.0."""
+    __slots__ = ("major", "minor", "patch", "prerelease", "build", "text")
+
+    def __init__(self, major: int, minor: int, patch: int, prerelease: Tuple[str, ...] = (),
+                 build: Tuple[str, ...] = (), text: str = ""):
+        self.major, self.minor, self.patch = major, minor, patch
+        self.prerelease, self.build = prerelease, build
+        self.text = text or "%d.%d.%d%s%s" % (major, minor, patch,
+                                               "-" + ".".join(prerelease) if prerelease else "",
+                                               "+" + ".".join(build) if build else "")
+
+    @staticmethod
+    def parse(text: str) -> Optional["SemVer"]:
+        """The version `text` spells ('1.2.3', 'v1.2.3-rc.1+build.5'), or None."""
+        match = SEMVER_RE.match(text)
+        if match is None:
+            return None
+        major, minor, patch, prerelease, build = match.groups()
+        return SemVer(int(major), int(minor), int(patch),
+                      tuple(prerelease.split(".")) if prerelease else (),
+                      tuple(build.split(".")) if build else (), text)
+
+    @property
+    def precedence(self) -> Tuple[Any, ...]:
+        """A key that sorts as §11 orders versions: major, minor and patch
+        numerically; a pre-release before its release; pre-release
+        identifiers one by one, numeric ones numerically and before
+        alphanumeric ones, those in ASCII order, and a longer set after a
+        shorter one it starts with. Build metadata plays no part."""
+        if not self.prerelease:
+            release: Tuple[Any, ...] = (1,)
+        else:
+            release = (0,) + tuple((0, int(part), "") if part.isdigit() else (1, 0, part)
+                                   for part in self.prerelease)
+        return (self.major, self.minor, self.patch, release)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, SemVer) and self.precedence == other.precedence
+
+    def __lt__(self, other: "SemVer") -> bool:
+        return self.precedence < other.precedence
+
+    def __le__(self, other: "SemVer") -> bool:
+        return self.precedence <= other.precedence
+
+    def __gt__(self, other: "SemVer") -> bool:
+        return self.precedence > other.precedence
+
+    def __ge__(self, other: "SemVer") -> bool:
+        return self.precedence >= other.precedence
+
+    def __hash__(self) -> int:
+        return hash(self.precedence)
+
+    def __repr__(self) -> str:
+        return "SemVer(%r)" % self.text
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def tag_refusal(app: AppConfig, tag: str, running_tag: Optional[str] = None) -> Optional[str]:
+    """None when a push of `tag` is to be deployed under the app's tag
+    policy, with `running_tag` the tag the app's container runs (None: no
+    container, or its image names no tag); else why not, in words."""
+    if app.tag_policy == "exact":
+        return None if tag in app.tags else "tag %s is not one of %s" % (tag, ", ".join(app.tags))
+    version = SemVer.parse(tag)
+    if app.tag_policy == "glob":
+        if not _matches_pattern(app, tag):
+            return "tag %s matches no pattern of %s" % (tag, ", ".join(app.tags))
+        if version is None:
+            return None  # a tag that is no version has no order to keep
+    elif version is None:
+        return "tag %s is not a version such as v1.2.3 (tag_policy = %s)" % (tag, app.tag_policy)
+    if version.prerelease and not app.prerelease:
+        return "pre-release %s not followed (prerelease = no)" % tag
+    anchor, named = _anchor(app, running_tag)
+    if anchor is None:
+        return None
+    if version < anchor:
+        return "%s is older than %s" % (tag, named)
+    if not _within_bound(app.tag_policy, version, anchor):
+        return "%s is outside the %s policy from %s" % (tag, app.tag_policy, anchor.text)
+    return None
+
+
+def choose_tag(app: AppConfig, tags: Iterable[str], running_tag: Optional[str]) -> Optional[str]:
+    """For a poll: which of the registry's `tags` to deploy, None when none
+    is newer than the running one.
+
+    exact: the tag whose digest to compare, the running one when it is
+    followed, else the first listed (`tags` is not read). glob and
+    patch/minor/major: the newest version by precedence that tag_refusal
+    allows and that is newer than the running version; with no running
+    version, the newest allowed one (for a semver policy counted from the
+    version `tag` names, which may itself be chosen). A tag that is no
+    version is never chosen: under glob it is followed by its digest only,
+    while a container runs it. Among versions of equal precedence (v1.2.3
+    and 1.2.3), the greater tag string wins, so the choice does not depend
+    on the registry's order."""
+    if app.tag_policy == "exact":
+        return running_tag if running_tag in app.tags else app.tags[0]
+    running = _running_version(app, running_tag)
+    best: Optional[Tuple[Tuple[Any, ...], str]] = None
+    for tag in tags:
+        version = SemVer.parse(tag) if isinstance(tag, str) and TAG_RE.match(tag) else None
+        if version is None or tag_refusal(app, tag, running_tag) is not None:
+            continue
+        if running is not None and not version > running:
+            continue
+        if best is None or (version.precedence, tag) > best:
+            best = (version.precedence, tag)
+    return best[1] if best else None
+
+
+def running_tag_of(inspect: Dict[str, Any]) -> Optional[str]:
+    """The tag a container's image reference (Config.Image) names: 'tag' of
+    repo:tag, repo:tag@sha256:..., host:5000/repo:tag; None for a bare
+    digest or image id, or a name with no tag."""
+    image = _dig(inspect, "Config", "Image")
+    name = image.split("@", 1)[0] if isinstance(image, str) else ""
+    if not name or name.startswith("sha256:"):
+        return None
+    slash, colon = name.rfind("/"), name.rfind(":")
+    tag = name[colon + 1:] if colon > slash else ""
+    return tag if TAG_RE.match(tag) else None
+
+
+def describe_policy(app: AppConfig) -> str:
+    """Which tags the app follows, as `check` says it."""
+    if app.tag_policy == "exact":
+        return "tags " + " ".join(app.tags)
+    too = ", pre-releases too" if app.prerelease else ""
+    if app.tag_policy == "glob":
+        return "tags matching %s%s" % (" ".join(app.tags), too)
+    start = " (from %s while no version runs)" % app.tags[0] if app.tags else ""
+    return "%s updates of the running version%s%s" % (app.tag_policy, start, too)
+
+
+def _matches_pattern(app: AppConfig, tag: str) -> bool:
+    return any(fnmatch.fnmatchcase(tag, pattern) for pattern in app.tags)
+
+
+def _running_version(app: AppConfig, running_tag: Optional[str]) -> Optional[SemVer]:
+    """The running tag's version, if it is one; under glob, only when the
+    patterns match it: a container running another line (the patterns were
+    changed to move to it) does not hold back the tags now followed."""
+    version = SemVer.parse(running_tag) if running_tag else None
+    if version is not None and app.tag_policy == "glob" and not _matches_pattern(app, running_tag or ""):
+        return None
+    return version
+
+
+def _anchor(app: AppConfig, running_tag: Optional[str]) -> Tuple[Optional[SemVer], str]:
+    """The version the policy counts from, and how a reason names it: the
+    running version; else, for a semver policy, the one `tag` names; else none."""
+    running = _running_version(app, running_tag)
+    if running is not None:
+        return running, "the running %s" % running_tag
+    if app.tag_policy in SEMVER_POLICIES and app.tags:
+        return SemVer.parse(app.tags[0]), "%s, the version tag = starts from" % app.tags[0]
+    return None, ""
+
+
+def _within_bound(policy: str, version: SemVer, anchor: SemVer) -> bool:
+    if policy == "patch":
+        return (version.major, version.minor) == (anchor.major, anchor.minor)
+    if policy == "minor":
+        return version.major == anchor.major
+    return True  # major, and glob: any newer version
 
 
 ############################################################################
