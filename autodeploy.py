@@ -57,7 +57,7 @@ __all__ = [
     "AppConfig", "Config", "load_config", "Push", "Parsed", "parse_request", "Job", "JobQueue",
     "RolledBack", "ContainerTarget", "HealthGate", "JobRunner", "build_create_body",
     "choose_order", "probe_endpoint", "Journal", "MemoryJournal", "Service", "WebhookServer",
-    "main",
+    "Ignored", "SemVer", "tag_refusal", "choose_tag", "running_tag_of", "main",
 ]
 
 
@@ -2441,6 +2441,18 @@ class ContainerTarget:
         except NotFound:
             return None
 
+    def running_tag(self, app: AppConfig) -> Optional[str]:
+        """The tag the app's container runs (see running_tag_of); None when
+        there is none, or the Engine cannot say: a push is then judged
+        without the running version, as before the first deploy."""
+        try:
+            found = self._inspect_or_none(app.container)
+        except DockerError as exc:
+            log.warning("repo=%s cannot inspect container %s for its running tag: %s",
+                        app.repository, app.container, exc)
+            return None
+        return running_tag_of(found) if found is not None else None
+
     def remove_quietly(self, container_id: str, jlog: logging.LoggerAdapter, force: bool = True) -> None:
         try:
             self.engine.remove_container(container_id, force=force)
@@ -2759,8 +2771,9 @@ def resume_unfinished(rows: List[Dict[str, Any]], config: Config, queue: JobQueu
     """Queue again the jobs the journal holds unfinished (`rows`, oldest
     first: a crash or a stop left them). A job that was mid-swap carries its
     row in job.resume, so the worker puts its containers in order first; a
-    job whose app or tag is no longer configured ends in `end` as an error.
-    Returns how many rows there were."""
+    job whose app is no longer configured, or whose tag its tag policy no
+    longer allows (judged without the running version: the job was accepted
+    against it), ends in `end` as an error. Returns how many rows there were."""
     for row in rows:
         app = config.app_for(row["app"])
         job = Job(id=row["id"], app=app or AppConfig(row["app"], row["app"], (), row["container"]),
@@ -2768,7 +2781,7 @@ def resume_unfinished(rows: List[Dict[str, Any]], config: Config, queue: JobQueu
                   received=row["received"] or 0.0)
         job.lines = (row["log"] or "").split("\n") if row["log"] else []
         job.digest = row.get("digest") or ""
-        if app is None or row["tag"] not in app.tags:
+        if app is None or tag_refusal(app, row["tag"], None) is not None:
             job.state, job.finished = ERROR, clock()
             job.description = "%s:%s is no longer configured; not resumed" % (row["app"], row["tag"])
             end(job)
@@ -3935,15 +3948,21 @@ class Service:
 
     def submit(self, push: Push, waiter: Optional[Waiter] = None) -> Job:
         """Queue a deploy for a push; PayloadError(422) when not configured,
-        503 when the journal cannot record it or the queue is full."""
+        503 when the journal cannot record it or the queue is full; Ignored
+        when the app's tag policy (other than exact) does not deploy it."""
         app = self.config.app_for(push.repository)
         if app is None:
             named = "%s/%s" % (push.host, push.repository) if push.host else push.repository
             raise PayloadError(422, "repository %s is not configured for deploys: a section "
                                "[%s] would follow pushes of %s" % (push.repository, push.repository, named))
-        if push.tag not in app.tags:
-            raise PayloadError(422, "tag %s of %s is not configured for deploys (follows: %s)"
-                               % (push.tag, push.repository, ", ".join(app.tags)))
+        if app.tag_policy == "exact":
+            if push.tag not in app.tags:
+                raise PayloadError(422, "tag %s of %s is not configured for deploys (follows: %s)"
+                                   % (push.tag, push.repository, ", ".join(app.tags)))
+        else:
+            refusal = tag_refusal(app, push.tag, self.runner.target_for(app).running_tag(app))
+            if refusal:
+                raise Ignored(refusal)
         job = Job(id=new_job_id(), app=app, tag=push.tag, callback_url=push.callback_url,
                   source=push.sender, received=self.clock())
         job.digest = push.digest
@@ -3968,7 +3987,7 @@ class Service:
         the push (the token's scope: 404; its signature: 401). Then: 202 with
         the jobs when any was queued; else 422 naming the first push no app
         follows; else 200 with what was ignored (events to ignore, pushes by
-        digest alone, redeliveries). A registry's own notifications
+        digest alone, redeliveries, tags the app's tag policy does not deploy). A registry's own notifications
         (`distribution`) never get a 422 or a 404 for a repository nobody
         follows: the registry would retry the event, holding back every
         later one. 401 and 503 refuse the whole request."""
@@ -3984,6 +4003,9 @@ class Service:
                                    % (push.repository, push.digest or "?"))
                     continue
                 job = self.submit_once(push)
+            except Ignored as exc:
+                ignored.append("%s: %s" % (push.repository, exc.reason))
+                continue
             except PayloadError as exc:
                 if exc.status == 422 or (exc.status == 404 and lenient):
                     unmatched.append(exc.message)
@@ -4024,7 +4046,7 @@ class Service:
             raise PayloadError(503, "cannot record the delivery (%s); retry later" % exc) from exc
         try:
             return self.submit(push)
-        except PayloadError:
+        except (PayloadError, Ignored):
             self._forget_delivery(key)
             raise
 
@@ -5151,7 +5173,8 @@ class ControlServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     """A Unix socket in the state directory (mode 0600: its owner and root)
     through which the `deploy` command hands a job to the running service.
     One JSON line in: {"repository": ..., "tag": ...}; lines out: the
-    job accepted (or the error), then its outcome once it has one."""
+    job accepted (or the error, or why the tag policy ignores the push),
+    then its outcome once it has one."""
     daemon_threads = True
 
     def __init__(self, path: str, service: Service):
@@ -5175,6 +5198,8 @@ class ControlHandler(socketserver.StreamRequestHandler):
             push = Push(str(request["repository"]), str(request["tag"]), sender="cli")
             waiter = Waiter()
             job = service.submit(push, waiter)
+        except Ignored as exc:
+            return self._send({"ignored": exc.reason})
         except (KeyError, PayloadError) as exc:
             message = exc.message if isinstance(exc, PayloadError) else "missing %s" % exc
             return self._send({"error": message})
@@ -5359,6 +5384,10 @@ def deploy_command(config: Config, target: str, clock: Callable[[], float] = tim
     if app is None:
         print("%s is not configured in %s" % (repository, config.path), file=sys.stderr)
         return 2
+    if not tag and app.tag_policy != "exact":
+        print("%s follows tag_policy = %s: name the tag to deploy, as %s:TAG"
+              % (repository, app.tag_policy, repository), file=sys.stderr)
+        return 2
     push = Push(repository, tag or app.tags[0], sender="cli")
     lock = InstanceLock(config.state_file("autodeploy.lock"))
     give_up = clock() + HANDOVER_WAIT
@@ -5401,6 +5430,8 @@ def deploy_through_service(config: Config, push: Push) -> int:
         sock.sendall((json.dumps({"repository": push.repository, "tag": push.tag}) + "\n").encode())
         replies = sock.makefile("rb")
         accepted = json.loads(replies.readline() or b"{}")
+        if "ignored" in accepted:
+            return print_ignored(push, accepted["ignored"])
         if "job" not in accepted:
             print("autodeploy: %s" % accepted.get("error", "the service did not answer"),
                   file=sys.stderr)
@@ -5426,6 +5457,8 @@ def deploy_here(config: Config, push: Push) -> int:
         waiter = Waiter()
         try:
             job = service.submit(push, waiter)
+        except Ignored as exc:
+            return print_ignored(push, exc.reason)
         except PayloadError as exc:
             print("autodeploy: %s" % exc.message, file=sys.stderr)
             return 1
@@ -5434,6 +5467,12 @@ def deploy_here(config: Config, push: Push) -> int:
     finally:
         service.stop()
     return print_outcome(waiter.outcome, job.id)
+
+
+def print_ignored(push: Push, reason: str) -> int:
+    """A push the tag policy does not deploy: not a failure, so 0."""
+    print("%s: nothing to deploy: %s" % (push.repository, reason))
+    return 0
 
 
 def print_outcome(outcome: Dict[str, Any], job_id: str) -> int:
@@ -5505,8 +5544,9 @@ def check(config: Config) -> int:
           % (config.path, len(config.apps), config.listen_host, config.listen_port))
     failed = False
     for app in config.apps.values():
-        print("  %s -> %s, image %s, tags %s"
-              % (app.repository, ContainerTarget.describe(app), app.image, " ".join(app.tags)))
+        print("  %s -> %s, image %s, %s%s"
+              % (app.repository, ContainerTarget.describe(app), app.image, describe_policy(app),
+                 ", polled every %s" % format_duration(app.poll) if app.poll else ""))
         try:
             print("    credentials: %s" % app_registry_auth(
                 app, config.docker_config or dockerapi.docker_config_path()).source)
