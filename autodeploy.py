@@ -13,10 +13,11 @@ dockerapi.py.
     python3 autodeploy.py check  --config ...
 
 The module reads top to bottom, one section per concern: errors, config,
-sources (what a registry pushed), jobs, container recreation, targets (what
-a job deploys to), the health gate, running a job and recovery, outbound
-HTTP, the journal, metrics, the service, who may deploy, HTTP, lifecycle,
-and the command line.
+sources (what a registry pushed), tag policies (which pushed tag to
+deploy), jobs, container recreation, targets (what a job deploys to), the
+health gate, running a job and recovery, outbound HTTP, the journal,
+metrics, the service, who may deploy, HTTP, lifecycle, and the command
+line.
 """
 
 import argparse
@@ -43,8 +44,8 @@ import sys
 import threading
 import time
 import urllib.parse
-from typing import (Any, Callable, Deque, Dict, Iterable, Iterator, List, Mapping, NamedTuple, Optional,
-                    Sequence, Set, Tuple, Union, FrozenSet)
+from typing import (Any, Callable, Deque, Dict, Iterable, Iterator, List, Mapping, NamedTuple,
+                    Optional, Sequence, Set, Tuple, Union, FrozenSet)
 
 import dockerapi
 from dockerapi import DockerClient, DockerError, NotFound
@@ -2781,9 +2782,11 @@ def resume_unfinished(rows: List[Dict[str, Any]], config: Config, queue: JobQueu
                   received=row["received"] or 0.0)
         job.lines = (row["log"] or "").split("\n") if row["log"] else []
         job.digest = row.get("digest") or ""
-        if app is None or tag_refusal(app, row["tag"], None) is not None:
+        refusal = tag_refusal(app, row["tag"], None) if app is not None else ""
+        if app is None or refusal:
             job.state, job.finished = ERROR, clock()
-            job.description = "%s:%s is no longer configured; not resumed" % (row["app"], row["tag"])
+            job.description = "%s:%s is no longer configured%s; not resumed" % (
+                row["app"], row["tag"], ": %s" % refusal if refusal else "")
             end(job)
             continue
         if row["state"] == RUNNING:
@@ -3987,7 +3990,8 @@ class Service:
         the push (the token's scope: 404; its signature: 401). Then: 202 with
         the jobs when any was queued; else 422 naming the first push no app
         follows; else 200 with what was ignored (events to ignore, pushes by
-        digest alone, redeliveries, tags the app's tag policy does not deploy). A registry's own notifications
+        digest alone, redeliveries, tags the app's tag policy does not
+        deploy, with the reason). A registry's own notifications
         (`distribution`) never get a 422 or a 404 for a repository nobody
         follows: the registry would retry the event, holding back every
         later one. 401 and 503 refuse the whole request."""

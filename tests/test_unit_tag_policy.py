@@ -351,6 +351,8 @@ class SubmitUnderAPolicyTest(BoundedTestCase):
         ended = []
         autodeploy.resume_unfinished(rows, self.service.config, self.service.queue, ended.append)
         self.assertEqual([(job.id, job.state) for job in ended], [("j1", "error")])
+        self.assertEqual(ended[0].description, "team/web:latest is no longer configured: tag latest is "
+                         "not a version such as v1.2.3 (tag_policy = minor); not resumed")
         self.assertEqual(self.service.queue.get(timeout=0).id, "j2")
 
 
