@@ -13,10 +13,11 @@ dockerapi.py.
     python3 autodeploy.py check  --config ...
 
 The module reads top to bottom, one section per concern: errors, config,
-sources (what a registry pushed), jobs, container recreation, targets (what
-a job deploys to), the health gate, running a job and recovery, outbound
-HTTP, the journal, metrics, the service, who may deploy, HTTP, lifecycle,
-and the command line.
+sources (what a registry pushed), tag policies (which pushed tag to
+deploy), jobs, container recreation, targets (what a job deploys to), the
+health gate, running a job and recovery, outbound HTTP, the journal,
+metrics, the service, who may deploy, HTTP, lifecycle, and the command
+line.
 """
 
 import argparse
@@ -24,6 +25,7 @@ import collections
 import configparser
 import copy
 import fcntl
+import fnmatch
 import hmac
 import http.client
 import heapq
@@ -42,8 +44,8 @@ import sys
 import threading
 import time
 import urllib.parse
-from typing import (Any, Callable, Deque, Dict, Iterator, List, Mapping, NamedTuple, Optional,
-                    Sequence, Set, Tuple, Union, FrozenSet)
+from typing import (Any, Callable, Deque, Dict, Iterable, Iterator, List, Mapping, NamedTuple,
+                    Optional, Sequence, Set, Tuple, Union, FrozenSet)
 
 import dockerapi
 from dockerapi import DockerClient, DockerError, NotFound
@@ -56,7 +58,7 @@ __all__ = [
     "AppConfig", "Config", "load_config", "Push", "Parsed", "parse_request", "Job", "JobQueue",
     "RolledBack", "ContainerTarget", "HealthGate", "JobRunner", "build_create_body",
     "choose_order", "probe_endpoint", "Journal", "MemoryJournal", "Service", "WebhookServer",
-    "main",
+    "Ignored", "SemVer", "tag_refusal", "choose_tag", "running_tag_of", "main",
 ]
 
 
@@ -143,6 +145,15 @@ class PayloadError(AutodeployError):
         self.message = message
 
 
+class Ignored(AutodeployError):
+    """A push the app's tag policy does not deploy (outside its bound, older
+    than the running version, a pre-release): acknowledged, not an error."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
 class QueueFull(AutodeployError):
     """More jobs wait than the queue may hold."""
 
@@ -175,8 +186,13 @@ class AppConfig(NamedTuple):
     """One [repository] section: what may deploy, and where to."""
     repository: str
     image: str
+    # exact: the tags followed; glob: their patterns; patch/minor/major:
+    # nothing, or the version to start from while no version runs.
     tags: Tuple[str, ...]
     container: str
+    tag_policy: str = "exact"  # which pushed tags deploy: TAG_POLICIES
+    prerelease: bool = False  # glob and semver policies: follow SemVer pre-releases too
+    poll: float = 0.0  # seconds between asking the registry for the followed tag's digest; 0: never
     stop_timeout: Optional[int] = None
     order: str = "auto"
     health_url: str = ""
@@ -268,12 +284,12 @@ MAIN_KEYS = {"listen", "token", "token_file", "workers", "state_dir", "callback_
              "request_timeout", "tls_cert", "tls_key", "engine_wait", "journal", "keep_jobs",
              "keep_days", "admin_token", "metrics_public", "notify_url", "slack_url",
              "notify_on", "stop_deadline", "header_timeout", "keepalive_timeout",
-             "max_header_bytes", "max_connections_per_source"}
-APP_KEYS = {"image", "tag", "container", "stop_timeout", "order", "health_url", "health_tcp",
-            "health_timeout", "settle", "cooldown", "remove_old_image", "ports", "env", "volumes",
-            "labels", "restart", "network", "command", "token", "token_file", "signing_secret",
-            "signing_secret_file", "notify_url", "slack_url", "notify_on", "registry_user",
-            "registry_password_file"}
+             "max_header_bytes", "max_connections_per_source", "poll"}
+APP_KEYS = {"image", "tag", "tag_policy", "prerelease", "poll", "container", "stop_timeout",
+            "order", "health_url", "health_tcp", "health_timeout", "settle", "cooldown",
+            "remove_old_image", "ports", "env", "volumes", "labels", "restart", "network", "command",
+            "token", "token_file", "signing_secret", "signing_secret_file", "notify_url", "slack_url",
+            "notify_on", "registry_user", "registry_password_file"}
 
 
 def load_config(path: str, environ: Optional[Mapping[str, str]] = None) -> Config:
@@ -300,10 +316,15 @@ def load_config(path: str, environ: Optional[Mapping[str, str]] = None) -> Confi
     _reject_unknown_keys(main, MAIN_KEYS, where)
     host, port = _parse_listen(main.get("listen", DEFAULT_LISTEN), where)
     notify = _parse_notify(main, where, ("", "", AppConfig._field_defaults["notify_on"]))
+    default_poll = _poll_option(main, where, 0.0)
     apps = {}
     for name in parser.sections():
         if name != "autodeploy":
-            apps[name] = _parse_app(name, parser[name], "%s: [%s]" % (path, name), base, notify)
+            apps[name] = _parse_app(name, parser[name], "%s: [%s]" % (path, name), base, notify,
+                                    default_poll)
+            warning = poll_warning(apps[name])
+            if warning:
+                log.warning("%s: [%s] %s", path, name, warning)
     containers = collections.Counter(app.container for app in apps.values())
     for container, count in containers.items():
         if count > 1:
@@ -347,15 +368,14 @@ def load_config(path: str, environ: Optional[Mapping[str, str]] = None) -> Confi
         stop_deadline=_float_option(main, "stop_deadline", 30, where, 0, 3600))
 
 
-def _parse_app(repository: str, section: configparser.SectionProxy, where: str,
-               base: str, notify: Tuple[str, str, FrozenSet[str]]) -> AppConfig:
+def _parse_app(repository: str, section: configparser.SectionProxy, where: str, base: str,
+               notify: Tuple[str, str, FrozenSet[str]], default_poll: float = 0.0) -> AppConfig:
     _reject_unknown_keys(section, APP_KEYS, where)
-    tags = tuple(_split_list(section.get("tag", "latest")))
-    for tag in tags:
-        if not TAG_RE.match(tag):
-            raise ConfigError("%s tag: %r is not a valid Docker tag" % (where, tag))
-    if not tags:
-        raise ConfigError("%s tag: empty; name at least one tag to follow" % where)
+    tag_policy = section.get("tag_policy", "exact").strip()
+    if tag_policy not in TAG_POLICIES:
+        raise ConfigError("%s tag_policy: %r; use %s" % (where, tag_policy, ", ".join(TAG_POLICIES)))
+    prerelease = _bool_option(section, "prerelease", False, where)
+    tags = _followed_tags(section, tag_policy, prerelease, where)
     container = section.get("container") or repository.replace("/", "-")
     if not CONTAINER_NAME_RE.match(container):
         raise ConfigError("%s container: %r is not a valid container name" % (where, container))
@@ -388,6 +408,7 @@ def _parse_app(repository: str, section: configparser.SectionProxy, where: str,
         raise ConfigError("%s remove_old_image: use yes or no" % where) from None
     return AppConfig(
         repository=repository, image=image, tags=tags, container=container,
+        tag_policy=tag_policy, prerelease=prerelease, poll=_poll_option(section, where, default_poll),
         stop_timeout=None if stop is None else _int_option(section, "stop_timeout", 10, where, -1, 3600),
         order=order, health_url=health_url, health_tcp=health_tcp,
         health_timeout=_int_option(section, "health_timeout", 60, where, 1, 3600),
@@ -404,6 +425,92 @@ def _parse_app(repository: str, section: configparser.SectionProxy, where: str,
         signing_secret=_read_secret(section, where, base),
         **_read_registry_login(section, where, base),
         **dict(zip(("notify_url", "slack_url", "notify_on"), _parse_notify(section, where, notify))))
+
+
+TAG_POLICIES = ("exact", "glob", "patch", "minor", "major")
+SEMVER_POLICIES = ("patch", "minor", "major")
+# fnmatch patterns over Docker tags: a tag's characters and the wildcards * ? [...] [!...].
+TAG_PATTERN_RE = re.compile(r"^[A-Za-z0-9_.*?\[\]!-]{1,128}$")
+DURATION_RE = re.compile(r"^(?:([0-9]+)h)?(?:([0-9]+)m)?(?:([0-9]+)s)?$")
+POLL_WARN_BELOW = 60.0  # seconds: a shorter poll of a Docker Hub image is warned about
+
+
+def _followed_tags(section: configparser.SectionProxy, policy: str, prerelease: bool,
+                   where: str) -> Tuple[str, ...]:
+    """`tag` as the policy reads it: exact, the tags (default latest); glob,
+    the patterns (required); patch/minor/major, nothing or the one version
+    to start from while the running version is unknown."""
+    values = _split_list(section.get("tag", "latest" if policy == "exact" else ""))
+    if policy == "exact":
+        if prerelease:
+            raise ConfigError("%s prerelease: no effect with tag_policy = exact, which follows the "
+                              "listed tags whatever they are" % where)
+        for tag in values:
+            if not TAG_RE.match(tag):
+                raise ConfigError("%s tag: %r is not a valid Docker tag" % (where, tag))
+        if not values:
+            raise ConfigError("%s tag: empty; name at least one tag to follow" % where)
+    elif policy == "glob":
+        for pattern in values:
+            if not TAG_PATTERN_RE.match(pattern):
+                raise ConfigError("%s tag: %r is not a tag pattern (a tag's letters, digits and "
+                                  "_ . -, with the wildcards * ? [...])" % (where, pattern))
+        if not values:
+            raise ConfigError("%s tag: tag_policy = glob follows the tags matching the patterns "
+                              "given here, such as v1.*; none is" % where)
+    else:
+        if len(values) > 1:
+            raise ConfigError("%s tag: with tag_policy = %s, at most one version, the one to start "
+                              "from; %d are given" % (where, policy, len(values)))
+        for tag in values:
+            version = SemVer.parse(tag) if TAG_RE.match(tag) else None
+            if version is None:
+                raise ConfigError("%s tag: %r is not a version such as v1.2.0 (with tag_policy = %s "
+                                  "it names the version to start from)" % (where, tag, policy))
+            if version.prerelease and not prerelease:
+                raise ConfigError("%s tag: %s is a pre-release, and prerelease = no" % (where, tag))
+    return tuple(values)
+
+
+def parse_duration(text: str) -> Optional[float]:
+    """Seconds in '90s', '5m', '2h' or '1h30m' (whole numbers, h m s in that
+    order); None when `text` is no such duration."""
+    match = DURATION_RE.match(text.strip().lower())
+    if not match or not any(match.groups()):
+        return None
+    hours, minutes, seconds = (int(group or 0) for group in match.groups())
+    return float(hours * 3600 + minutes * 60 + seconds)
+
+
+def format_duration(seconds: float) -> str:
+    """90 -> '1m30s', 3600 -> '1h': as `poll` is written."""
+    whole = int(seconds)
+    parts = [(whole // 3600, "h"), (whole % 3600 // 60, "m"), (whole % 60, "s")]
+    return "".join("%d%s" % (count, unit) for count, unit in parts if count) or "0s"
+
+
+def _poll_option(section: configparser.SectionProxy, where: str, default: float) -> float:
+    """`poll` in seconds: a duration of at least 1 s, or no (0: no polling)."""
+    raw = section.get("poll")
+    if raw is None:
+        return default
+    if raw.strip().lower() in ("no", "off", "false"):
+        return 0.0
+    seconds = parse_duration(raw)
+    if seconds is None:
+        raise ConfigError("%s poll: %r; use a duration such as 30s, 5m or 1h30m, or no" % (where, raw))
+    if seconds < 1:
+        raise ConfigError("%s poll: %r; at least 1s (no turns polling off)" % (where, raw))
+    return seconds
+
+
+def poll_warning(app: AppConfig) -> Optional[str]:
+    """What is unwise about the app's poll interval, or None: under a minute
+    for an image on Docker Hub, which rate-limits its registry's requests."""
+    if 0 < app.poll < POLL_WARN_BELOW and dockerapi.registry_of(app.image) == dockerapi.DOCKER_HUB:
+        return ("poll = %s asks Docker Hub more than once a minute, and Docker Hub rate-limits "
+                "its registry's requests; 1m or more is advised" % format_duration(app.poll))
+    return None
 
 
 def _parse_notify(section: configparser.SectionProxy, where: str,
@@ -1196,6 +1303,205 @@ def _dig(doc: Dict[str, Any], *keys: str) -> Any:
             return None
         doc = doc.get(key)
     return doc
+
+
+############################################################################
+# Tag policies: which pushed tag to deploy
+############################################################################
+#
+# tag_policy = exact follows the listed tags; glob, the tags matching one of
+# the listed patterns (fnmatch, case-sensitive); patch, minor and major,
+# SemVer 2.0.0 versions within a bound of the version they count from: the
+# same major.minor, the same major, any. That version (the anchor) is the
+# running container's tag when it is a version, else the one version the
+# app's `tag` may name; with neither, any version satisfies the bound.
+# Under every policy but exact, a version older than the running one is
+# not deployed, nor a pre-release unless prerelease = yes.
+
+# SemVer 2.0.0's grammar (its BNF, as the specification's own regular
+# expression), with a leading v or V tolerated: no leading zeros in numeric
+# identifiers, pre-release identifiers after '-', build metadata after '+'.
+SEMVER_RE = re.compile(
+    r"^[vV]?(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)"
+    r"(?:-((?:0|[1-9][0-9]*|[0-9]*[A-Za-z-][0-9A-Za-z-]*)"
+    r"(?:\.(?:0|[1-9][0-9]*|[0-9]*[A-Za-z-][0-9A-Za-z-]*))*))?"
+    r"(?:\+([0-9A-Za-z-]+(?:\.[0-9A-Za-z-]+)*))?\Z")
+
+
+class SemVer:
+    """A SemVer 2.0.0 version, as the tag `text` spells it. Versions compare
+    by precedence (the specification's §11), so build metadata is ignored:
+    1.0.0+a == 1.0.0+b, and v1.0.0 == 1.0.0."""
+    __slots__ = ("major", "minor", "patch", "prerelease", "build", "text")
+
+    def __init__(self, major: int, minor: int, patch: int, prerelease: Tuple[str, ...] = (),
+                 build: Tuple[str, ...] = (), text: str = ""):
+        self.major, self.minor, self.patch = major, minor, patch
+        self.prerelease, self.build = prerelease, build
+        self.text = text or "%d.%d.%d%s%s" % (major, minor, patch,
+                                               "-" + ".".join(prerelease) if prerelease else "",
+                                               "+" + ".".join(build) if build else "")
+
+    @staticmethod
+    def parse(text: str) -> Optional["SemVer"]:
+        """The version `text` spells ('1.2.3', 'v1.2.3-rc.1+build.5'), or None."""
+        match = SEMVER_RE.match(text)
+        if match is None:
+            return None
+        major, minor, patch, prerelease, build = match.groups()
+        return SemVer(int(major), int(minor), int(patch),
+                      tuple(prerelease.split(".")) if prerelease else (),
+                      tuple(build.split(".")) if build else (), text)
+
+    @property
+    def precedence(self) -> Tuple[Any, ...]:
+        """A key that sorts as §11 orders versions: major, minor and patch
+        numerically; a pre-release before its release; pre-release
+        identifiers one by one, numeric ones numerically and before
+        alphanumeric ones, those in ASCII order, and a longer set after a
+        shorter one it starts with. Build metadata plays no part."""
+        if not self.prerelease:
+            release: Tuple[Any, ...] = (1,)
+        else:
+            release = (0,) + tuple((0, int(part), "") if part.isdigit() else (1, 0, part)
+                                   for part in self.prerelease)
+        return (self.major, self.minor, self.patch, release)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, SemVer) and self.precedence == other.precedence
+
+    def __lt__(self, other: "SemVer") -> bool:
+        return self.precedence < other.precedence
+
+    def __le__(self, other: "SemVer") -> bool:
+        return self.precedence <= other.precedence
+
+    def __gt__(self, other: "SemVer") -> bool:
+        return self.precedence > other.precedence
+
+    def __ge__(self, other: "SemVer") -> bool:
+        return self.precedence >= other.precedence
+
+    def __hash__(self) -> int:
+        return hash(self.precedence)
+
+    def __repr__(self) -> str:
+        return "SemVer(%r)" % self.text
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def tag_refusal(app: AppConfig, tag: str, running_tag: Optional[str] = None) -> Optional[str]:
+    """None when a push of `tag` is to be deployed under the app's tag
+    policy, with `running_tag` the tag the app's container runs (None: no
+    container, or its image names no tag); else why not, in words."""
+    if app.tag_policy == "exact":
+        return None if tag in app.tags else "tag %s is not one of %s" % (tag, ", ".join(app.tags))
+    version = SemVer.parse(tag)
+    if app.tag_policy == "glob":
+        if not _matches_pattern(app, tag):
+            return "tag %s matches no pattern of %s" % (tag, ", ".join(app.tags))
+        if version is None:
+            return None  # a tag that is no version has no order to keep
+    elif version is None:
+        return "tag %s is not a version such as v1.2.3 (tag_policy = %s)" % (tag, app.tag_policy)
+    if version.prerelease and not app.prerelease:
+        return "pre-release %s not followed (prerelease = no)" % tag
+    anchor, named = _anchor(app, running_tag)
+    if anchor is None:
+        return None
+    if version < anchor:
+        return "%s is older than %s" % (tag, named)
+    if not _within_bound(app.tag_policy, version, anchor):
+        return "%s is outside the %s policy from %s" % (tag, app.tag_policy, anchor.text)
+    return None
+
+
+def choose_tag(app: AppConfig, tags: Iterable[str], running_tag: Optional[str]) -> Optional[str]:
+    """For a poll: which of the registry's `tags` to deploy, None when none
+    is newer than the running one.
+
+    exact: the tag whose digest to compare, the running one when it is
+    followed, else the first listed (`tags` is not read). glob and
+    patch/minor/major: the newest version by precedence that tag_refusal
+    allows and that is newer than the running version; with no running
+    version, the newest allowed one (for a semver policy counted from the
+    version `tag` names, which may itself be chosen). A tag that is no
+    version is never chosen: under glob it is followed by its digest only,
+    while a container runs it. Among versions of equal precedence (v1.2.3
+    and 1.2.3), the greater tag string wins, so the choice does not depend
+    on the registry's order."""
+    if app.tag_policy == "exact":
+        return running_tag if running_tag in app.tags else app.tags[0]
+    running = _running_version(app, running_tag)
+    best: Optional[Tuple[Tuple[Any, ...], str]] = None
+    for tag in tags:
+        version = SemVer.parse(tag) if isinstance(tag, str) and TAG_RE.match(tag) else None
+        if version is None or tag_refusal(app, tag, running_tag) is not None:
+            continue
+        if running is not None and not version > running:
+            continue
+        if best is None or (version.precedence, tag) > best:
+            best = (version.precedence, tag)
+    return best[1] if best else None
+
+
+def running_tag_of(inspect: Dict[str, Any]) -> Optional[str]:
+    """The tag a container's image reference (Config.Image) names: 'tag' of
+    repo:tag, repo:tag@sha256:..., host:5000/repo:tag; None for a bare
+    digest or image id, or a name with no tag."""
+    image = _dig(inspect, "Config", "Image")
+    name = image.split("@", 1)[0] if isinstance(image, str) else ""
+    if not name or name.startswith("sha256:"):
+        return None
+    slash, colon = name.rfind("/"), name.rfind(":")
+    tag = name[colon + 1:] if colon > slash else ""
+    return tag if TAG_RE.match(tag) else None
+
+
+def describe_policy(app: AppConfig) -> str:
+    """Which tags the app follows, as `check` says it."""
+    if app.tag_policy == "exact":
+        return "tags " + " ".join(app.tags)
+    too = ", pre-releases too" if app.prerelease else ""
+    if app.tag_policy == "glob":
+        return "tags matching %s%s" % (" ".join(app.tags), too)
+    start = " (from %s while no version runs)" % app.tags[0] if app.tags else ""
+    return "%s updates of the running version%s%s" % (app.tag_policy, start, too)
+
+
+def _matches_pattern(app: AppConfig, tag: str) -> bool:
+    return any(fnmatch.fnmatchcase(tag, pattern) for pattern in app.tags)
+
+
+def _running_version(app: AppConfig, running_tag: Optional[str]) -> Optional[SemVer]:
+    """The running tag's version, if it is one; under glob, only when the
+    patterns match it: a container running another line (the patterns were
+    changed to move to it) does not hold back the tags now followed."""
+    version = SemVer.parse(running_tag) if running_tag else None
+    if version is not None and app.tag_policy == "glob" and not _matches_pattern(app, running_tag or ""):
+        return None
+    return version
+
+
+def _anchor(app: AppConfig, running_tag: Optional[str]) -> Tuple[Optional[SemVer], str]:
+    """The version the policy counts from, and how a reason names it: the
+    running version; else, for a semver policy, the one `tag` names; else none."""
+    running = _running_version(app, running_tag)
+    if running is not None:
+        return running, "the running %s" % running_tag
+    if app.tag_policy in SEMVER_POLICIES and app.tags:
+        return SemVer.parse(app.tags[0]), "%s, the version tag = starts from" % app.tags[0]
+    return None, ""
+
+
+def _within_bound(policy: str, version: SemVer, anchor: SemVer) -> bool:
+    if policy == "patch":
+        return (version.major, version.minor) == (anchor.major, anchor.minor)
+    if policy == "minor":
+        return version.major == anchor.major
+    return True  # major, and glob: any newer version
 
 
 ############################################################################
@@ -2136,6 +2442,18 @@ class ContainerTarget:
         except NotFound:
             return None
 
+    def running_tag(self, app: AppConfig) -> Optional[str]:
+        """The tag the app's container runs (see running_tag_of); None when
+        there is none, or the Engine cannot say: a push is then judged
+        without the running version, as before the first deploy."""
+        try:
+            found = self._inspect_or_none(app.container)
+        except DockerError as exc:
+            log.warning("repo=%s cannot inspect container %s for its running tag: %s",
+                        app.repository, app.container, exc)
+            return None
+        return running_tag_of(found) if found is not None else None
+
     def remove_quietly(self, container_id: str, jlog: logging.LoggerAdapter, force: bool = True) -> None:
         try:
             self.engine.remove_container(container_id, force=force)
@@ -2454,8 +2772,9 @@ def resume_unfinished(rows: List[Dict[str, Any]], config: Config, queue: JobQueu
     """Queue again the jobs the journal holds unfinished (`rows`, oldest
     first: a crash or a stop left them). A job that was mid-swap carries its
     row in job.resume, so the worker puts its containers in order first; a
-    job whose app or tag is no longer configured ends in `end` as an error.
-    Returns how many rows there were."""
+    job whose app is no longer configured, or whose tag its tag policy no
+    longer allows (judged without the running version: the job was accepted
+    against it), ends in `end` as an error. Returns how many rows there were."""
     for row in rows:
         app = config.app_for(row["app"])
         job = Job(id=row["id"], app=app or AppConfig(row["app"], row["app"], (), row["container"]),
@@ -2463,9 +2782,11 @@ def resume_unfinished(rows: List[Dict[str, Any]], config: Config, queue: JobQueu
                   received=row["received"] or 0.0)
         job.lines = (row["log"] or "").split("\n") if row["log"] else []
         job.digest = row.get("digest") or ""
-        if app is None or row["tag"] not in app.tags:
+        refusal = tag_refusal(app, row["tag"], None) if app is not None else ""
+        if app is None or refusal:
             job.state, job.finished = ERROR, clock()
-            job.description = "%s:%s is no longer configured; not resumed" % (row["app"], row["tag"])
+            job.description = "%s:%s is no longer configured%s; not resumed" % (
+                row["app"], row["tag"], ": %s" % refusal if refusal else "")
             end(job)
             continue
         if row["state"] == RUNNING:
@@ -3630,15 +3951,21 @@ class Service:
 
     def submit(self, push: Push, waiter: Optional[Waiter] = None) -> Job:
         """Queue a deploy for a push; PayloadError(422) when not configured,
-        503 when the journal cannot record it or the queue is full."""
+        503 when the journal cannot record it or the queue is full; Ignored
+        when the app's tag policy (other than exact) does not deploy it."""
         app = self.config.app_for(push.repository)
         if app is None:
             named = "%s/%s" % (push.host, push.repository) if push.host else push.repository
             raise PayloadError(422, "repository %s is not configured for deploys: a section "
                                "[%s] would follow pushes of %s" % (push.repository, push.repository, named))
-        if push.tag not in app.tags:
-            raise PayloadError(422, "tag %s of %s is not configured for deploys (follows: %s)"
-                               % (push.tag, push.repository, ", ".join(app.tags)))
+        if app.tag_policy == "exact":
+            if push.tag not in app.tags:
+                raise PayloadError(422, "tag %s of %s is not configured for deploys (follows: %s)"
+                                   % (push.tag, push.repository, ", ".join(app.tags)))
+        else:
+            refusal = tag_refusal(app, push.tag, self.runner.target_for(app).running_tag(app))
+            if refusal:
+                raise Ignored(refusal)
         job = Job(id=new_job_id(), app=app, tag=push.tag, callback_url=push.callback_url,
                   source=push.sender, received=self.clock())
         job.digest = push.digest
@@ -3663,7 +3990,8 @@ class Service:
         the push (the token's scope: 404; its signature: 401). Then: 202 with
         the jobs when any was queued; else 422 naming the first push no app
         follows; else 200 with what was ignored (events to ignore, pushes by
-        digest alone, redeliveries). A registry's own notifications
+        digest alone, redeliveries, tags the app's tag policy does not
+        deploy, with the reason). A registry's own notifications
         (`distribution`) never get a 422 or a 404 for a repository nobody
         follows: the registry would retry the event, holding back every
         later one. 401 and 503 refuse the whole request."""
@@ -3679,6 +4007,9 @@ class Service:
                                    % (push.repository, push.digest or "?"))
                     continue
                 job = self.submit_once(push)
+            except Ignored as exc:
+                ignored.append("%s: %s" % (push.repository, exc.reason))
+                continue
             except PayloadError as exc:
                 if exc.status == 422 or (exc.status == 404 and lenient):
                     unmatched.append(exc.message)
@@ -3719,7 +4050,7 @@ class Service:
             raise PayloadError(503, "cannot record the delivery (%s); retry later" % exc) from exc
         try:
             return self.submit(push)
-        except PayloadError:
+        except (PayloadError, Ignored):
             self._forget_delivery(key)
             raise
 
@@ -4846,7 +5177,8 @@ class ControlServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     """A Unix socket in the state directory (mode 0600: its owner and root)
     through which the `deploy` command hands a job to the running service.
     One JSON line in: {"repository": ..., "tag": ...}; lines out: the
-    job accepted (or the error), then its outcome once it has one."""
+    job accepted (or the error, or why the tag policy ignores the push),
+    then its outcome once it has one."""
     daemon_threads = True
 
     def __init__(self, path: str, service: Service):
@@ -4870,6 +5202,8 @@ class ControlHandler(socketserver.StreamRequestHandler):
             push = Push(str(request["repository"]), str(request["tag"]), sender="cli")
             waiter = Waiter()
             job = service.submit(push, waiter)
+        except Ignored as exc:
+            return self._send({"ignored": exc.reason})
         except (KeyError, PayloadError) as exc:
             message = exc.message if isinstance(exc, PayloadError) else "missing %s" % exc
             return self._send({"error": message})
@@ -5054,6 +5388,10 @@ def deploy_command(config: Config, target: str, clock: Callable[[], float] = tim
     if app is None:
         print("%s is not configured in %s" % (repository, config.path), file=sys.stderr)
         return 2
+    if not tag and app.tag_policy != "exact":
+        print("%s follows tag_policy = %s: name the tag to deploy, as %s:TAG"
+              % (repository, app.tag_policy, repository), file=sys.stderr)
+        return 2
     push = Push(repository, tag or app.tags[0], sender="cli")
     lock = InstanceLock(config.state_file("autodeploy.lock"))
     give_up = clock() + HANDOVER_WAIT
@@ -5096,6 +5434,8 @@ def deploy_through_service(config: Config, push: Push) -> int:
         sock.sendall((json.dumps({"repository": push.repository, "tag": push.tag}) + "\n").encode())
         replies = sock.makefile("rb")
         accepted = json.loads(replies.readline() or b"{}")
+        if "ignored" in accepted:
+            return print_ignored(push, accepted["ignored"])
         if "job" not in accepted:
             print("autodeploy: %s" % accepted.get("error", "the service did not answer"),
                   file=sys.stderr)
@@ -5121,6 +5461,8 @@ def deploy_here(config: Config, push: Push) -> int:
         waiter = Waiter()
         try:
             job = service.submit(push, waiter)
+        except Ignored as exc:
+            return print_ignored(push, exc.reason)
         except PayloadError as exc:
             print("autodeploy: %s" % exc.message, file=sys.stderr)
             return 1
@@ -5129,6 +5471,12 @@ def deploy_here(config: Config, push: Push) -> int:
     finally:
         service.stop()
     return print_outcome(waiter.outcome, job.id)
+
+
+def print_ignored(push: Push, reason: str) -> int:
+    """A push the tag policy does not deploy: not a failure, so 0."""
+    print("%s: nothing to deploy: %s" % (push.repository, reason))
+    return 0
 
 
 def print_outcome(outcome: Dict[str, Any], job_id: str) -> int:
@@ -5200,8 +5548,9 @@ def check(config: Config) -> int:
           % (config.path, len(config.apps), config.listen_host, config.listen_port))
     failed = False
     for app in config.apps.values():
-        print("  %s -> %s, image %s, tags %s"
-              % (app.repository, ContainerTarget.describe(app), app.image, " ".join(app.tags)))
+        print("  %s -> %s, image %s, %s%s"
+              % (app.repository, ContainerTarget.describe(app), app.image, describe_policy(app),
+                 ", polled every %s" % format_duration(app.poll) if app.poll else ""))
         try:
             print("    credentials: %s" % app_registry_auth(
                 app, config.docker_config or dockerapi.docker_config_path()).source)

@@ -1,12 +1,13 @@
 """Unit tests: the configuration file and webhook payloads."""
 
 import json
+import logging
 import os
 import unittest
 
 import autodeploy
 from autodeploy import ConfigError, PayloadError, load_config, parse_request
-from tests.unit_support import write_config, write_file
+from tests.unit_support import capture_logs, write_config, write_file
 
 TOKEN = "t" * 40
 
@@ -101,6 +102,59 @@ command = httpd -f -p "80"
         self.assertConfigError("[autodeploy]\n[a/b]\nvolumes = relative\n", "[a/b] volumes")
         self.assertConfigError("[autodeploy]\n[a/b]\ncommand = 'unclosed\n", "[a/b] command")
         self.assertConfigError("[autodeploy]\n[a/b]\ncontainer = x\n[c/d]\ncontainer = x\n", "same container")
+
+    def test_an_app_without_policy_keys_follows_its_listed_tags_and_is_not_polled(self):
+        app = self.load("[autodeploy]\n[a/b]\ntag = latest stable\n").app_for("a/b")
+        self.assertEqual((app.tag_policy, app.tags, app.prerelease, app.poll),
+                         ("exact", ("latest", "stable"), False, 0.0))
+
+    def test_a_semver_policy_takes_no_tag_or_one_version_to_start_from(self):
+        config = self.load("[autodeploy]\n[a/none]\ntag_policy = minor\n"
+                           "[a/hint]\ntag_policy = patch\ntag = v1.2.0\n"
+                           "[a/pre]\ntag_policy = major\nprerelease = yes\ntag = 2.0.0-rc.1\n")
+        self.assertEqual([(app.tag_policy, app.tags, app.prerelease) for app in config.apps.values()],
+                         [("minor", (), False), ("patch", ("v1.2.0",), False),
+                          ("major", ("2.0.0-rc.1",), True)])
+
+    def test_a_glob_policy_takes_its_patterns_from_tag(self):
+        app = self.load("[autodeploy]\n[a/b]\ntag_policy = glob\ntag = v1.*, release-[0-9]?\n"
+                        ).app_for("a/b")
+        self.assertEqual((app.tag_policy, app.tags), ("glob", ("v1.*", "release-[0-9]?")))
+
+    def test_poll_is_per_app_inheriting_the_autodeploy_default_and_no_turns_it_off(self):
+        config = self.load("[autodeploy]\npoll = 5m\n[a/inherits]\n[a/own]\npoll = 1h30m\n"
+                           "[a/off]\npoll = no\n[a/seconds]\npoll = 1s\nimage = reg.example/a/seconds\n")
+        self.assertEqual({name: app.poll for name, app in config.apps.items()},
+                         {"a/inherits": 300.0, "a/own": 5400.0, "a/off": 0.0, "a/seconds": 1.0})
+        self.assertEqual(self.load("[autodeploy]\n[a/b]\n").app_for("a/b").poll, 0.0)
+
+    def test_policy_and_poll_errors_name_the_section_and_key(self):
+        app = "[autodeploy]\n[a/b]\n"
+        self.assertConfigError(app + "tag_policy = newest\n", "[a/b] tag_policy", "'newest'", "glob")
+        self.assertConfigError(app + "tag_policy = minor\nprerelease = maybe\n", "[a/b] prerelease")
+        self.assertConfigError(app + "prerelease = yes\n", "[a/b] prerelease", "exact")
+        self.assertConfigError(app + "tag_policy = glob\n", "[a/b] tag", "patterns")
+        self.assertConfigError(app + "tag_policy = glob\ntag = v1/*\n", "[a/b] tag", "'v1/*'")
+        self.assertConfigError(app + "tag_policy = minor\ntag = latest\n", "[a/b] tag", "'latest'",
+                               "not a version")
+        self.assertConfigError(app + "tag_policy = minor\ntag = v01.2.0\n", "[a/b] tag", "not a version")
+        self.assertConfigError(app + "tag_policy = minor\ntag = v1.2.0 v1.3.0\n", "[a/b] tag",
+                               "at most one")
+        self.assertConfigError(app + "tag_policy = minor\ntag = v1.3.0-rc.1\n", "[a/b] tag",
+                               "pre-release", "prerelease = no")
+        for value in ("5", "0s", "soon", "5m1h", "1.5m", "-5m", "m"):
+            with self.subTest(poll=value):
+                self.assertConfigError(app + "poll = %s\n" % value, "[a/b] poll", repr(value))
+        self.assertConfigError("[autodeploy]\npoll = 5x\n", "[autodeploy] poll", "'5x'")
+
+    def test_a_poll_under_a_minute_is_warned_about_for_a_docker_hub_image_only(self):
+        logs = capture_logs(self.addCleanup)
+        self.load("[autodeploy]\npoll = 30s\n[team/hub]\n[team/own]\nimage = reg.example:5000/team/own\n"
+                  "[team/slow]\npoll = 1m\n")
+        warnings = [record.getMessage() for record in logs.records if record.levelno == logging.WARNING]
+        self.assertEqual(len(warnings), 1, warnings)
+        self.assertIn("[team/hub] poll = 30s", warnings[0])
+        self.assertIn("Docker Hub", warnings[0])
 
     def test_an_apps_registry_login_reads_its_password_file_relative_to_the_config(self):
         path = write_config(self, "[autodeploy]\n[team/web]\nregistry_user = alice\n"
