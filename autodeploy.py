@@ -35,6 +35,7 @@ import ipaddress
 import json
 import logging
 import os
+import random
 import re
 import shlex
 import signal
@@ -2436,6 +2437,19 @@ class ContainerTarget:
         job.description = "%s now runs %s (%s), %s; finished after a restart" % (
             job.app.container, job.reference, _short(new.get("Image")), how)
 
+    def running_version(self, app: AppConfig) -> Tuple[Optional[str], str]:
+        """(tag, digest) of what the app's container runs, for a poll to
+        compare: its image's tag (None: no container, or no tag) and the
+        digest the image has in app.image's repository ('' if none)."""
+        container = self._inspect_or_none(app.container)
+        if container is None:
+            return None, ""
+        try:
+            image = self.engine.inspect_image(container["Image"])
+        except NotFound:
+            image = {}
+        return running_tag_of(container), digest_of(image, app.image)
+
     def _inspect_or_none(self, name: str) -> Optional[Dict[str, Any]]:
         try:
             return self.engine.inspect_container(name)
@@ -3826,6 +3840,8 @@ class Metrics:
         self.durations: Dict[str, List[int]] = {}  # app -> bucket counts, then +Inf
         self.duration_sums: Dict[str, float] = collections.Counter()
         self.last_success: Dict[str, float] = {}
+        self.poll_errors: Dict[str, int] = collections.Counter()
+        self.last_poll: Dict[str, float] = {}
 
     def count_webhook(self, status: int) -> None:
         with self._lock:
@@ -3845,6 +3861,14 @@ class Metrics:
                         counts[n] += 1
                 counts[-1] += 1
                 self.duration_sums[app] += took
+
+    def count_poll(self, app: str, when: float, ok: bool) -> None:
+        """A check of `app`'s registry by the poller: when it last succeeded, how many failed."""
+        with self._lock:
+            if ok:
+                self.last_poll[app] = when
+            else:
+                self.poll_errors[app] += 1
 
     def render(self, queue_depth: int) -> str:
         """The exposition text."""
@@ -3883,6 +3907,17 @@ class Metrics:
             for app, when in sorted(self.last_success.items()):
                 out.append('autodeploy_last_success_timestamp_seconds{app="%s"} %s'
                            % (_label(app), repr(float(when))))
+            if self.last_poll or self.poll_errors:
+                family("autodeploy_poll_errors_total", "counter",
+                       "Checks of an app's registry by the poller that failed.")
+                for app in sorted(set(self.last_poll) | set(self.poll_errors)):
+                    out.append('autodeploy_poll_errors_total{app="%s"} %d'
+                               % (_label(app), self.poll_errors.get(app, 0)))
+                family("autodeploy_last_poll_timestamp_seconds", "gauge",
+                       "When the poller last checked an app's registry successfully (Unix time).")
+                for app, when in sorted(self.last_poll.items()):
+                    out.append('autodeploy_last_poll_timestamp_seconds{app="%s"} %s'
+                               % (_label(app), repr(float(when))))
         family("autodeploy_queue_depth", "gauge", "Jobs waiting to run.")
         out.append("autodeploy_queue_depth %d" % queue_depth)
         return "\n".join(out) + "\n"
@@ -3946,6 +3981,7 @@ class Service:
         self._unsaved_superseded: List[Tuple[float, str, str]] = []
         self._workers: List[threading.Thread] = []
         self._last_health = "ok"
+        self.poller: Optional["Poller"] = None  # set by serve()
 
     # -- taking jobs --------------------------------------------------------
 
@@ -4260,6 +4296,157 @@ class Service:
             self._upkeep_thread.join(5)
         self.record.close()  # a last flush; what the journal still cannot take is logged, and lost
         self.journal.close()
+
+
+############################################################################
+# Polling: for hosts no registry can reach
+############################################################################
+
+POLL_BACKOFF_MAX = 3600.0  # seconds: the longest a failing registry makes an app wait
+POLL_JITTER = 0.1  # each interval stretched or shrunk by up to this share, so apps spread
+
+
+class PollState:
+    """What the poller knows of one app between its checks."""
+    __slots__ = ("due", "failures", "last_error", "job")
+
+    def __init__(self, due: float) -> None:
+        self.due = due
+        self.failures = 0
+        self.last_error = ""
+        self.job: Optional[Job] = None  # the last job a poll queued, until it ends
+
+
+class Poller:
+    """Asks the registry of each app with `poll` set, every `poll` seconds
+    (with jitter), what its followed tag points to (with a glob or semver
+    policy: the newest tag the policy allows), with a HEAD of the manifest,
+    which Docker Hub does not count as a pull; and queues a job, like a
+    webhook's, when that digest is not what the app's container runs.
+
+    One thread checks the apps in turn, so an app is never checked twice at
+    once; a registry that fails or is down backs its app off (doubling, up
+    to an hour), and a 429's Retry-After is honoured. A digest a job of a
+    poll is still deploying is not queued again."""
+
+    def __init__(self, service: "Service", registry: "dockerapi.RegistryClient",
+                 clock: Callable[[], float] = time.monotonic,
+                 wall_clock: Callable[[], float] = time.time,
+                 jitter: Callable[[], float] = lambda: random.uniform(-1.0, 1.0)):
+        self.service = service
+        self.registry = registry
+        self.clock, self.wall_clock, self.jitter = clock, wall_clock, jitter
+        self.states: Dict[str, PollState] = {}
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    def apps(self) -> List[AppConfig]:
+        """The apps that poll, from the configuration in force (a reload applies)."""
+        return [app for app in self.service.config.apps.values() if app.poll]
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="autodeploy-poller", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(15)
+
+    def alive(self) -> bool:
+        return self._thread is None or self._thread.is_alive()
+
+    def failing(self) -> int:
+        """How many apps' last check failed (for /healthz)."""
+        return sum(1 for state in self.states.values() if state.failures)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            now = self.clock()
+            due = [app for app in self.apps() if self.state_of(app, now).due <= now]
+            for app in due:
+                if self._stop.is_set():
+                    return
+                try:
+                    self.check(app)
+                except Exception:  # a bug: logged, the app waits one interval, the others go on
+                    log.exception("repo=%s internal error while polling", app.repository)
+                    self.state_of(app, now).due = self.clock() + app.poll
+            waits = [self.state_of(app, now).due - self.clock() for app in self.apps()]
+            # At least every 5 s: a reload may have added an app that polls.
+            self._stop.wait(min([5.0] + [max(0.05, w) for w in waits]))
+
+    def state_of(self, app: AppConfig, now: float) -> PollState:
+        state = self.states.get(app.repository)
+        if state is None:
+            # The first check soon after start, spread over up to 10 s.
+            state = self.states[app.repository] = PollState(
+                now + min(app.poll, 10.0) * (1 + self.jitter()) / 2)
+        return state
+
+    def check(self, app: AppConfig) -> str:
+        """Check `app` once and schedule its next check; what was found, in words."""
+        state = self.state_of(app, self.clock())
+        try:
+            found = self.look(app, state)
+        except (DockerError, DeployFailed, PayloadError) as exc:
+            return self.failed(app, state, exc)
+        state.failures, state.last_error = 0, ""
+        state.due = self.clock() + app.poll * (1 + POLL_JITTER * self.jitter())
+        self.service.metrics.count_poll(app.repository, self.wall_clock(), ok=True)
+        log.debug("repo=%s poll: %s", app.repository, printable(found))
+        return found
+
+    def look(self, app: AppConfig, state: PollState) -> str:
+        """Ask the registry; queue a job when the app runs something else."""
+        if state.job is not None and not state.job.final:
+            return "job %s still deploying what the last poll found" % state.job.id
+        target = self.service.runner.target_for(app)
+        running_tag, running_digest = target.running_version(app)
+        auth = app_registry_auth(app, target.docker_config).auth
+        tag = self.tag_to_check(app, running_tag, auth)
+        if tag is None:
+            return "no tag to follow"
+        answer = self.registry.manifest_digest(app.image, tag, auth)
+        if answer.rate_limit is not None:
+            log.info("repo=%s registry rate limit left: %s", app.repository, printable(answer.rate_limit))
+        if tag == running_tag and answer.digest == running_digest:
+            return "%s:%s is running already (%s)" % (app.image, tag, _short(answer.digest))
+        try:
+            job = self.service.submit(Push(app.repository, tag, answer.digest, sender="poll"))
+        except Ignored as exc:
+            return "not deployed: %s" % exc.reason
+        state.job = job
+        log.info("job=%s repo=%s poll found %s:%s at %s (the container runs %s)", job.id,
+                 app.repository, app.image, tag, _short(answer.digest),
+                 "%s@%s" % (running_tag, _short(running_digest)) if running_tag else "nothing")
+        return "queued job %s for %s:%s" % (job.id, app.image, tag)
+
+    def tag_to_check(self, app: AppConfig, running_tag: Optional[str],
+                     auth: Optional[Dict[str, str]]) -> Optional[str]:
+        """Which tag's digest to ask for: with `exact`, the followed tag the
+        container runs (else the first); with a glob or semver policy, the
+        newest the registry lists that the policy allows, else the running one."""
+        if app.tag_policy == "exact":
+            return running_tag if running_tag in app.tags else (app.tags[0] if app.tags else None)
+        chosen = choose_tag(app, self.registry.tags(app.image, auth), running_tag)
+        return chosen or running_tag
+
+    def failed(self, app: AppConfig, state: PollState, exc: Exception) -> str:
+        """Back the app off: Retry-After when the registry gave one, else
+        doubling intervals up to POLL_BACKOFF_MAX."""
+        state.failures += 1
+        retry_after = getattr(exc, "retry_after", None)
+        delay = retry_after if retry_after is not None else min(
+            app.poll * 2 ** min(state.failures, 20), max(POLL_BACKOFF_MAX, app.poll))
+        state.due = self.clock() + delay
+        reason = _reason_of(exc)
+        self.service.metrics.count_poll(app.repository, self.wall_clock(), ok=False)
+        if reason != state.last_error or retry_after is not None:
+            log.warning("repo=%s poll failed (%d in a row): %s; next in %gs", app.repository,
+                        state.failures, printable(reason), delay)
+        state.last_error = reason
+        return "failed: %s" % reason
 
 
 ############################################################################
@@ -4777,8 +4964,12 @@ class AdminPages:
 
     def healthz(self) -> Answer:
         healthy, reason = self.service.health()
-        return 200 if healthy else 503, {"status": "ok" if healthy else "unhealthy",
-                                         "reason": reason}, None
+        doc = {"status": "ok" if healthy else "unhealthy", "reason": reason}
+        poller = self.service.poller
+        if poller is not None and poller.apps():
+            # A registry that is down delays deploys; it does not make the service unhealthy.
+            doc["polling"] = {"apps": len(poller.apps()), "failing": poller.failing()}
+        return 200 if healthy else 503, doc, None
 
     def metrics_text(self) -> bytes:
         return self.service.metrics.render(self.service.queue.depth()).encode("utf-8")
@@ -5236,6 +5427,8 @@ def serve(config: Config, stop_event: Optional[threading.Event] = None,
                             crash_at=environ.get("AUTODEPLOY_CRASH_AT") or None)
     server = WebhookServer((config.listen_host, config.listen_port), service, tls)
     service.start()
+    poller = service.poller = Poller(service, dockerapi.RegistryClient())
+    poller.start()
     if threading.current_thread() is threading.main_thread():  # only it may set handlers
         # Handlers only set flags: the loop below acts on them.
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -5255,12 +5448,13 @@ def serve(config: Config, stop_event: Optional[threading.Event] = None,
         if reload_wanted.is_set():
             reload_wanted.clear()
             reload_config(service, environ)
-        if interval and thread.is_alive() and service.alive():
+        if interval and thread.is_alive() and service.alive() and poller.alive():
             sd_notify("WATCHDOG=1", environ)
     sd_notify("STOPPING=1", environ)
     log.info("stopping: finishing running deploys")
     server.shutdown()
     server.server_close()
+    poller.stop()
     if control is not None:
         control.shutdown()
         control.server_close()

@@ -417,10 +417,11 @@ def docker(*args, input: Optional[bytes] = None, check: bool = True,
 
 
 def run_version(test: unittest.TestCase, app: str, ref: str, version: str = "v1",
-                publish: bool = True) -> Tuple[str, Optional[int]]:
+                publish: bool = True, answers: Optional[str] = None) -> Tuple[str, Optional[int]]:
     """docker run <ref>:<version> as e2e-<app>-<run id> (this run's label;
     removed when the test ends), its port 8080 published on a free loopback
-    port unless not `publish`; once it answers its version: (name, port or None)."""
+    port unless not `publish`; once it answers its version (or `answers`):
+    (name, port or None)."""
     name = "e2e-%s-%s" % (app, run_id())
     test.addCleanup(docker, "rm", "-f", name, check=False)
     args = ["run", "-d", "--name", name, "--label", "%s=%s" % (TEST_LABEL, run_id())]
@@ -429,7 +430,7 @@ def run_version(test: unittest.TestCase, app: str, ref: str, version: str = "v1"
         args += ["-p", "127.0.0.1:%d:8080" % port]
     docker(*(args + ["%s:%s" % (ref, version)]))
     wait_running(name)
-    wait_http(app_url(name, port), expect_body=version + "\n")
+    wait_http(app_url(name, port), expect_body=(answers or version) + "\n")
     return name, port
 
 

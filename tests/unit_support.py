@@ -786,8 +786,9 @@ def die_event(engine: FakeEngine, container_id: str, at: float, code: int = 3) -
 
 def app_config(name: str = "web", **settings: Any) -> autodeploy.AppConfig:
     settings.setdefault("settle", 3)
+    settings.setdefault("tags", ("latest",))
     return autodeploy.AppConfig(repository="team/" + name, image="reg.example/team/" + name,
-                                tags=("latest",), container=name, **settings)
+                                container=name, **settings)
 
 
 def web_config(**fields: Any) -> autodeploy.Config:
