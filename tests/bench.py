@@ -1583,7 +1583,8 @@ class FaultRig:
             self.state["images"].append(support.make_image(ref, "bad", cmd=["/bin/sh", "-c", "exit 3"]))
 
     def service(self, name: str, container: str, receiver_port: int,
-                also_allow: Tuple[str, ...] = (), extra: str = "") -> ServiceProcess:
+                also_allow: Tuple[str, ...] = (), extra: str = "",
+                app_lines: str = "") -> ServiceProcess:
         """A service (not launched) deploying bench/<name> (v1, v2, bad) to
         `container`, and bench/junk, whose image is on a closed port: its
         jobs fail at once. `extra`: more [autodeploy] lines."""
@@ -1595,6 +1596,7 @@ class FaultRig:
 [bench/{name}]
 image = {image}
 tag = v1 v2 bad
+{app_lines}
 container = {container}
 settle = {settle}
 remove_old_image = no
@@ -1604,7 +1606,7 @@ image = 127.0.0.1:{closed}/bench/nothing
 container = bench-junk-{name}-{run}
 cooldown = 0
 """.format(name=name, image=self.image, container=container, settle=SETTLE, closed=free_port(),
-           run=self.run)
+           run=self.run, app_lines=app_lines)
         service = ServiceProcess(self.folder, config, port, self.env, name="fault-" + name)
         service.state_dir = state_dir
         self.state["faults"].append(service)
@@ -1832,8 +1834,49 @@ FAULTS = [
 ]
 
 
+def polling_cost(rig: FaultRig, seconds: float = 10.0, heads: int = 50) -> Dict[str, Any]:
+    """An app polling every second: the service's CPU per poll (over
+    `seconds`, idle otherwise), one HEAD's latency from a client of our own,
+    and from a re-push of the followed tag to the app answering the new
+    version (converged_ms), with no webhook."""
+    import dockerapi
+    from tests import support
+    receiver = support.CallbackReceiver()
+    try:
+        container, app_port = rig.app("polled")
+        service = rig.service("polled", container, receiver.port, app_lines="poll = 1s")
+        service.launch()
+        service.wait_answer()
+        time.sleep(3)  # past start-up and the first polls
+        cpu_before = proc_cpu_seconds(service.process.pid)
+        time.sleep(seconds)
+        cpu_per_poll_ms = (proc_cpu_seconds(service.process.pid) - cpu_before) / seconds * 1000
+        client, times = dockerapi.RegistryClient(), []
+        for _ in range(heads):
+            started = time.perf_counter()
+            client.manifest_digest(rig.image, "v1", None)
+            times.append((time.perf_counter() - started) * 1000)
+        # The followed tag (v1) now names v2's image: the next poll deploys it.
+        support.docker("tag", rig.image + ":v2", rig.image + ":v1")
+        support.docker("push", rig.image + ":v1")
+        pushed = time.monotonic()
+        answered, _ = wait_for_version(app_port, b"v2\n", pushed, timeout=60)
+        service.stop()
+    finally:
+        receiver.close()
+    return {"converged_ms": (answered - pushed) * 1000, "cpu_per_poll_ms": cpu_per_poll_ms,
+            "head_ms": median(times),
+            "detail": "re-push of the followed tag -> the new version answering (poll = 1s); "
+                      "service CPU %.2f ms per poll; one HEAD %.1f ms (median of %d)"
+                      % (cpu_per_poll_ms, median(times), heads)}
+
+
+POLLING = [("poll every 1 s, a re-pushed tag", polling_cost)]
+
+
 def run_faults(args: argparse.Namespace, state: Dict[str, Any]) -> Dict[str, Any]:
-    """Each scenario of FAULTS once, on the service as bench() runs it."""
+    """Each scenario of FAULTS (or POLLING, with --polling) once, on the
+    service as bench() runs it."""
     from tests import support
     import dockerapi
     env = service_env()
@@ -1855,7 +1898,7 @@ def run_faults(args: argparse.Namespace, state: Dict[str, Any]) -> Dict[str, Any
         state["images"].append(ref)
         state["images"].append(support.make_image(ref, version, cmd=APP_CMD, port=APP_PORT_IN_CONTAINER))
     rig = FaultRig(folder, env, image, run, state)
-    for name, scenario in FAULTS:
+    for name, scenario in (POLLING if args.polling else FAULTS):
         log("fault: %s" % name)
         try:
             outcome = scenario(rig)
@@ -2319,6 +2362,9 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
                              "HEALTHCHECK gate; default 3, 0 skips them)")
     parser.add_argument("--recovery-runs", type=int, default=3, metavar="N",
                         help="kill -9 mid-swap and restart, N times (default 3, 0 skips it)")
+    parser.add_argument("--polling", action="store_true",
+                        help="only measure polling: CPU per poll, a HEAD's latency, a re-pushed "
+                             "tag deployed by a poll")
     parser.add_argument("--faults", action="store_true",
                         help="only run the fault scenarios (FAULTS: a full journal disk, a stalled "
                              "callback host, callback retries across a restart, ...) and print each "
@@ -2375,7 +2421,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     signal.signal(signal.SIGINT, signal.default_int_handler)
     started = time.monotonic()
     try:
-        if args.faults:
+        if args.faults or args.polling:
             results = run_faults(args, state)
         else:
             results = bench(args, state)
@@ -2396,7 +2442,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         cleanup(state)
         signal.signal(signal.SIGINT, previous)
     results["total_seconds"] = time.monotonic() - started
-    if args.faults:
+    if args.faults or args.polling:
         print(faults_report(results))
         print("\ntotal bench time %.0f s" % results["total_seconds"])
         if args.json:
