@@ -33,7 +33,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from functools import lru_cache
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 # Label put on every container a test creates, so cleanup can find exactly
 # those and nothing else: --label autodeploy.test=<run_id()>.
@@ -544,6 +544,10 @@ class Registry:
                 "      backoff: 1s\n"
                 "%s" % (json.dumps(self.notify_url), "      headers:\n" + headers if headers else ""))
 
+    def _ready(self, status: int, headers: Any) -> bool:
+        """Whether /v2/ answering `status` means the registry is up as configured."""
+        return status == 200
+
     def _wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         last = ""
@@ -553,10 +557,15 @@ class Registry:
                                      % (self._proc.returncode, self._log_text()))
             try:
                 with _NO_PROXY_OPENER.open(self.url + "/v2/", timeout=2) as resp:
-                    if resp.status == 200:
-                        return
+                    status, headers = resp.status, resp.headers
+            except urllib.error.HTTPError as exc:
+                status, headers = exc.code, exc.headers
             except (OSError, http.client.HTTPException) as exc:
-                last = str(exc)
+                status, headers, last = 0, None, str(exc)
+            if status and self._ready(status, headers):
+                return
+            if status:
+                last = "HTTP %s" % status
             time.sleep(0.05)
         raise AssertionError("docker-registry not ready after %.0fs (%s):\n%s"
                              % (timeout, last, self._log_text()))
@@ -1016,6 +1025,19 @@ def http_get(port: int, path: str, token: str = ADMIN_TOKEN, timeout: float = 10
         return response.status, dict(response.getheaders()), response.read()
     finally:
         conn.close()
+
+
+def wait_for_jobs(service: ServiceProcess, count: int = 1, timeout: float = 60.0) -> list:
+    """Until /jobs lists `count` jobs; them, newest first."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status, doc = get_json(service.port, "/jobs")
+        if status == 200 and len(doc["jobs"]) >= count:
+            return doc["jobs"]
+        if time.monotonic() > deadline:
+            raise AssertionError("%d job(s) not there after %.0fs:\n%s"
+                                 % (count, timeout, service.log_text()[-3000:]))
+        time.sleep(0.1)
 
 
 def get_json(port: int, path: str, token: str = ADMIN_TOKEN):

@@ -14,7 +14,6 @@ name and nothing named *-autodeploy-old-* is left, the journal holds one
 final state for the job, and its callback arrived exactly once.
 """
 
-import os
 import shutil
 import tempfile
 import time

@@ -1,8 +1,6 @@
 """End to end: the health gate, rollback, start-first and a burst of webhooks,
 on the real service, a real Docker Engine and a real registry."""
 
-import shutil
-import tempfile
 import time
 import unittest
 

@@ -23,20 +23,6 @@ from tests.test_e2e_private_registry import PASSWORD, USER, PrivateRegistry
 from tests.test_e2e_recovery import wait_final
 
 
-def wait_for_job(test: unittest.TestCase, service: ServiceProcess, count: int = 1,
-                 timeout: float = 60.0) -> list:
-    """Until /jobs lists `count` jobs; them, newest first."""
-    deadline = time.monotonic() + timeout
-    while True:
-        status, doc = get_json(service.port, "/jobs")
-        if status == 200 and len(doc["jobs"]) >= count:
-            return doc["jobs"]
-        if time.monotonic() > deadline:
-            test.fail("%d job(s) not there after %.0fs:\n%s"
-                      % (count, timeout, service.log_text()[-3000:]))
-        time.sleep(0.1)
-
-
 class PollingTestCase(unittest.TestCase):
 
     registry_class = support.Registry
@@ -86,12 +72,12 @@ class PollingTest(PollingTestCase):
         name, port = support.run_version(self, "polled", ref, "latest", answers="v1")
         service = self.serve("polled", name, "tag = latest")
         v2 = self.push(ref, "v2", "latest")
-        job = wait_final(service, wait_for_job(self, service)[0]["id"])
+        job = wait_final(service, support.wait_for_jobs(service)[0]["id"])
         self.assertEqual((job["state"], job["source"], job["tag"]), ("succeeded", "poll", "latest"))
         self.assertEqual(inspect(name)["Image"], v2)
         self.assertEqual(support.wait_http("http://127.0.0.1:%d/" % port, expect_body="v2\n"), "v2\n")
         time.sleep(2.5)  # two more polls: the digest it deployed is the one it finds
-        self.assertEqual(len(wait_for_job(self, service)), 1)
+        self.assertEqual(len(support.wait_for_jobs(service)), 1)
         metrics = support.http_get(service.port, "/metrics")[2].decode()
         self.assertIn('autodeploy_last_poll_timestamp_seconds{app="e2e/polled"}', metrics)
 
@@ -102,12 +88,12 @@ class PollingTest(PollingTestCase):
         service = self.serve("semver", name, "tag_policy = minor")
         self.push(ref, "v2.0.0")
         self.push(ref, "v1.2.4")
-        job = wait_final(service, wait_for_job(self, service)[0]["id"])
+        job = wait_final(service, support.wait_for_jobs(service)[0]["id"])
         self.assertEqual((job["state"], job["tag"]), ("succeeded", "v1.2.4"), job)
         self.assertEqual(support.wait_http("http://127.0.0.1:%d/" % port, expect_body="v1.2.4\n"),
                          "v1.2.4\n")
         time.sleep(2.5)  # more polls: v2.0.0 stays outside the policy
-        self.assertEqual(len(wait_for_job(self, service)), 1)
+        self.assertEqual(len(support.wait_for_jobs(service)), 1)
         self.assertTrue(inspect(name)["Config"]["Image"].startswith(ref + ":v1.2.4"))
 
 
@@ -201,7 +187,7 @@ class PrivatePollingTest(PollingTestCase):
         config = os.path.join(self.login, "config.json")
         service = self.serve("privpoll", name, "tag = latest", extra="docker_config = " + config)
         v2 = self.push(ref, "v2", "latest")
-        job = wait_final(service, wait_for_job(self, service)[0]["id"])
+        job = wait_final(service, support.wait_for_jobs(service)[0]["id"])
         self.assertEqual((job["state"], job["source"]), ("succeeded", "poll"), job)
         self.assertEqual(inspect(name)["Image"], v2)
         self.assertNotIn(PASSWORD, service.log_text())

@@ -12,7 +12,7 @@ import json
 import unittest
 
 from tests import support
-from tests.support import (CallbackReceiver, ServiceProcess, get_json, inspect, journal_rows,
+from tests.support import (CallbackReceiver, ServiceProcess, inspect, journal_rows,
                            main_section)
 from tests.test_e2e_recovery import wait_final
 
@@ -53,7 +53,7 @@ signing_secret = {secret}
         ids.update(support.make_versions(self.images, self.ref, ("v2",), cmd=support.app_cmd()))
         pushed = [d.split("@", 1)[1] for d in inspect(ids["v2"])["RepoDigests"]
                   if d.startswith(self.ref + "@")]
-        jobs = self.wait_for_jobs(service, 1)
+        jobs = support.wait_for_jobs(service, 1)
         job = wait_final(service, jobs[0]["id"])
         self.assertEqual(job["state"], "succeeded", job)
         self.assertEqual(job["source"], "distribution")
@@ -65,17 +65,6 @@ signing_secret = {secret}
         # The pull of v2 and the blob pushes were reported too: none became a job.
         self.assertEqual(len(journal_rows(service)), 1)
         self.assertIn("ignored", service.log_text())
-
-    def wait_for_jobs(self, service: ServiceProcess, count: int, timeout: float = 60.0) -> list:
-        import time
-        deadline = time.monotonic() + timeout
-        while True:
-            status, doc = get_json(service.port, "/jobs")
-            if status == 200 and len(doc["jobs"]) >= count:
-                return doc["jobs"]
-            if time.monotonic() > deadline:
-                raise AssertionError("no job after %.0fs:\n%s" % (timeout, service.log_text()[-3000:]))
-            time.sleep(0.1)
 
 
 class ExactDigestTest(unittest.TestCase):

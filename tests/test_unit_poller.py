@@ -5,7 +5,6 @@ fake clock: what it asks, when it deploys, how it backs off."""
 import unittest
 from typing import Dict, List, Optional
 
-import autodeploy
 import dockerapi
 from autodeploy import Poller, Service, CallbackSender, MemoryJournal
 from tests.unit_support import Rig, app_config, web_config
