@@ -37,6 +37,7 @@ import logging
 import os
 import random
 import re
+import secrets
 import shlex
 import signal
 import socket
@@ -95,6 +96,7 @@ def printable(text: Any) -> str:
 DEFAULT_CONFIG = "/etc/autodeploy/autodeploy.conf"
 DEFAULT_LISTEN = "127.0.0.1:3456"
 DEFAULT_LABEL_PREFIX = "autodeploy"
+NO_CONFIG = "(no config file)"  # Config.path when serving on the defaults
 LABEL_PREFIX_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 DEFAULT_WORKERS = 3
 DEFAULT_MAX_BODY = 64 * 1024
@@ -316,6 +318,21 @@ def load_config(path: str, environ: Optional[Mapping[str, str]] = None) -> Confi
         raise ConfigError("%s: %s" % (path, " ".join(str(exc).split()))) from exc
     except UnicodeDecodeError as exc:
         raise ConfigError("%s: not UTF-8 text (%s)" % (path, exc.reason)) from exc
+    return config_from(parser, path, environ)
+
+
+def default_config(environ: Optional[Mapping[str, str]] = None) -> Config:
+    """The configuration with no file: every setting's default, tokens from
+    the environment, every labelled container followed (no sections)."""
+    parser = configparser.ConfigParser(interpolation=None, default_section="\0defaults")
+    parser.read_dict({"autodeploy": {}})
+    path = os.path.join(os.getcwd(), NO_CONFIG)
+    return config_from(parser, path, os.environ if environ is None else environ)
+
+
+def config_from(parser: configparser.ConfigParser, path: str, environ: Mapping[str, str]) -> Config:
+    """Check a parsed configuration (`path`: where it was read, its folder
+    the base of relative paths)."""
     if not parser.has_section("autodeploy"):
         raise ConfigError("%s: no [autodeploy] section" % path)
     main = parser["autodeploy"]
@@ -2731,6 +2748,7 @@ def label_view(info: Dict[str, Any], prefix: str, repository: str, base: Optiona
     config = info.get("Config") or {}
     image, _, running = split_image_reference(config.get("Image") or "")
     options = label_options(config.get("Labels") or {}, prefix, where)
+    options.pop("enable", None)
     depends_on = options.pop("depends_on", "")
     if depends_on and not CONTAINER_NAME_RE.match(depends_on):
         raise ConfigError("%s depends_on: %r is not a container name" % (where, depends_on))
@@ -6122,14 +6140,97 @@ def check(config: Config) -> int:
     print("Docker Engine %s at %s, API %s (engine max %s, min %s)"
           % (version.get("Version"), engine.where, api, version.get("ApiVersion"),
              version.get("MinAPIVersion")))
+    failed = not check_labels(config, Discovery(engine, config.label_prefix)) or failed
     return 1 if failed else 0
+
+
+def check_labels(config: Config, discovery: Discovery) -> bool:
+    """`check`'s lines on the labelled containers: what each follows, or
+    why its labels are refused (printed to stderr; returns False then)."""
+    try:
+        found = discovery.labelled()
+    except DockerError as exc:
+        print("labelled containers: %s" % exc, file=sys.stderr)
+        return False
+    print("%d container(s) labelled %s.enable=true" % (len(found), discovery.prefix))
+    good = True
+    for info in found:
+        name = info["Name"].lstrip("/")
+        image = (info.get("Config") or {}).get("Image") or ""
+        repository = split_image_reference(image)[1]
+        base = config.app_for(repository)
+        notes: List[str] = []
+        try:
+            view = label_view(info, discovery.prefix, repository, base, notes)
+        except ConfigError as exc:
+            print("%s; skipped by deploys" % exc, file=sys.stderr)
+            good = False
+            continue
+        print("  %s -> %s:%s, %s%s" % (name, view.image, "/".join(view.tags) or "*",
+                                       describe_policy(view),
+                                       ", after %s" % view.depends_on if view.depends_on else ""))
+        for note in notes:
+            print("    %s" % note)
+    return good
+
+
+def read_config(given: Optional[str], environ: Mapping[str, str]) -> Config:
+    """--config, else $AUTODEPLOY_CONFIG, else the default file; when none
+    is named and the default file does not exist, the defaults (label
+    discovery only)."""
+    path = given or environ.get("AUTODEPLOY_CONFIG")
+    if path is None and not os.path.exists(DEFAULT_CONFIG):
+        return default_config(environ)
+    return load_config(path or DEFAULT_CONFIG, environ)
+
+
+def is_default_config(config: Config) -> bool:
+    return os.path.basename(config.path) == NO_CONFIG
+
+
+def with_state_token(config: Config, out: Any = None) -> Config:
+    """Serving on the defaults: the token in state_dir/token (made on the
+    first start, mode 0600, kept for the next ones) is the deploy token,
+    and the webhook URL is printed once, at start (never logged)."""
+    path = config.state_file("token")
+    try:
+        token = read_or_make_token(path)
+    except OSError as exc:
+        raise ConfigError("%s: cannot read or write the token: %s" % (path, exc.strerror or exc)) \
+            from exc
+    _check_token(token, path)
+    host = config.listen_host
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    print("no config file: serving on the defaults; webhook URL (the token is in %s):\n"
+          "http://%s:%d/deploy/%s" % (path, "[%s]" % shown if ":" in shown else shown,
+                                      config.listen_port, token),
+          file=out or sys.stdout, flush=True)
+    return config._replace(tokens=config.tokens + [token])
+
+
+def read_or_make_token(path: str) -> str:
+    """The token in `path`; a new random one written there (0600) if none."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return fh.read().strip()
+    except FileNotFoundError:
+        pass
+    os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
+    token = secrets.token_urlsafe(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        os.fchmod(fh.fileno(), 0o600)
+        fh.write(token + "\n")
+    return token
 
 
 def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="autodeploy", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version="autodeploy " + __version__)
-    parser.add_argument("--config", "-c", default=os.environ.get("AUTODEPLOY_CONFIG", DEFAULT_CONFIG),
-                        help="configuration file (default: $AUTODEPLOY_CONFIG or %(default)s)")
+    parser.add_argument("--config", "-c", default=None,
+                        help="configuration file (default: $AUTODEPLOY_CONFIG or %s; serve "
+                             "runs on the defaults when neither is given and %s does not exist)"
+                             % (DEFAULT_CONFIG, DEFAULT_CONFIG))
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
@@ -6137,6 +6238,9 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     serve_command.add_argument("--insecure-no-token", action="store_true",
                                help="serve even with no token configured: anyone who reaches "
                                     "the port can deploy (for a private network only)")
+    serve_command.add_argument("--listen", metavar="HOST:PORT",
+                               help="listen here instead of the config's listen (default %s)"
+                                    % DEFAULT_LISTEN)
     deploy = commands.add_parser("deploy", help="deploy one repository now and wait for the "
                                  "outcome (through the running service, if any)")
     deploy.add_argument("target", metavar="REPO[:TAG]")
@@ -6161,7 +6265,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(message)s")
     try:
-        config = load_config(args.config)
+        config = read_config(args.config, os.environ)
+        if args.command == "serve" and args.listen:
+            host, port = _parse_listen(args.listen, "--listen")
+            config = config._replace(listen_host=host, listen_port=port)
+        if args.command == "serve" and is_default_config(config) and not args.insecure_no_token:
+            config = with_state_token(config)
     except ConfigError as exc:
         print("autodeploy: %s" % exc, file=sys.stderr)
         return 2
