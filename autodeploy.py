@@ -2713,16 +2713,19 @@ def split_image_reference(reference: str) -> Tuple[str, str, str]:
     return name, "/".join(parts[1:]) if host else name, tag
 
 
-def label_options(labels: Mapping[str, str], prefix: str, where: str) -> Dict[str, str]:
-    """The <prefix>.* labels as settings (prefix dropped); ConfigError for
-    one autodeploy does not know."""
+def label_options(labels: Mapping[str, str], prefix: str, where: str,
+                  notes: List[str]) -> Dict[str, str]:
+    """The <prefix>.* labels as settings (prefix dropped). One autodeploy
+    does not know is noted, not refused: other tools may share the prefix
+    (and `check` shows the note, for a typo)."""
     options = {}
     for key, value in (labels or {}).items():
         if key.startswith(prefix + "."):
             name = key[len(prefix) + 1:]
             if name not in LABEL_KEYS:
-                raise ConfigError("%s label %s: unknown; the labels are %s.{%s}"
-                                  % (where, key, prefix, ",".join(LABEL_KEYS)))
+                notes.append("%s label %s: not one of %s.{%s}; ignored"
+                             % (where, key, prefix, ",".join(LABEL_KEYS)))
+                continue
             options[name] = value.strip()
     return options
 
@@ -2747,7 +2750,7 @@ def label_view(info: Dict[str, Any], prefix: str, repository: str, base: Optiona
     where = "container %s (labels %s.*):" % (name, prefix)
     config = info.get("Config") or {}
     image, _, running = split_image_reference(config.get("Image") or "")
-    options = label_options(config.get("Labels") or {}, prefix, where)
+    options = label_options(config.get("Labels") or {}, prefix, where, notes)
     options.pop("enable", None)
     depends_on = options.pop("depends_on", "")
     if depends_on and not CONTAINER_NAME_RE.match(depends_on):

@@ -73,15 +73,17 @@ class DiscoveryTest(unittest.TestCase):
 
     def test_a_bad_label_skips_its_container_and_says_why(self):
         self.engine.add_labelled("web-1", "sha256:v1", REF, {"autodeploy.order": "sideways"})
-        self.engine.add_labelled("web-2", "sha256:v1", REF, {"autodeploy.helth_url": "x"})
+        self.engine.add_labelled("web-2", "sha256:v1", REF, {"autodeploy.health_tcp": "x"})
         self.engine.add_labelled("web-3", "sha256:v1", REF, {"autodeploy.settle": "soon"})
-        self.engine.add_labelled("web-4", "sha256:v1", REF)
+        self.engine.add_labelled("web-4", "sha256:v1", REF, {"autodeploy.helth_url": "x"})
         self.assertEqual([v.container for v in self.targets()], ["web-4"])
         self.assertEqual(len(self.problems), 3, self.problems)
         self.assertIn("container web-1", self.problems[0])
         self.assertIn("'sideways'; use auto, stop-first or start-first", self.problems[0])
-        self.assertIn("autodeploy.helth_url: unknown", self.problems[1])
+        self.assertIn("health_tcp: 'x'; expected HOST:PORT", self.problems[1])
         self.assertIn("settle: 'soon' is not a whole number", self.problems[2])
+        # A label it does not know is noted (a typo shows), not refused: tools share prefixes.
+        self.assertIn("label autodeploy.helth_url: not one of", " ".join(self.notes))
         self.assertTrue(all(p.endswith("skipped") for p in self.problems))
 
     def test_the_config_wins_on_a_conflict_and_the_notes_say_which_applied(self):
