@@ -37,6 +37,7 @@ import logging
 import os
 import random
 import re
+import secrets
 import shlex
 import signal
 import socket
@@ -94,6 +95,9 @@ def printable(text: Any) -> str:
 
 DEFAULT_CONFIG = "/etc/autodeploy/autodeploy.conf"
 DEFAULT_LISTEN = "127.0.0.1:3456"
+DEFAULT_LABEL_PREFIX = "autodeploy"
+NO_CONFIG = "(no config file)"  # Config.path when serving on the defaults
+LABEL_PREFIX_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 DEFAULT_WORKERS = 3
 DEFAULT_MAX_BODY = 64 * 1024
 DEFAULT_CALLBACK_ALLOW = "https://registry.hub.docker.com"
@@ -220,6 +224,10 @@ class AppConfig(NamedTuple):
     restart: str = ""
     network: str = ""
     command: Sequence[str] = ()
+    # The settings the section wrote (a label cannot override those).
+    settings: FrozenSet[str] = frozenset()
+    depends_on: str = ""  # label discovery: a container deployed before this one
+    labelled: bool = False  # no section: an app made from its containers' labels
 
     def __repr__(self) -> str:
         """As a NamedTuple's, with the secrets masked: an AppConfig may end
@@ -265,6 +273,7 @@ class Config(NamedTuple):
     admin_tokens: Tuple[str, ...] = ()
     metrics_public: bool = False
     stop_deadline: float = 30.0  # SIGTERM: seconds running deploys get before they roll back
+    label_prefix: str = DEFAULT_LABEL_PREFIX  # <prefix>.enable=true opts a container in
 
     def app_for(self, repository: str) -> Optional[AppConfig]:
         """The app configured for a pushed repository, if any."""
@@ -285,7 +294,7 @@ MAIN_KEYS = {"listen", "token", "token_file", "workers", "state_dir", "callback_
              "request_timeout", "tls_cert", "tls_key", "engine_wait", "journal", "keep_jobs",
              "keep_days", "admin_token", "metrics_public", "notify_url", "slack_url",
              "notify_on", "stop_deadline", "header_timeout", "keepalive_timeout",
-             "max_header_bytes", "max_connections_per_source", "poll"}
+             "max_header_bytes", "max_connections_per_source", "poll", "label_prefix"}
 APP_KEYS = {"image", "tag", "tag_policy", "prerelease", "poll", "container", "stop_timeout",
             "order", "health_url", "health_tcp", "health_timeout", "settle", "cooldown",
             "remove_old_image", "ports", "env", "volumes", "labels", "restart", "network", "command",
@@ -309,6 +318,21 @@ def load_config(path: str, environ: Optional[Mapping[str, str]] = None) -> Confi
         raise ConfigError("%s: %s" % (path, " ".join(str(exc).split()))) from exc
     except UnicodeDecodeError as exc:
         raise ConfigError("%s: not UTF-8 text (%s)" % (path, exc.reason)) from exc
+    return config_from(parser, path, environ)
+
+
+def default_config(environ: Optional[Mapping[str, str]] = None) -> Config:
+    """The configuration with no file: every setting's default, tokens from
+    the environment, every labelled container followed (no sections)."""
+    parser = configparser.ConfigParser(interpolation=None, default_section="\0defaults")
+    parser.read_dict({"autodeploy": {}})
+    path = os.path.join(os.getcwd(), NO_CONFIG)
+    return config_from(parser, path, os.environ if environ is None else environ)
+
+
+def config_from(parser: configparser.ConfigParser, path: str, environ: Mapping[str, str]) -> Config:
+    """Check a parsed configuration (`path`: where it was read, its folder
+    the base of relative paths)."""
     if not parser.has_section("autodeploy"):
         raise ConfigError("%s: no [autodeploy] section" % path)
     main = parser["autodeploy"]
@@ -366,7 +390,16 @@ def load_config(path: str, environ: Optional[Mapping[str, str]] = None) -> Confi
         keep_days=_float_option(main, "keep_days", 30, where, 0.001, 36500),
         admin_tokens=tuple(_checked_tokens(_split_list(main.get("admin_token", "")), where)),
         metrics_public=_bool_option(main, "metrics_public", False, where),
-        stop_deadline=_float_option(main, "stop_deadline", 30, where, 0, 3600))
+        stop_deadline=_float_option(main, "stop_deadline", 30, where, 0, 3600),
+        label_prefix=_label_prefix(main, where))
+
+
+def _label_prefix(main: configparser.SectionProxy, where: str) -> str:
+    prefix = main.get("label_prefix", DEFAULT_LABEL_PREFIX).strip()
+    if not LABEL_PREFIX_RE.match(prefix):
+        raise ConfigError("%s label_prefix: %r; letters, digits and . _ - (such as autodeploy)"
+                          % (where, prefix))
+    return prefix
 
 
 def _parse_app(repository: str, section: configparser.SectionProxy, where: str, base: str,
@@ -424,6 +457,7 @@ def _parse_app(repository: str, section: configparser.SectionProxy, where: str, 
         restart=restart, network=section.get("network", ""), command=command,
         tokens=tuple(_read_tokens(section, where, base)),
         signing_secret=_read_secret(section, where, base),
+        settings=frozenset(section.keys()),
         **_read_registry_login(section, where, base),
         **dict(zip(("notify_url", "slack_url", "notify_on"), _parse_notify(section, where, notify))))
 
@@ -1593,13 +1627,21 @@ def new_job_id() -> str:
     return os.urandom(6).hex()
 
 
-class JobQueue:
-    """Jobs in arrival order, at most one running per container.
+def queue_key(job: Job) -> str:
+    """What the queue runs one job at a time for: the app (its repository).
+    A section names one container, and one job deploys every container of
+    its repository (label discovery), so no two jobs ever share one."""
+    return job.app.repository
 
-    A job waiting for a container is replaced by a newer one for the same
-    container (the newer push wins; the older job is kept on the newer one's
+
+class JobQueue:
+    """Jobs in arrival order, at most one running per app (queue_key: a
+    section's container and the labelled containers of its repository).
+
+    A job waiting for an app is replaced by a newer one for the same app
+    (the newer push wins; the older job is kept on the newer one's
     `superseded` list so its callback still hears the outcome). So the queue
-    never holds more than one waiting job per configured container.
+    never holds more than one waiting job per app.
 
     After a job ends, the next one for its container waits out the app's
     `cooldown`: a flood of webhooks for one app coalesces into one pull a
@@ -1626,7 +1668,7 @@ class JobQueue:
         """Queue `job`; returns the waiting job it replaced, if any.
         QueueFull when `limit` jobs already wait and none is replaced
         (unless `force`: recovery must queue every job it finds)."""
-        key = job.app.container
+        key = queue_key(job)
         ended: List[Job] = []
         with self._cond:
             replaced = self._waiting.get(key)
@@ -1693,7 +1735,7 @@ class JobQueue:
     def task_done(self, job: Job) -> None:
         """Free the job's container; a job that waited for it becomes ready
         once the app's cooldown has passed."""
-        key = job.app.container
+        key = queue_key(job)
         with self._cond:
             self._running.discard(key)
             if job.app.cooldown > 0:
@@ -1986,9 +2028,12 @@ def app_registry_auth(app: AppConfig, docker_config: str,
 #   converge(job, row, jlog) put in order what a crash left of a job's swap
 # ContainerTarget is the one kind today; a Swarm service is the next.
 
+ASIDE_MARK = "-autodeploy-old-"
+
+
 def aside_name(container: str, job_id: str) -> str:
     """The name the old container carries while job `job_id` replaces it."""
-    return "%s-autodeploy-old-%s" % (container, job_id)
+    return "%s%s%s" % (container, ASIDE_MARK, job_id)
 
 
 def pull(engine: DockerClient, app: AppConfig, tag: str, docker_config: str,
@@ -2630,6 +2675,208 @@ def probe_endpoint(target: str, timeout: float) -> bool:
 
 
 ############################################################################
+# Label discovery: every container a push reaches
+############################################################################
+#
+# Besides the container a section names, a push reaches every container
+# labelled <prefix>.enable=true whose image is the pushed repository and
+# which follows the pushed tag. Labels with the settings' names set that
+# container's options, checked by the same rules as the config file; a
+# section's own settings win over them. A container whose labels are wrong
+# is reported and skipped, never guessed at.
+
+# The labels a container may carry (after "<prefix>."); all but enable and
+# depends_on are the section settings of the same name.
+LABEL_KEYS = ("enable", "tag", "tag_policy", "prerelease", "order", "health_url", "health_tcp",
+              "health_timeout", "stop_timeout", "settle", "depends_on")
+# The AppConfig fields a label sets; the tag settings go together.
+LABEL_FIELDS = {"tag": ("tags", "tag_policy", "prerelease"),
+                "tag_policy": ("tags", "tag_policy", "prerelease"),
+                "prerelease": ("tags", "tag_policy", "prerelease"),
+                "order": ("order",), "health_url": ("health_url",), "health_tcp": ("health_tcp",),
+                "health_timeout": ("health_timeout",), "stop_timeout": ("stop_timeout",),
+                "settle": ("settle",)}
+TAG_SETTINGS = ("tag", "tag_policy", "prerelease")
+
+
+def split_image_reference(reference: str) -> Tuple[str, str, str]:
+    """'host:5000/team/app:v1@sha256:...' -> (image name 'host:5000/team/app',
+    repository path 'team/app', tag 'v1'; '' when the reference names none).
+    The first part is a registry host when it has a '.' or ':' or is
+    localhost, as Docker reads it."""
+    name = reference.partition("@")[0]
+    tag = ""
+    if ":" in name.rsplit("/", 1)[-1]:
+        name, tag = name.rsplit(":", 1)
+    parts = name.split("/")
+    host = len(parts) > 1 and ("." in parts[0] or ":" in parts[0] or parts[0] == "localhost")
+    return name, "/".join(parts[1:]) if host else name, tag
+
+
+def label_options(labels: Mapping[str, str], prefix: str, where: str,
+                  notes: List[str]) -> Dict[str, str]:
+    """The <prefix>.* labels as settings (prefix dropped). One autodeploy
+    does not know is noted, not refused: other tools may share the prefix
+    (and `check` shows the note, for a typo)."""
+    options = {}
+    for key, value in (labels or {}).items():
+        if key.startswith(prefix + "."):
+            name = key[len(prefix) + 1:]
+            if name not in LABEL_KEYS:
+                notes.append("%s label %s: not one of %s.{%s}; ignored"
+                             % (where, key, prefix, ",".join(LABEL_KEYS)))
+                continue
+            options[name] = value.strip()
+    return options
+
+
+def parse_labels(options: Dict[str, str], repository: str, where: str) -> AppConfig:
+    """Check label settings with the config file's own rules (_parse_app)."""
+    parser = configparser.ConfigParser(interpolation=None, default_section="\0defaults")
+    parser.optionxform = str
+    parser.read_dict({"labels": {k: v for k, v in options.items() if k in LABEL_FIELDS}})
+    return _parse_app(repository, parser["labels"], where, "/",
+                      ("", "", AppConfig._field_defaults["notify_on"]))
+
+
+def label_view(info: Dict[str, Any], prefix: str, repository: str, base: Optional[AppConfig],
+               notes: List[str]) -> AppConfig:
+    """The app as one labelled container deploys it: `base` (the section, or
+    None) with the container's name and label settings, where the section
+    does not set them itself (the config wins; `notes` says what applied).
+    Without a section the image is the one the container names, and an
+    exact policy follows the tag the container runs. ConfigError: a bad label."""
+    name = info["Name"].lstrip("/")
+    where = "container %s (labels %s.*):" % (name, prefix)
+    config = info.get("Config") or {}
+    image, _, running = split_image_reference(config.get("Image") or "")
+    options = label_options(config.get("Labels") or {}, prefix, where, notes)
+    options.pop("enable", None)
+    depends_on = options.pop("depends_on", "")
+    if depends_on and not CONTAINER_NAME_RE.match(depends_on):
+        raise ConfigError("%s depends_on: %r is not a container name" % (where, depends_on))
+    settings = base.settings if base is not None else frozenset()
+    for key in sorted(options):
+        if key in settings or (key in TAG_SETTINGS and settings & set(TAG_SETTINGS)):
+            notes.append("%s: label %s.%s ignored: [%s] sets %s (the config wins)"
+                         % (name, prefix, key, repository, key))
+            del options[key]
+    if "tag" not in options and options.get("tag_policy", "exact") == "exact" \
+            and not (base is not None and (name == base.container or settings & set(TAG_SETTINGS))):
+        if not running:
+            raise ConfigError("%s its image %s names no tag to follow: label %s.tag says which"
+                              % (where, config.get("Image"), prefix))
+        options["tag"] = running
+    parsed = parse_labels(options, repository, where)
+    view = base if base is not None else parsed._replace(image=image, labelled=True)
+    fields = {field for key in options if key in LABEL_FIELDS for field in LABEL_FIELDS[key]}
+    view = view._replace(container=name, depends_on=depends_on,
+                         **{field: getattr(parsed, field) for field in fields})
+    if base is None or name != base.container:
+        view = view._replace(image=image)  # pulled as the container names it
+    if options:
+        notes.append("%s: labels applied: %s" % (name, ", ".join(
+            "%s=%s" % (key, value) for key, value in sorted(options.items()))))
+    return view
+
+
+def follows(app: AppConfig, tag: str, running_tag: Optional[str]) -> bool:
+    """The pushed tag is one this app (a container's view) deploys."""
+    if app.tag_policy == "exact":
+        return tag in app.tags
+    return tag_refusal(app, tag, running_tag) is None
+
+
+def deploy_order(views: List[AppConfig]) -> List[AppConfig]:
+    """By name, except that a container comes after the one it depends on
+    (depends_on naming no other target is met already; a cycle falls back
+    to names)."""
+    waiting = sorted(views, key=lambda view: view.container)
+    names = {view.container for view in waiting}
+    ordered: List[AppConfig] = []
+    placed: Set[str] = set()
+    while waiting:
+        ready = [view for view in waiting
+                 if view.depends_on in placed or view.depends_on not in names
+                 or view.depends_on == view.container]
+        chosen = ready[0] if ready else waiting[0]
+        ordered.append(chosen)
+        placed.add(chosen.container)
+        waiting.remove(chosen)
+    return ordered
+
+
+class Discovery:
+    """Finds the containers a push reaches, through the Engine: the
+    section's container (if any) and the labelled ones."""
+
+    def __init__(self, engine: DockerClient, prefix: str = DEFAULT_LABEL_PREFIX):
+        self.engine = engine
+        self.prefix = prefix
+
+    def labelled(self) -> List[Dict[str, Any]]:
+        """Inspect documents of the containers labelled <prefix>.enable=true
+        (not those set aside mid-swap)."""
+        found = []
+        for summary in self.engine.list_containers(
+                all=True, filters={"label": ["%s.enable=true" % self.prefix]}):
+            names = [name.lstrip("/") for name in summary.get("Names") or ()]
+            if any(ASIDE_MARK in name for name in names):
+                continue
+            try:
+                found.append(self.engine.inspect_container(summary["Id"]))
+            except NotFound:
+                continue  # removed meanwhile
+        return found
+
+    def targets(self, repository: str, tag: str, base: Optional[AppConfig],
+                notes: List[str], problems: List[str]) -> List[AppConfig]:
+        """The views to deploy, in deploy order: the section's container
+        (always, labelled or not: it may not exist yet) and each labelled
+        container of `repository` that follows `tag`. Labels that are
+        wrong go to `problems` and skip their container."""
+        views = [] if base is None else [base]
+        for info in self.labelled():
+            name = info["Name"].lstrip("/")
+            image = (info.get("Config") or {}).get("Image") or ""
+            if split_image_reference(image)[1] != repository:
+                continue
+            try:
+                view = label_view(info, self.prefix, repository, base, notes)
+            except ConfigError as exc:
+                problems.append("%s; %s skipped" % (exc, name))
+                if base is not None and name == base.container:
+                    problems[-1] = "%s; [%s] settings alone apply" % (exc, repository)
+                continue
+            if base is not None and name == base.container:
+                views[0] = view
+            elif follows(view, tag, running_tag_of(info)):
+                views.append(view)
+            else:
+                notes.append("%s does not follow %s (%s)" % (name, tag, describe_policy(view)))
+        return deploy_order(views) if len(views) > 1 else views
+
+    def view_of(self, name: str, aside: str, repository: str, base: AppConfig) -> AppConfig:
+        """The view of one container by name (or set aside as `aside`), for
+        a swap a crash interrupted; its labels if it has good ones."""
+        for candidate in (name, aside):
+            try:
+                info = self.engine.inspect_container(candidate)
+            except NotFound:
+                continue
+            info = dict(info, Name="/" + name)
+            labels = (info.get("Config") or {}).get("Labels") or {}
+            if labels.get(self.prefix + ".enable") == "true":
+                try:
+                    return label_view(info, self.prefix, repository,
+                                       None if base.labelled else base, [])
+                except ConfigError:
+                    pass
+            break
+        return base._replace(container=name)
+
+
+############################################################################
 # Running a job, and recovery: outcomes, a lost Engine, resuming after a crash
 ############################################################################
 
@@ -2643,8 +2890,10 @@ class JobRunner:
 
     def __init__(self, target: ContainerTarget, deadline: StopDeadline,
                  engine_wait: float = ENGINE_WAIT, clock: Callable[[], float] = time.time,
-                 sleep: Callable[[float], None] = time.sleep):
+                 sleep: Callable[[float], None] = time.sleep,
+                 discovery: Optional[Discovery] = None):
         self.target = target
+        self.discovery = discovery  # None: each app deploys its section's container only
         self.engine = target.engine  # the Engine every target of this host talks to
         self.deadline, self.engine_wait = deadline, engine_wait
         self.clock, self.sleep = clock, sleep
@@ -2670,36 +2919,131 @@ class JobRunner:
             jlog.exception("internal error")
 
     def deploy(self, job: Job, jlog: JobLog) -> Tuple[str, str]:
-        """(state, description) of the deploy, resuming what was interrupted."""
+        """(state, description) of the deploy, resuming what was interrupted:
+        each container the push reaches (see roll_out), or the app's one."""
         target = self.target_for(job.app)
         jlog.info("deploying %s to %s", job.reference, target.describe(job.app))
+        converged: Optional[Tuple[str, str, str]] = None
         if job.resume is not None:
             swap, job.resume = dict(job.resume), None
-            self.converge(target, job, swap, jlog)
+            base = job.app
+            job.app = self.view_for_swap(base, swap, jlog)
+            try:
+                self.converge(target, job, swap, jlog)
+            finally:
+                job.app = base
             if job.final:
                 if swap.get("id") in (None, job.id):
-                    return job.state, job.description
-                # That was the swap of a job this one superseded: now deploy this one.
+                    if self.discovery is None:
+                        return job.state, job.description
+                    # The container mid-swap is done; the roll-out goes on from it.
+                    converged = (swap.get("container") or base.container, job.state,
+                                 job.description)
+                # Else that was the swap of a job this one superseded: now deploy this one.
                 job.state, job.description = RUNNING, ""
-        for attempt in range(1, ENGINE_LOSSES + 1):
-            self.wait_for_engine(jlog)
+        views = self.targets_of(job, jlog)
+        if len(views) == 1 and (converged is None or converged[0] == views[0].container):
+            if converged is not None:
+                return converged[1], converged[2]
+            return self.deploy_one(target, job, views[0], jlog)
+        return self.roll_out(target, job, views, converged, jlog)
+
+    def targets_of(self, job: Job, jlog: JobLog) -> List[AppConfig]:
+        """The app's views to deploy, in order: the section's container and
+        the labelled containers that follow the pushed tag (Discovery).
+        Wrong labels are logged to the job and their containers skipped."""
+        if self.discovery is None:
+            return [job.app]
+        self.wait_for_engine(jlog)
+        notes: List[str] = []
+        problems: List[str] = []
+        views = self.discovery.targets(job.app.repository, job.tag,
+                                       None if job.app.labelled else job.app, notes, problems)
+        for note in notes:
+            jlog.info("%s", note)
+        for problem in problems:
+            jlog.warning("%s", problem)
+        if not views:
+            raise DeployFailed("no container follows %s:%s any more (no [%s] section, and no "
+                               "container labelled %s.enable=true runs that image with that tag)%s"
+                               % (job.app.repository, job.tag, job.app.repository,
+                                  self.discovery.prefix,
+                                  "; %s" % "; ".join(problems) if problems else ""))
+        if len(views) > 1:
+            jlog.info("%d containers to deploy, in this order: %s" % (
+                len(views), ", ".join(view.container for view in views)))
+        return views
+
+    def view_for_swap(self, base: AppConfig, swap: Dict[str, Any], jlog: JobLog) -> AppConfig:
+        """The view of the container a crash left mid-swap (its journal row
+        names it), so converge puts that one in order."""
+        name = swap.get("container") or base.container
+        if self.discovery is None or (name == base.container and not base.labelled):
+            return base if name == base.container else base._replace(container=name)
+        self.wait_for_engine(jlog, forever=True)
+        return self.discovery.view_of(name, aside_name(name, swap.get("id") or ""),
+                                      base.repository, base)
+
+    def roll_out(self, target: ContainerTarget, job: Job, views: List[AppConfig],
+                 converged: Optional[Tuple[str, str, str]], jlog: JobLog) -> Tuple[str, str]:
+        """Deploy each view in turn, each with the full swap and health gate.
+        The first failure stops the roll-out: that container is rolled back
+        (as any failed deploy), those done stay on the new version, the rest
+        are not tried; the description says which is which. The journal
+        row names the container being deployed (its `container`), so a
+        crash mid-swap is put in order on the right one."""
+        done: List[str] = []
+        states: List[str] = []
+        for index, view in enumerate(views):
             try:
-                return target.deploy(job, jlog)
-            except DockerError as exc:
-                if job.swap is None and (exc.status is not None or attempt == ENGINE_LOSSES
-                                         or self.engine_answers()):
+                if converged is not None and converged[0] == view.container:
+                    state, description = converged[1], converged[2]
+                    if state not in (SUCCEEDED, UP_TO_DATE):
+                        raise (RolledBack if state == ROLLED_BACK else DeployFailed)(description)
+                else:
+                    target.record_step(job, container=view.container)
+                    state, description = self.deploy_one(target, job, view, jlog)
+            except DeployFailed as exc:
+                if cut_off(exc):
                     raise
-                jlog.warning("lost the Docker Engine: %s", exc)
-                if job.swap is None:
-                    continue
-                # Mid-swap: put in order what the swap left, as after a crash
-                # of ours; done, or the old one is back and the job runs once more.
-                self.converge(target, job, job.swap, jlog)
-                if job.final:
-                    return job.state, job.description
-                if attempt == ENGINE_LOSSES:
-                    raise
-        raise AssertionError("unreachable")
+                rest = [later.container for later in views[index + 1:]]
+                failed = "%s %s: %s" % (view.container, "rolled back" if isinstance(exc, RolledBack)
+                                        else "failed", exc)
+                message = "; ".join(done + [failed] + (["not tried: %s" % ", ".join(rest)]
+                                                       if rest else []))
+                raise type(exc)(message) from exc
+            jlog.info("%s: %s", view.container, description)
+            done.append(description)
+            states.append(state)
+        return (SUCCEEDED if SUCCEEDED in states else UP_TO_DATE), "; ".join(done)
+
+    def deploy_one(self, target: ContainerTarget, job: Job, view: AppConfig,
+                   jlog: JobLog) -> Tuple[str, str]:
+        """target.deploy for one container (job.app is its view meanwhile),
+        waiting for an Engine that is away and converging a swap it left."""
+        base, job.app = job.app, view
+        try:
+            for attempt in range(1, ENGINE_LOSSES + 1):
+                self.wait_for_engine(jlog)
+                try:
+                    return target.deploy(job, jlog)
+                except DockerError as exc:
+                    if job.swap is None and (exc.status is not None or attempt == ENGINE_LOSSES
+                                             or self.engine_answers()):
+                        raise
+                    jlog.warning("lost the Docker Engine: %s", exc)
+                    if job.swap is None:
+                        continue
+                    # Mid-swap: put in order what the swap left, as after a crash
+                    # of ours; done, or the old one is back and the job runs once more.
+                    self.converge(target, job, job.swap, jlog)
+                    if job.final:
+                        return job.state, job.description
+                    if attempt == ENGINE_LOSSES:
+                        raise
+            raise AssertionError("unreachable")
+        finally:
+            job.app = base
 
     def converge(self, target: ContainerTarget, job: Job, swap: Dict[str, Any],
                  jlog: JobLog) -> None:
@@ -2788,9 +3132,14 @@ def resume_unfinished(rows: List[Dict[str, Any]], config: Config, queue: JobQueu
     row in job.resume, so the worker puts its containers in order first; a
     job whose app is no longer configured, or whose tag its tag policy no
     longer allows (judged without the running version: the job was accepted
-    against it), ends in `end` as an error. Returns how many rows there were."""
+    against it), ends in `end` as an error; a job of labelled containers
+    (no section) is resumed as such. Returns how many rows there were."""
     for row in rows:
         app = config.app_for(row["app"])
+        if app is None and row.get("labelled"):
+            # An app of labelled containers: the job finds them again (and
+            # fails when none follows its tag any more).
+            app = AppConfig(row["app"], row["app"], (row["tag"],), row["container"], labelled=True)
         job = Job(id=row["id"], app=app or AppConfig(row["app"], row["app"], (), row["container"]),
                   tag=row["tag"], callback_url=row["callback_url"], source=row["source"],
                   received=row["received"] or 0.0)
@@ -3234,9 +3583,10 @@ class Reporter:
 JOURNAL_COLUMNS = ("id", "app", "container", "tag", "source", "callback_url", "received",
                    "started", "finished", "state", "description", "old_image", "new_image",
                    "old_container", "new_container", "was_running", "superseded_by", "log",
-                   "step", "failure", "digest")
+                   "step", "failure", "digest", "labelled")
 # Columns added since the first journals: (name, type), added to an older file when opened.
-ADDED_COLUMNS = (("step", "TEXT"), ("failure", "TEXT"), ("digest", "TEXT"))
+# labelled: the app had no section, only labelled containers (resumed as such).
+ADDED_COLUMNS = (("step", "TEXT"), ("failure", "TEXT"), ("digest", "TEXT"), ("labelled", "INTEGER"))
 
 
 def job_row(job: Job) -> Dict[str, Any]:
@@ -3245,7 +3595,7 @@ def job_row(job: Job) -> Dict[str, Any]:
             "tag": job.tag, "source": job.source, "callback_url": job.callback_url,
             "received": job.received, "started": job.started, "finished": job.finished,
             "state": job.state, "description": job.description, "log": "\n".join(job.lines),
-            "digest": job.digest}
+            "digest": job.digest, "labelled": 1 if job.app.labelled else None}
 
 
 RUN_COLUMNS = ("started", "finished", "state", "description", "log")  # what a job's run changes
@@ -3476,9 +3826,10 @@ class Journal:
         """Record an accepted job; JournalError when it cannot be written
         (the webhook then gets a 503, not a 202 that could be lost)."""
         self._write("INSERT INTO jobs (id, app, container, tag, source, callback_url, received, "
-                    "state, description, digest) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "state, description, digest, labelled) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (job.id, job.app.repository, job.app.container, job.tag, job.source,
-                     job.callback_url, job.received, job.state, job.description, job.digest))
+                     job.callback_url, job.received, job.state, job.description, job.digest,
+                     1 if job.app.labelled else None))
 
     def mark_superseded(self, rows: List[Tuple[float, str, str]]) -> None:
         """(finished, description, id) of jobs superseded while waiting, in one commit."""
@@ -3989,12 +4340,10 @@ class Service:
         """Queue a deploy for a push; PayloadError(422) when not configured,
         503 when the journal cannot record it or the queue is full; Ignored
         when the app's tag policy (other than exact) does not deploy it."""
-        app = self.config.app_for(push.repository)
-        if app is None:
-            named = "%s/%s" % (push.host, push.repository) if push.host else push.repository
-            raise PayloadError(422, "repository %s is not configured for deploys: a section "
-                               "[%s] would follow pushes of %s" % (push.repository, push.repository, named))
-        if app.tag_policy == "exact":
+        app = self.config.app_for(push.repository) or self.labelled_app(push)
+        if app.labelled:
+            pass  # its containers were found following this tag
+        elif app.tag_policy == "exact":
             if push.tag not in app.tags:
                 raise PayloadError(422, "tag %s of %s is not configured for deploys (follows: %s)"
                                    % (push.tag, push.repository, ", ".join(app.tags)))
@@ -4018,6 +4367,34 @@ class Service:
         log.info("job=%s repo=%s queued %s%s", job.id, app.repository, job.reference,
                  " (replaces waiting job %s)" % replaced.id if replaced else "")
         return job
+
+    def labelled_app(self, push: Push) -> AppConfig:
+        """No section for the pushed repository: an app made from the
+        containers labelled to follow it (the job finds them again when it
+        runs). PayloadError 422 when there are none, or the Engine cannot
+        be asked."""
+        named = "%s/%s" % (push.host, push.repository) if push.host else push.repository
+        refusal = "repository %s is not configured for deploys: a section [%s] would follow " \
+                  "pushes of %s" % (push.repository, push.repository, named)
+        discovery = self.runner.discovery
+        if discovery is None:
+            raise PayloadError(422, refusal)
+        notes: List[str] = []
+        problems: List[str] = []
+        try:
+            views = discovery.targets(push.repository, push.tag, None, notes, problems)
+        except DockerError as exc:
+            # Refused as not configured, as before discovery: a 503 would
+            # make every registry retry pushes of repositories nobody follows.
+            raise PayloadError(422, "%s (and the Docker Engine could not be asked for labelled "
+                               "containers: %s)" % (refusal, exc)) from exc
+        for problem in problems:
+            log.warning("repo=%s %s", push.repository, problem)
+        if not views:
+            raise PayloadError(422, "%s, and no container labelled %s.enable=true runs %s:%s"
+                               % (refusal, discovery.prefix, push.repository, push.tag))
+        return AppConfig(repository=push.repository, image=views[0].image, tags=(push.tag,),
+                         container=views[0].container, labelled=True)
 
     def accept(self, parsed: "Parsed", check: Callable[[Push], None]) -> Tuple[int, Dict[str, Any]]:
         """Queue the pushes of one request; one (status, answer) for all of it.
@@ -4277,6 +4654,8 @@ class Service:
         self.queue.limit = config.max_queue
         self.callbacks.allow = config.callback_allow
         self.runner.engine_wait = config.engine_wait
+        if self.runner.discovery is not None:
+            self.runner.discovery.prefix = config.label_prefix
 
     def stop(self, deadline: Optional[float] = None) -> None:
         """Stop taking jobs from the queue (they stay in the journal). Running
@@ -5322,7 +5701,8 @@ def build_service(config: Config, engine: DockerClient,
     recorder = Recorder(journal)
     target = ContainerTarget(engine, gate, deadline, config.docker_config,
                              record_step=recorder.save, clock=clock, crash_at=crash_at)
-    runner = JobRunner(target, deadline, config.engine_wait, clock, sleep)
+    runner = JobRunner(target, deadline, config.engine_wait, clock, sleep,
+                       Discovery(engine, config.label_prefix))
     return Service(config, runner, CallbackSender(config.callback_allow, urlopen), journal, clock,
                    recorder=recorder)
 
@@ -5763,14 +6143,97 @@ def check(config: Config) -> int:
     print("Docker Engine %s at %s, API %s (engine max %s, min %s)"
           % (version.get("Version"), engine.where, api, version.get("ApiVersion"),
              version.get("MinAPIVersion")))
+    failed = not check_labels(config, Discovery(engine, config.label_prefix)) or failed
     return 1 if failed else 0
+
+
+def check_labels(config: Config, discovery: Discovery) -> bool:
+    """`check`'s lines on the labelled containers: what each follows, or
+    why its labels are refused (printed to stderr; returns False then)."""
+    try:
+        found = discovery.labelled()
+    except DockerError as exc:
+        print("labelled containers: %s" % exc, file=sys.stderr)
+        return False
+    print("%d container(s) labelled %s.enable=true" % (len(found), discovery.prefix))
+    good = True
+    for info in found:
+        name = info["Name"].lstrip("/")
+        image = (info.get("Config") or {}).get("Image") or ""
+        repository = split_image_reference(image)[1]
+        base = config.app_for(repository)
+        notes: List[str] = []
+        try:
+            view = label_view(info, discovery.prefix, repository, base, notes)
+        except ConfigError as exc:
+            print("%s; skipped by deploys" % exc, file=sys.stderr)
+            good = False
+            continue
+        print("  %s -> %s:%s, %s%s" % (name, view.image, "/".join(view.tags) or "*",
+                                       describe_policy(view),
+                                       ", after %s" % view.depends_on if view.depends_on else ""))
+        for note in notes:
+            print("    %s" % note)
+    return good
+
+
+def read_config(given: Optional[str], environ: Mapping[str, str]) -> Config:
+    """--config, else $AUTODEPLOY_CONFIG, else the default file; when none
+    is named and the default file does not exist, the defaults (label
+    discovery only)."""
+    path = given or environ.get("AUTODEPLOY_CONFIG")
+    if path is None and not os.path.exists(DEFAULT_CONFIG):
+        return default_config(environ)
+    return load_config(path or DEFAULT_CONFIG, environ)
+
+
+def is_default_config(config: Config) -> bool:
+    return os.path.basename(config.path) == NO_CONFIG
+
+
+def with_state_token(config: Config, out: Any = None) -> Config:
+    """Serving on the defaults: the token in state_dir/token (made on the
+    first start, mode 0600, kept for the next ones) is the deploy token,
+    and the webhook URL is printed once, at start (never logged)."""
+    path = config.state_file("token")
+    try:
+        token = read_or_make_token(path)
+    except OSError as exc:
+        raise ConfigError("%s: cannot read or write the token: %s" % (path, exc.strerror or exc)) \
+            from exc
+    _check_token(token, path)
+    host = config.listen_host
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    print("no config file: serving on the defaults; webhook URL (the token is in %s):\n"
+          "http://%s:%d/deploy/%s" % (path, "[%s]" % shown if ":" in shown else shown,
+                                      config.listen_port, token),
+          file=out or sys.stdout, flush=True)
+    return config._replace(tokens=config.tokens + [token])
+
+
+def read_or_make_token(path: str) -> str:
+    """The token in `path`; a new random one written there (0600) if none."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return fh.read().strip()
+    except FileNotFoundError:
+        pass
+    os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
+    token = secrets.token_urlsafe(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        os.fchmod(fh.fileno(), 0o600)
+        fh.write(token + "\n")
+    return token
 
 
 def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="autodeploy", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version="autodeploy " + __version__)
-    parser.add_argument("--config", "-c", default=os.environ.get("AUTODEPLOY_CONFIG", DEFAULT_CONFIG),
-                        help="configuration file (default: $AUTODEPLOY_CONFIG or %(default)s)")
+    parser.add_argument("--config", "-c", default=None,
+                        help="configuration file (default: $AUTODEPLOY_CONFIG or %s; serve "
+                             "runs on the defaults when neither is given and %s does not exist)"
+                             % (DEFAULT_CONFIG, DEFAULT_CONFIG))
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
@@ -5778,6 +6241,9 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     serve_command.add_argument("--insecure-no-token", action="store_true",
                                help="serve even with no token configured: anyone who reaches "
                                     "the port can deploy (for a private network only)")
+    serve_command.add_argument("--listen", metavar="HOST:PORT",
+                               help="listen here instead of the config's listen (default %s)"
+                                    % DEFAULT_LISTEN)
     deploy = commands.add_parser("deploy", help="deploy one repository now and wait for the "
                                  "outcome (through the running service, if any)")
     deploy.add_argument("target", metavar="REPO[:TAG]")
@@ -5802,7 +6268,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(message)s")
     try:
-        config = load_config(args.config)
+        config = read_config(args.config, os.environ)
+        if args.command == "serve" and args.listen:
+            host, port = _parse_listen(args.listen, "--listen")
+            config = config._replace(listen_host=host, listen_port=port)
+        if args.command == "serve" and is_default_config(config) and not args.insecure_no_token:
+            config = with_state_token(config)
     except ConfigError as exc:
         print("autodeploy: %s" % exc, file=sys.stderr)
         return 2

@@ -709,6 +709,9 @@ class FakeEngine:
         image = self._image_for(body["Image"])
         container_id = self.add_container(name or "anon", image["Id"], running=False)
         self.containers[container_id]["State"]["Status"] = "created"
+        # What discovery reads again: the reference and labels it was created with.
+        self.containers[container_id]["Config"].update(
+            Image=body["Image"], Labels=dict(body.get("Labels") or {}))
         return container_id
 
     def _image_for(self, reference: str) -> Dict[str, Any]:
@@ -751,8 +754,24 @@ class FakeEngine:
         return "boom\n"
 
     def list_containers(self, all: bool = True, filters: Any = None) -> List[Dict[str, Any]]:
+        """As the Engine lists them; filters={"label": ["name=value"]} keeps
+        the containers carrying every such label."""
         self._call("list_containers")
-        return [{"Id": i, "ImageID": c["Image"]} for i, c in self.containers.items()]
+        wanted = [item.split("=", 1) for item in (filters or {}).get("label", [])]
+        return [{"Id": i, "ImageID": c["Image"], "Image": c["Config"]["Image"],
+                 "Names": [c["Name"]], "Labels": dict(c["Config"]["Labels"])}
+                for i, c in self.containers.items()
+                if not [1 for name, value in wanted if c["Config"]["Labels"].get(name) != value]]
+
+    def add_labelled(self, name: str, image_id: str, reference: str,
+                     labels: Optional[Dict[str, str]] = None, running: bool = True) -> str:
+        """A container created from `reference`, labelled autodeploy.enable=true
+        and with `labels`."""
+        container_id = self.add_container(name, image_id, running)
+        config = self.containers[container_id]["Config"]
+        config["Image"] = reference
+        config["Labels"] = dict({"autodeploy.enable": "true"}, **(labels or {}))
+        return container_id
 
     def remove_image(self, reference: str) -> None:
         self._call("remove_image", reference)
