@@ -646,9 +646,20 @@ services:
       - data:/data
     labels:
       autodeploy.test: "{run}"
+  client:
+    image: {ref}
+    command: ["/bin/sh", "-c", "trap 'exit 0' TERM; while true; do sleep 1; done"]
+    labels:
+      autodeploy.test: "{run}"
 volumes:
   data: {{}}
 """.format(ref=self.ref(key), port=port, run=self.label))
+        client = "autodeploy-test-%s_client_1" % self.label
+
+        def from_sibling() -> str:
+            """What the project's other service gets from http://web:8080/ (by service name)."""
+            return support.docker("exec", client, "wget", "-qO-",
+                                  "http://web:8080/").stdout
 
         def compose_run(*args, check=True):
             result = subprocess.run([compose, "-p", project, "-f", path] + list(args),
@@ -666,6 +677,8 @@ volumes:
         compose_run("up", "-d")
         support.wait_running(name)
         self.answer(port, "v1")
+        support.wait_running(client)
+        self.assertEqual(from_sibling(), "v1\n")
         self.write_marks(name, ["/data"])
         v2_id = self.push_v2(key, None, v1_id)
         old = inspect(name)
@@ -679,7 +692,8 @@ volumes:
         self.assertEqual(support.containers_named(name), [name])
         listed = compose_run("ps")
         self.assertIn(name, listed.stdout)
-        self.assertEqual(compose_run("ps", "-q").stdout.split(), [new["Id"]])
+        self.assertEqual(compose_run("ps", "-q", "web").stdout.split(), [new["Id"]])
+        self.assertEqual(from_sibling(), "v2\n")  # the service name still reaches it
 
         def compose_labels(doc):
             return {k: v for k, v in doc["Config"]["Labels"].items()
