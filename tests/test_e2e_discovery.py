@@ -108,9 +108,12 @@ class DiscoveryE2ETest(unittest.TestCase):
         with opener.open(request, timeout=10) as response:
             self.assertEqual(response.status, 202)
         deadline = time.monotonic() + 60
-        while inspect(name)["Image"] != self.ids["v2"]:
+        # The job's end, from the log (no admin token here): mid-swap the
+        # name is briefly unused, so the container is inspected only after.
+        while "repo=e2e/labels succeeded:" not in open(log_path).read():
             self.assertLess(time.monotonic(), deadline, open(log_path).read())
             time.sleep(0.2)
+        self.assertEqual(inspect(name)["Image"], self.ids["v2"])
         support.wait_running(name)
         support.wait_http(support.app_url(name, None), expect_body="v2\n")
 
