@@ -1798,7 +1798,8 @@ def build_create_body(old: Dict[str, Any], old_image_config: Optional[Dict[str, 
     config["Image"] = new_reference
     if config.get("Hostname") == short_id or mode == "host" or mode.startswith("container:"):
         config.pop("Hostname", None)  # the Engine's generated name, not the user's
-    config["Env"] = [e for e in config.get("Env") or [] if e not in (image.get("Env") or [])]
+    config["Env"] = _user_env(config.get("Env") or [], image.get("Env") or [],
+                              (config.get("Hostname"), short_id))
     image_labels = image.get("Labels") or {}
     config["Labels"] = {k: v for k, v in (config.get("Labels") or {}).items()
                         if image_labels.get(k) != v}
@@ -1815,6 +1816,8 @@ def build_create_body(old: Dict[str, Any], old_image_config: Optional[Dict[str, 
         config.pop(key, None)
 
     host["Links"] = [_relative_link(link) for link in host.get("Links") or []] or None
+    if host.get("Ulimits"):
+        host["Ulimits"] = [dict(u, Name=_ulimit_name(u.get("Name") or "")) for u in host["Ulimits"]]
     _reattach_volumes(host, old.get("Mounts") or [])
 
     endpoints = _endpoints(old, mode, short_id)
@@ -1836,23 +1839,58 @@ def build_create_body(old: Dict[str, Any], old_image_config: Optional[Dict[str, 
     return body, later
 
 
+# What Podman's inspect adds to Config.Env by itself (seen on 4.3), on top
+# of the image's env and a HOSTNAME: its marker, a terminal type, and its
+# default PATH when the image sets none. Copied, they would pin the new
+# container to the old one's values as if the user had set them.
+PODMAN_MARKER_ENV = "container=podman"
+PODMAN_ADDED_ENV = (PODMAN_MARKER_ENV, "TERM=xterm")
+PODMAN_DEFAULT_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def _user_env(env: List[str], image_env: List[str], hostnames: Iterable[Optional[str]]) -> List[str]:
+    """The env the user set: without the old image's, without a HOSTNAME
+    naming the old container (Podman's), without Podman's additions."""
+    added = {"HOSTNAME=" + name for name in hostnames if name}
+    if PODMAN_MARKER_ENV in env:  # only Podman's inspect carries the marker
+        added.update(PODMAN_ADDED_ENV)
+        if not any(e.startswith("PATH=") for e in image_env):
+            added.add(PODMAN_DEFAULT_PATH)
+    return [e for e in env if e not in image_env and e not in added]
+
+
+def _ulimit_name(name: str) -> str:
+    """'RLIMIT_NOFILE' (Podman's inspect) -> 'nofile' (what create takes)."""
+    return name[len("RLIMIT_"):].lower() if name.upper().startswith("RLIMIT_") else name
+
+
 def _drop_image_defaults(config: Dict[str, Any], image: Dict[str, Any]) -> None:
     """Clear settings equal to the old image's, so the new image's apply."""
     if not config.get("Entrypoint") and image.get("Entrypoint"):
         # The user ran it with --entrypoint "": keep it cleared, or the
         # new image's entrypoint would come back.
         config["Entrypoint"] = [""]
-    elif config.get("Entrypoint") == image.get("Entrypoint"):
+    elif (config.get("Entrypoint") or None) == (image.get("Entrypoint") or None):
+        # Podman shows no entrypoint as [], the image as null: the same.
         config["Entrypoint"] = None
         if config.get("Cmd") == image.get("Cmd"):
             config["Cmd"] = None
     for key in ("WorkingDir", "User", "StopSignal"):
-        if config.get(key) and config.get(key) == image.get(key):
+        value = config.get(key)
+        if value and (value == image.get(key) or _engine_default(key, value, image)):
             config[key] = "" if key != "StopSignal" else None
     if config.get("Healthcheck") and config.get("Healthcheck") == image.get("Healthcheck"):
         config["Healthcheck"] = None
     if config.get("StopSignal") is None:
         config.pop("StopSignal", None)
+
+
+def _engine_default(key: str, value: str, image: Dict[str, Any]) -> bool:
+    """Podman's inspect fills in WorkingDir "/" and StopSignal "15" when
+    the image sets none: its defaults, which must not pin the new image's."""
+    if image.get(key):
+        return False
+    return value == "/" if key == "WorkingDir" else (key == "StopSignal" and value in ("15", "SIGTERM"))
 
 
 def _relative_link(link: str) -> str:
@@ -2484,8 +2522,18 @@ EVENT_WINDOW = 1.0  # seconds: the gate watches events in slices, to notice a sh
 
 def event_action(event: Dict[str, Any]) -> str:
     """What an Engine event says happened ('die', 'health_status: healthy'...);
-    older Engines name it 'status'."""
-    return event.get("Action") or event.get("status") or ""
+    older Engines name it 'status'. Podman says 'health_status' and puts
+    the status in a HealthStatus field of its own."""
+    action = event.get("Action") or event.get("status") or ""
+    if action == "health_status" and event.get("HealthStatus"):
+        return "health_status: " + event["HealthStatus"]
+    return action
+
+
+def has_healthcheck(state: Dict[str, Any]) -> bool:
+    """A container's State says a HEALTHCHECK watches it. Podman 4.3 always
+    reports a Health, with an empty Status when there is no healthcheck."""
+    return bool((state.get("Health") or {}).get("Status"))
 
 
 def _events_of(container_id: str) -> Dict[str, List[str]]:
@@ -2526,7 +2574,7 @@ class HealthGate:
             for event in self.engine.events(started, self.clock(), _events_of(container_id)):
                 self.fail_on_death(event)
             raise
-        if state.get("Health") is not None:
+        if has_healthcheck(state):
             jlog.info("waiting for the HEALTHCHECK (up to %ss)", app.health_timeout)
             return self.wait_for_healthcheck(container_id, started, deadline)
         if app.health_url or app.health_tcp:
@@ -2606,7 +2654,9 @@ class HealthGate:
     def fail_on_death(event: Dict[str, Any]) -> None:
         action = event_action(event)
         if action in ("die", "oom"):
-            code = ((event.get("Actor") or {}).get("Attributes") or {}).get("exitCode", "?")
+            attributes = (event.get("Actor") or {}).get("Attributes") or {}
+            # Podman 4.3 sends both; the reference names containerExitCode alone.
+            code = attributes.get("exitCode", attributes.get("containerExitCode", "?"))
             raise DeployFailed("it exited (exit code %s)" % code if action == "die" else "it ran out of memory")
 
 
