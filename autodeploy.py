@@ -5806,13 +5806,12 @@ def check(config: Config) -> int:
     engine = make_engine(config)
     try:
         version = engine.version()
-        api = engine.api_version
+        described = engine.describe()
     except DockerError as exc:
         print("Docker Engine: %s" % exc, file=sys.stderr)
         return 1
-    print("Docker Engine %s at %s, API %s (engine max %s, min %s)"
-          % (version.get("Version"), engine.where, api, version.get("ApiVersion"),
-             version.get("MinAPIVersion")))
+    print("%s at %s (engine max API %s, min %s)"
+          % (described, engine.where, version.get("ApiVersion"), version.get("MinAPIVersion")))
     return 1 if failed else 0
 
 
