@@ -1808,6 +1808,10 @@ def build_create_body(old: Dict[str, Any], old_image_config: Optional[Dict[str, 
     _drop_image_defaults(config, image)
     exposed = {k: v for k, v in (config.get("ExposedPorts") or {}).items()
                if k not in (image.get("ExposedPorts") or {})}
+    # Podman lists exposed, unpublished ports in PortBindings with null:
+    # those follow the image's EXPOSE, like the rest of ExposedPorts.
+    host["PortBindings"] = {port: bindings for port, bindings in (host.get("PortBindings") or {}).items()
+                            if bindings} or None
     for port in (host.get("PortBindings") or {}):
         exposed[port] = {}
     config["ExposedPorts"] = exposed or None
@@ -1816,6 +1820,7 @@ def build_create_body(old: Dict[str, Any], old_image_config: Optional[Dict[str, 
         config.pop(key, None)
 
     host["Links"] = [_relative_link(link) for link in host.get("Links") or []] or None
+    _one_cpu_limit(host)
     if host.get("Ulimits"):
         host["Ulimits"] = [dict(u, Name=_ulimit_name(u.get("Name") or "")) for u in host["Ulimits"]]
     _reattach_volumes(host, old.get("Mounts") or [])
@@ -1883,6 +1888,14 @@ def _drop_image_defaults(config: Dict[str, Any], image: Dict[str, Any]) -> None:
         config["Healthcheck"] = None
     if config.get("StopSignal") is None:
         config.pop("StopSignal", None)
+
+
+def _one_cpu_limit(host: Dict[str, Any]) -> None:
+    """Podman reports --cpus as NanoCpus and also as the CpuPeriod and
+    CpuQuota it became; create refuses both at once. Keep NanoCpus."""
+    period, quota, nano = host.get("CpuPeriod"), host.get("CpuQuota"), host.get("NanoCpus")
+    if nano and period and quota and quota * 10**9 == nano * period:
+        host["CpuPeriod"] = host["CpuQuota"] = 0
 
 
 def _engine_default(key: str, value: str, image: Dict[str, Any]) -> bool:

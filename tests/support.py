@@ -460,6 +460,8 @@ def _missing_packages(need_daemon: bool, podman: bool = False) -> List[str]:
     missing = []
     if podman and _which("podman") is None:
         missing.append("podman")
+    if podman and not os.path.exists("/usr/libexec/podman/catatonit"):
+        missing.append("catatonit")  # Podman's --init; a Recommends apt may skip
     if _docker_cli() is None or (need_daemon and _which("dockerd") is None):
         missing.append("docker.io")
     if _which("docker-registry") is None:

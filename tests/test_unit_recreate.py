@@ -215,6 +215,27 @@ class PodmanCreateBodyTest(unittest.TestCase):
         self.assertEqual(body["NetworkingConfig"], {"EndpointsConfig": {"podman": {}}})
         self.assertEqual(later, [])
 
+    def test_an_exposed_unpublished_port_follows_the_image(self):
+        # Seen: PortBindings {"8080/tcp": [...], "9001/tcp": null} for an
+        # image that EXPOSEs 9001 and a container publishing only 8080.
+        old = copy.deepcopy(self.old)
+        old["HostConfig"]["PortBindings"]["9001/tcp"] = None
+        old["Config"]["ExposedPorts"]["9001/tcp"] = {}
+        image = dict(self.image, ExposedPorts={"8080/tcp": {}, "9001/tcp": {}})
+        body, _ = build_create_body(old, image, "x:v2", False)
+        self.assertEqual(body["ExposedPorts"], {"8080/tcp": {}})
+        self.assertEqual(list(body["HostConfig"]["PortBindings"]), ["8080/tcp"])
+
+    def test_cpus_is_sent_once(self):
+        # Seen for --cpus 0.5: NanoCpus 500000000, CpuPeriod 100000, CpuQuota 50000.
+        old = copy.deepcopy(self.old)
+        old["HostConfig"].update(NanoCpus=500000000, CpuPeriod=100000, CpuQuota=50000)
+        host = self.build(old)[0]["HostConfig"]
+        self.assertEqual((host["NanoCpus"], host["CpuPeriod"], host["CpuQuota"]), (500000000, 0, 0))
+        old["HostConfig"].update(NanoCpus=0)  # --cpu-quota/--cpu-period of the user's own
+        host = self.build(old)[0]["HostConfig"]
+        self.assertEqual((host["NanoCpus"], host["CpuPeriod"], host["CpuQuota"]), (0, 100000, 50000))
+
 
 class OrderTest(unittest.TestCase):
 
