@@ -538,6 +538,21 @@ def docker(*args, input: Optional[bytes] = None, check: bool = True,
     return result
 
 
+def registry_login(config_dir: str, registry: str, username: str, password: str) -> None:
+    """`docker --config <config_dir> login` to a test registry. On Podman the
+    login is written as the CLI would write it: Podman 4.3's /auth pings
+    the registry over HTTPS whatever registries.conf says."""
+    if not is_podman():
+        docker("--config", config_dir, "login", "--username", username, "--password-stdin",
+               registry, input=password)
+        return
+    import base64
+    os.makedirs(config_dir, exist_ok=True)
+    token = base64.b64encode(("%s:%s" % (username, password)).encode()).decode()
+    with open(os.path.join(config_dir, "config.json"), "w") as fh:
+        json.dump({"auths": {registry: {"auth": token}}}, fh)
+
+
 def run_version(test: unittest.TestCase, app: str, ref: str, version: str = "v1",
                 publish: bool = True, answers: Optional[str] = None) -> Tuple[str, Optional[int]]:
     """docker run <ref>:<version> as e2e-<app>-<run id> (this run's label;
