@@ -54,7 +54,7 @@ class ZipappTest(unittest.TestCase):
         self.assertEqual(check.returncode, 0, check.stdout + check.stderr)
         self.assertIn("myname/myrepo -> container myname-myrepo", check.stdout)
         engine = "Podman" if support.is_podman() else "Docker Engine"
-        self.assertRegex(check.stdout, r"\n%s \d\S* \(API 1\.\d+\) at unix://" % engine)
+        self.assertRegex(check.stdout, r"\n%s \d\S* \(API 1\.\d+\) at /" % engine)
 
         broken = subprocess.run([sys.executable, "autodeploy.pyz", "--config", "missing.conf", "check"],
                                 cwd=empty, capture_output=True, text=True, timeout=30)
