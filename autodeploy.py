@@ -1840,7 +1840,8 @@ def build_create_body(old: Dict[str, Any], old_image_config: Optional[Dict[str, 
     config["Image"] = new_reference
     if config.get("Hostname") == short_id or mode == "host" or mode.startswith("container:"):
         config.pop("Hostname", None)  # the Engine's generated name, not the user's
-    config["Env"] = [e for e in config.get("Env") or [] if e not in (image.get("Env") or [])]
+    config["Env"] = _user_env(config.get("Env") or [], image.get("Env") or [],
+                              (config.get("Hostname"), short_id))
     image_labels = image.get("Labels") or {}
     config["Labels"] = {k: v for k, v in (config.get("Labels") or {}).items()
                         if image_labels.get(k) != v}
@@ -1849,6 +1850,10 @@ def build_create_body(old: Dict[str, Any], old_image_config: Optional[Dict[str, 
     _drop_image_defaults(config, image)
     exposed = {k: v for k, v in (config.get("ExposedPorts") or {}).items()
                if k not in (image.get("ExposedPorts") or {})}
+    # Podman lists exposed, unpublished ports in PortBindings with null:
+    # those follow the image's EXPOSE, like the rest of ExposedPorts.
+    host["PortBindings"] = {port: bindings for port, bindings in (host.get("PortBindings") or {}).items()
+                            if bindings} or None
     for port in (host.get("PortBindings") or {}):
         exposed[port] = {}
     config["ExposedPorts"] = exposed or None
@@ -1857,6 +1862,9 @@ def build_create_body(old: Dict[str, Any], old_image_config: Optional[Dict[str, 
         config.pop(key, None)
 
     host["Links"] = [_relative_link(link) for link in host.get("Links") or []] or None
+    _one_cpu_limit(host)
+    if host.get("Ulimits"):
+        host["Ulimits"] = [dict(u, Name=_ulimit_name(u.get("Name") or "")) for u in host["Ulimits"]]
     _reattach_volumes(host, old.get("Mounts") or [])
 
     endpoints = _endpoints(old, mode, short_id)
@@ -1878,23 +1886,66 @@ def build_create_body(old: Dict[str, Any], old_image_config: Optional[Dict[str, 
     return body, later
 
 
+# What Podman's inspect adds to Config.Env by itself (seen on 4.3), on top
+# of the image's env and a HOSTNAME: its marker, a terminal type, and its
+# default PATH when the image sets none. Copied, they would pin the new
+# container to the old one's values as if the user had set them.
+PODMAN_MARKER_ENV = "container=podman"
+PODMAN_ADDED_ENV = (PODMAN_MARKER_ENV, "TERM=xterm")
+PODMAN_DEFAULT_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def _user_env(env: List[str], image_env: List[str], hostnames: Iterable[Optional[str]]) -> List[str]:
+    """The env the user set: without the old image's, without a HOSTNAME
+    naming the old container (Podman's), without Podman's additions."""
+    added = {"HOSTNAME=" + name for name in hostnames if name}
+    if PODMAN_MARKER_ENV in env:  # only Podman's inspect carries the marker
+        added.update(PODMAN_ADDED_ENV)
+        if not any(e.startswith("PATH=") for e in image_env):
+            added.add(PODMAN_DEFAULT_PATH)
+    return [e for e in env if e not in image_env and e not in added]
+
+
+def _ulimit_name(name: str) -> str:
+    """'RLIMIT_NOFILE' (Podman's inspect) -> 'nofile' (what create takes)."""
+    return name[len("RLIMIT_"):].lower() if name.upper().startswith("RLIMIT_") else name
+
+
 def _drop_image_defaults(config: Dict[str, Any], image: Dict[str, Any]) -> None:
     """Clear settings equal to the old image's, so the new image's apply."""
     if not config.get("Entrypoint") and image.get("Entrypoint"):
         # The user ran it with --entrypoint "": keep it cleared, or the
         # new image's entrypoint would come back.
         config["Entrypoint"] = [""]
-    elif config.get("Entrypoint") == image.get("Entrypoint"):
+    elif (config.get("Entrypoint") or None) == (image.get("Entrypoint") or None):
+        # Podman shows no entrypoint as [], the image as null: the same.
         config["Entrypoint"] = None
         if config.get("Cmd") == image.get("Cmd"):
             config["Cmd"] = None
     for key in ("WorkingDir", "User", "StopSignal"):
-        if config.get(key) and config.get(key) == image.get(key):
+        value = config.get(key)
+        if value and (value == image.get(key) or _engine_default(key, value, image)):
             config[key] = "" if key != "StopSignal" else None
     if config.get("Healthcheck") and config.get("Healthcheck") == image.get("Healthcheck"):
         config["Healthcheck"] = None
     if config.get("StopSignal") is None:
         config.pop("StopSignal", None)
+
+
+def _one_cpu_limit(host: Dict[str, Any]) -> None:
+    """Podman reports --cpus as NanoCpus and also as the CpuPeriod and
+    CpuQuota it became; create refuses both at once. Keep NanoCpus."""
+    period, quota, nano = host.get("CpuPeriod"), host.get("CpuQuota"), host.get("NanoCpus")
+    if nano and period and quota and quota * 10**9 == nano * period:
+        host["CpuPeriod"] = host["CpuQuota"] = 0
+
+
+def _engine_default(key: str, value: str, image: Dict[str, Any]) -> bool:
+    """Podman's inspect fills in WorkingDir "/" and StopSignal "15" when
+    the image sets none: its defaults, which must not pin the new image's."""
+    if image.get(key):
+        return False
+    return value == "/" if key == "WorkingDir" else (key == "StopSignal" and value in ("15", "SIGTERM"))
 
 
 def _relative_link(link: str) -> str:
@@ -2058,13 +2109,21 @@ def pull(engine: DockerClient, app: AppConfig, tag: str, docker_config: str,
     return engine.inspect_image("%s%s%s" % (app.image, "@" if digest else ":", digest or tag))
 
 
-def digest_of(image: Dict[str, Any], name: str) -> str:
-    """The digest `name` (a repository) has in an image's RepoDigests, or ''."""
+def digests_of(image: Dict[str, Any], name: str) -> List[str]:
+    """The digests `name` (a repository) has in an image's RepoDigests.
+    Podman may list two for one repository (the manifest as pushed, and as
+    the registry converted it): any of them is this image."""
+    found = []
     for entry in image.get("RepoDigests") or ():
         repository, _, digest = entry.partition("@")
         if repository == name:
-            return digest
-    return ""
+            found.append(digest)
+    return found
+
+
+def digest_of(image: Dict[str, Any], name: str) -> str:
+    """The first digest `name` has in an image's RepoDigests, or ''."""
+    return (digests_of(image, name) or [""])[0]
 
 
 def _pull_logger(jlog: logging.LoggerAdapter, check: Callable[[], None]
@@ -2482,18 +2541,18 @@ class ContainerTarget:
         job.description = "%s now runs %s (%s), %s; finished after a restart" % (
             job.app.container, job.reference, _short(new.get("Image")), how)
 
-    def running_version(self, app: AppConfig) -> Tuple[Optional[str], str]:
-        """(tag, digest) of what the app's container runs, for a poll to
+    def running_version(self, app: AppConfig) -> Tuple[Optional[str], List[str]]:
+        """(tag, digests) of what the app's container runs, for a poll to
         compare: its image's tag (None: no container, or no tag) and the
-        digest the image has in app.image's repository ('' if none)."""
+        digests the image has in app.image's repository."""
         container = self._inspect_or_none(app.container)
         if container is None:
-            return None, ""
+            return None, []
         try:
             image = self.engine.inspect_image(container["Image"])
         except NotFound:
             image = {}
-        return running_tag_of(container), digest_of(image, app.image)
+        return running_tag_of(container), digests_of(image, app.image)
 
     def _inspect_or_none(self, name: str) -> Optional[Dict[str, Any]]:
         try:
@@ -2529,8 +2588,18 @@ EVENT_WINDOW = 1.0  # seconds: the gate watches events in slices, to notice a sh
 
 def event_action(event: Dict[str, Any]) -> str:
     """What an Engine event says happened ('die', 'health_status: healthy'...);
-    older Engines name it 'status'."""
-    return event.get("Action") or event.get("status") or ""
+    older Engines name it 'status'. Podman says 'health_status' and puts
+    the status in a HealthStatus field of its own."""
+    action = event.get("Action") or event.get("status") or ""
+    if action == "health_status" and event.get("HealthStatus"):
+        return "health_status: " + event["HealthStatus"]
+    return action
+
+
+def has_healthcheck(state: Dict[str, Any]) -> bool:
+    """A container's State says a HEALTHCHECK watches it. Podman 4.3 always
+    reports a Health, with an empty Status when there is no healthcheck."""
+    return bool((state.get("Health") or {}).get("Status"))
 
 
 def _events_of(container_id: str) -> Dict[str, List[str]]:
@@ -2571,7 +2640,7 @@ class HealthGate:
             for event in self.engine.events(started, self.clock(), _events_of(container_id)):
                 self.fail_on_death(event)
             raise
-        if state.get("Health") is not None:
+        if has_healthcheck(state):
             jlog.info("waiting for the HEALTHCHECK (up to %ss)", app.health_timeout)
             return self.wait_for_healthcheck(container_id, started, deadline)
         if app.health_url or app.health_tcp:
@@ -2651,7 +2720,9 @@ class HealthGate:
     def fail_on_death(event: Dict[str, Any]) -> None:
         action = event_action(event)
         if action in ("die", "oom"):
-            code = ((event.get("Actor") or {}).get("Attributes") or {}).get("exitCode", "?")
+            attributes = (event.get("Actor") or {}).get("Attributes") or {}
+            # Podman 4.3 sends both; the reference names containerExitCode alone.
+            code = attributes.get("exitCode", attributes.get("containerExitCode", "?"))
             raise DeployFailed("it exited (exit code %s)" % code if action == "die" else "it ran out of memory")
 
 
@@ -4781,7 +4852,7 @@ class Poller:
         if state.job is not None and not state.job.final:
             return "job %s still deploying what the last poll found" % state.job.id
         target = self.service.runner.target_for(app)
-        running_tag, running_digest = target.running_version(app)
+        running_tag, running_digests = target.running_version(app)
         auth = app_registry_auth(app, target.docker_config).auth
         tag = self.tag_to_check(app, running_tag, auth)
         if tag is None:
@@ -4789,7 +4860,7 @@ class Poller:
         answer = self.registry.manifest_digest(app.image, tag, auth)
         if answer.rate_limit is not None:
             log.info("repo=%s registry rate limit left: %s", app.repository, printable(answer.rate_limit))
-        if tag == running_tag and answer.digest == running_digest:
+        if tag == running_tag and answer.digest in running_digests:
             return "%s:%s is running already (%s)" % (app.image, tag, _short(answer.digest))
         try:
             job = self.service.submit(Push(app.repository, tag, answer.digest, sender="poll"))
@@ -4798,7 +4869,8 @@ class Poller:
         state.job = job
         log.info("job=%s repo=%s poll found %s:%s at %s (the container runs %s)", job.id,
                  app.repository, app.image, tag, _short(answer.digest),
-                 "%s@%s" % (running_tag, _short(running_digest)) if running_tag else "nothing")
+                 "%s@%s" % (running_tag, _short((running_digests or [""])[0]))
+                 if running_tag else "nothing")
         return "queued job %s for %s:%s" % (job.id, app.image, tag)
 
     def tag_to_check(self, app: AppConfig, running_tag: Optional[str],
@@ -6136,13 +6208,12 @@ def check(config: Config) -> int:
     engine = make_engine(config)
     try:
         version = engine.version()
-        api = engine.api_version
+        described = engine.describe()
     except DockerError as exc:
         print("Docker Engine: %s" % exc, file=sys.stderr)
         return 1
-    print("Docker Engine %s at %s, API %s (engine max %s, min %s)"
-          % (version.get("Version"), engine.where, api, version.get("ApiVersion"),
-             version.get("MinAPIVersion")))
+    print("%s at %s (engine max API %s, min %s)"
+          % (described, engine.where, version.get("ApiVersion"), version.get("MinAPIVersion")))
     failed = not check_labels(config, Discovery(engine, config.label_prefix)) or failed
     return 1 if failed else 0
 

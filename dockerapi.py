@@ -967,6 +967,12 @@ class DockerClient:
         """GET /version (unversioned): Version, ApiVersion, MinAPIVersion..."""
         return self._call("GET", "/version")
 
+    def describe(self) -> str:
+        """The Engine by name, version and negotiated API, e.g.
+        'Podman 4.3.1 (API 1.41)' or 'Docker Engine 20.10.24 (API 1.41)'."""
+        doc = self.version()
+        return "%s %s (API %s)" % (engine_name(doc), doc.get("Version") or "?", self.api_version)
+
     def ping(self) -> bool:
         """True when the Engine answers /_ping."""
         return self._call("GET", "/_ping") == "OK"
@@ -1116,6 +1122,18 @@ def negotiate_api_version(version_doc: Dict[str, Any]) -> str:
             "the Docker Engine (version %s) speaks API %s; this client needs %s or newer"
             % (version_doc.get("Version", "?"), engine_max, OLDEST_API_VERSION))
     return ".".join(str(part) for part in chosen)
+
+
+def engine_name(version_doc: Dict[str, Any]) -> str:
+    """'Podman' or 'Docker Engine', from a GET /version answer: Podman's
+    compat API lists a 'Podman Engine' component (its Platform.Name is the
+    OS, e.g. linux/amd64/debian-12); Docker's are 'Engine', 'containerd'..."""
+    names = [str(c.get("Name") or "") for c in version_doc.get("Components") or []
+             if isinstance(c, dict)]
+    platform = str((version_doc.get("Platform") or {}).get("Name") or "")
+    if any(n.lower().startswith("podman") for n in names) or "podman" in platform.lower():
+        return "Podman"
+    return "Docker Engine"
 
 
 def _query_value(value: Any) -> str:

@@ -52,6 +52,16 @@ OWN_LOG = RUN_DIR + "/dockerd.log"
 OWN_DATA_ROOT = "/var/lib/autodeploy-tests/docker"
 OWN_START_TIMEOUT = 60.0
 
+# Which engine the end-to-end tests run against: AUTODEPLOY_TEST_ENGINE=
+# docker (the default) or podman.  Podman always runs as our own service on
+# a socket of its own, so it never disturbs (or depends on) a host's Podman.
+ENGINE = os.environ.get("AUTODEPLOY_TEST_ENGINE", "docker").strip().lower() or "docker"
+PODMAN_SOCKET = RUN_DIR + "/podman.sock"
+PODMAN_RUN_DIR = RUN_DIR + "/podman"  # its --runroot, pidfile, log and config files
+PODMAN_PIDFILE = PODMAN_RUN_DIR + "/podman.pid"
+PODMAN_LOG = PODMAN_RUN_DIR + "/podman.log"
+PODMAN_DATA_ROOT = "/var/lib/autodeploy-tests/podman"
+
 # Statically linked busybox (Debian's busybox-static): the only binary in
 # the test images, so it must not need a dynamic loader.
 BUSYBOX = "/bin/busybox"
@@ -212,8 +222,24 @@ def engine_env() -> Dict[str, str]:
     return env
 
 
+def is_podman() -> bool:
+    """True when this run's tests go to Podman (AUTODEPLOY_TEST_ENGINE=podman)."""
+    return ENGINE == "podman"
+
+
+def skip_on_podman(reason: str):
+    """Decorator: skip a test (or class) on Podman, saying why -- a check
+    that only means something on Docker must say so, never pass silently."""
+    return unittest.skipIf(is_podman(), "not on Podman: " + reason)
+
+
 def _find_or_start_engine() -> str:
     """Make sure the tools exist and an engine runs; return its DOCKER_HOST."""
+    if ENGINE not in ("docker", "podman"):
+        raise _Unavailable("AUTODEPLOY_TEST_ENGINE=%s: expected docker or podman" % ENGINE)
+    if is_podman():
+        _ensure_tools(need_daemon=False, podman=True)
+        return _start_own_podman()
     host = _running_engine()
     _ensure_tools(need_daemon=host is None)
     if host is None:
@@ -277,6 +303,93 @@ def _spawn_own_dockerd() -> None:
     )
 
 
+def _start_own_podman() -> str:
+    """Start (or reuse) our detached `podman system service`; return its DOCKER_HOST."""
+    if _ping(PODMAN_SOCKET):  # left running by an earlier test run
+        return "unix://" + PODMAN_SOCKET
+    if not _is_root():
+        raise _Unavailable("Podman tests run a rootful podman service, which needs root")
+    os.makedirs(PODMAN_RUN_DIR, exist_ok=True)
+    os.makedirs(PODMAN_DATA_ROOT, exist_ok=True)
+    pid = _read_pid(PODMAN_PIDFILE)
+    if pid is None or not _is_process(pid, "podman"):
+        if os.path.lexists(PODMAN_SOCKET):
+            os.unlink(PODMAN_SOCKET)
+        _write_podman_config()
+        _spawn_own_podman()
+    deadline = time.monotonic() + OWN_START_TIMEOUT
+    while time.monotonic() < deadline:
+        if _ping(PODMAN_SOCKET):
+            return "unix://" + PODMAN_SOCKET
+        pid = _read_pid(PODMAN_PIDFILE)
+        if pid is not None and not _pid_alive(pid):
+            raise _Unavailable("our podman service exited at start; %s says:\n%s"
+                               % (PODMAN_LOG, _tail(PODMAN_LOG)))
+        time.sleep(0.2)
+    raise _Unavailable("our podman service did not answer /_ping within %ds; %s says:\n%s"
+                       % (OWN_START_TIMEOUT, PODMAN_LOG, _tail(PODMAN_LOG)))
+
+
+def podman_ulimits() -> Tuple[int, int]:
+    """(nofile, nproc) for containers.conf's default_ulimits.
+
+    Without CAP_SYS_RESOURCE a container's rlimits cannot exceed the
+    service's own hard limits, or every start fails ("error setting rlimit
+    type 7").  Podman also caps its own nproc at kernel.pid_max (seen:
+    32768), so that bounds nproc too.
+    """
+    import resource
+    nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    nproc = resource.getrlimit(resource.RLIMIT_NPROC)[1]
+    try:
+        with open("/proc/sys/kernel/pid_max") as fh:
+            pid_max = int(fh.read())
+    except (OSError, ValueError):
+        pid_max = nproc
+    caps = [limit for limit in (nproc, pid_max) if limit != resource.RLIM_INFINITY]
+    nofile = 1048576 if nofile == resource.RLIM_INFINITY else nofile
+    return nofile, min(caps) if caps else 1048576
+
+
+def _write_podman_config() -> None:
+    """Our service's containers.conf and registries.conf (passed through
+    CONTAINERS_CONF / CONTAINERS_REGISTRIES_CONF, so /etc stays as it is)."""
+    nofile, nproc = podman_ulimits()
+    with open(PODMAN_RUN_DIR + "/containers.conf", "w") as fh:
+        fh.write('[containers]\ndefault_ulimits = ["nofile=%d:%d", "nproc=%d:%d"]\n'
+                 % (nofile, nofile, nproc, nproc))
+    # The test registries listen on 127.0.0.1:<port> over plain HTTP. A
+    # location is a prefix matched up to a ':' or '/', so "127.0.0.1"
+    # covers every port.
+    with open(PODMAN_RUN_DIR + "/registries.conf", "w") as fh:
+        fh.write('unqualified-search-registries = []\n\n'
+                 '[[registry]]\nlocation = "127.0.0.1"\ninsecure = true\n')
+
+
+def _spawn_own_podman() -> None:
+    """Launch `podman system service` detached, as _spawn_own_dockerd does;
+    vfs storage of its own (no overlay mounts needed)."""
+    argv = [
+        _which("podman") or "/usr/bin/podman",
+        "--root", PODMAN_DATA_ROOT + "/storage",
+        "--runroot", PODMAN_RUN_DIR + "/run",
+        "--storage-driver", "vfs",
+        "system", "service", "--time=0", "unix://" + PODMAN_SOCKET,
+    ]
+    env = dict(os.environ)
+    env.pop("DOCKER_HOST", None)
+    env["CONTAINERS_CONF"] = PODMAN_RUN_DIR + "/containers.conf"
+    env["CONTAINERS_REGISTRIES_CONF"] = PODMAN_RUN_DIR + "/registries.conf"
+    env["PATH"] = env.get("PATH", "") + ":/usr/local/sbin:/usr/sbin:/sbin"
+    subprocess.run(
+        ["/bin/sh", "-c",
+         'log=$1; pidfile=$2; shift 2; "$@" </dev/null >>"$log" 2>&1 & echo $! >"$pidfile"',
+         "sh", PODMAN_LOG, PODMAN_PIDFILE] + argv,
+        env=env, start_new_session=True, check=True, cwd="/",
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+
+
 def _read_pid(path: str) -> Optional[int]:
     try:
         with open(path) as fh:
@@ -297,9 +410,14 @@ def _pid_alive(pid: int) -> bool:
 
 def _is_dockerd(pid: int) -> bool:
     """True if `pid` is a live dockerd (a recycled pid is not)."""
+    return _is_process(pid, "dockerd")
+
+
+def _is_process(pid: int, command: str) -> bool:
+    """True if `pid` is a live process running `command`."""
     try:
         with open("/proc/%d/comm" % pid) as fh:
-            return fh.read().strip() == "dockerd" and _pid_alive(pid)
+            return fh.read().strip() == command and _pid_alive(pid)
     except OSError:
         return False
 
@@ -337,9 +455,13 @@ def _is_static_elf(path: str) -> bool:
     return True
 
 
-def _missing_packages(need_daemon: bool) -> List[str]:
+def _missing_packages(need_daemon: bool, podman: bool = False) -> List[str]:
     """Debian packages to install so every tool the tests use is present."""
     missing = []
+    if podman and _which("podman") is None:
+        missing.append("podman")
+    if podman and not os.path.exists("/usr/libexec/podman/catatonit"):
+        missing.append("catatonit")  # Podman's --init; a Recommends apt may skip
     if _docker_cli() is None or (need_daemon and _which("dockerd") is None):
         missing.append("docker.io")
     if _which("docker-registry") is None:
@@ -349,16 +471,16 @@ def _missing_packages(need_daemon: bool) -> List[str]:
     return missing
 
 
-def _ensure_tools(need_daemon: bool) -> None:
+def _ensure_tools(need_daemon: bool, podman: bool = False) -> None:
     """Install missing packages (as root) or raise _Unavailable."""
-    packages = _missing_packages(need_daemon)
+    packages = _missing_packages(need_daemon, podman)
     if not packages:
         return
     if not _is_root():
         raise _Unavailable("missing packages %s, and installing them needs root"
                            % " ".join(packages))
     _apt_install(packages)
-    still = _missing_packages(need_daemon)
+    still = _missing_packages(need_daemon, podman)
     if still:
         raise _Unavailable("packages %s still missing after apt-get install"
                            % " ".join(still))
@@ -414,6 +536,21 @@ def docker(*args, input: Optional[bytes] = None, check: bool = True,
                              % (command[:300], result.returncode,
                                 result.stderr.strip() or result.stdout.strip()))
     return result
+
+
+def registry_login(config_dir: str, registry: str, username: str, password: str) -> None:
+    """`docker --config <config_dir> login` to a test registry. On Podman the
+    login is written as the CLI would write it: Podman 4.3's /auth pings
+    the registry over HTTPS whatever registries.conf says."""
+    if not is_podman():
+        docker("--config", config_dir, "login", "--username", username, "--password-stdin",
+               registry, input=password)
+        return
+    import base64
+    os.makedirs(config_dir, exist_ok=True)
+    token = base64.b64encode(("%s:%s" % (username, password)).encode()).decode()
+    with open(os.path.join(config_dir, "config.json"), "w") as fh:
+        json.dump({"auths": {registry: {"auth": token}}}, fh)
 
 
 def run_version(test: unittest.TestCase, app: str, ref: str, version: str = "v1",
@@ -703,7 +840,8 @@ def make_image(ref: str, version: str, cmd: Optional[List[str]] = None,
     for change in changes:
         args += ["--change", change]
     result = docker(*(args + ["-", ref]), input=_rootfs_tar(version))
-    image_id = result.stdout.strip().splitlines()[-1]
+    # Docker prints the ID; Podman's stream makes the CLI print "ID: ID".
+    image_id = result.stdout.strip().split()[-1]
     if push:
         docker("push", ref)
     return image_id
@@ -758,6 +896,13 @@ def hub_payload(repo: str, tag: str, callback: Optional[str] = None) -> bytes:
 def inspect(name: str) -> dict:
     """docker inspect of one container or image."""
     return json.loads(docker("inspect", name).stdout)[0]
+
+
+def user_env(info: dict) -> List[str]:
+    """A container's Config.Env, sorted, without the HOSTNAME=<its own
+    hostname> that Podman adds (which differs on every container)."""
+    own = "HOSTNAME=" + (info["Config"].get("Hostname") or "")
+    return sorted(e for e in info["Config"].get("Env") or [] if e != own)
 
 
 def containers_named(name: str) -> List[str]:
@@ -975,7 +1120,11 @@ class ServiceProcess:
                     process.kill()
                     process.wait()
             self.log.close()
-        if not keep_folder:
+        # AUTODEPLOY_TEST_KEEP=1 keeps every service's folder (config, log,
+        # journal) to read after a failure.
+        if os.environ.get("AUTODEPLOY_TEST_KEEP") == "1":
+            print("tests.support: kept %s" % self.folder, file=sys.stderr)
+        elif not keep_folder:
             shutil.rmtree(self.folder, ignore_errors=True)
 
 

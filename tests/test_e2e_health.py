@@ -12,6 +12,12 @@ BURST_APPS = ("burst-a", "burst-b", "burst-c")
 BURST_TAGS = ["t%d" % n for n in range(1, 8)]
 
 
+# Why the HEALTHCHECK tests cannot run on Podman here.
+PODMAN_NO_HEALTHCHECK = ("Podman runs healthchecks from systemd timers and this VM has no "
+                         "systemd, so a health status never comes; Podman 4.3's import also "
+                         "refuses a HEALTHCHECK change")
+
+
 class HealthGateTest(unittest.TestCase):
     """One service with an app per scenario."""
 
@@ -107,12 +113,14 @@ labels = autodeploy.test={run}
         outcome = self.deploy("crash", "crash-v2")
         self.assertRolledBack("crash", v1, outcome, "exit code 3", "old one runs again", "boom: no config")
 
+    @support.skip_on_podman(PODMAN_NO_HEALTHCHECK)
     def test_failing_healthcheck_is_rolled_back(self):
         v1 = self.start_v1("unhealthy")
         self.push("unhealthy", "v2", healthcheck={"test": "false", "interval": 0.3, "retries": 1})
         outcome = self.deploy("unhealthy", "unhealthy-v2")
         self.assertRolledBack("unhealthy", v1, outcome, "unhealthy")
 
+    @support.skip_on_podman(PODMAN_NO_HEALTHCHECK)
     def test_passing_healthcheck_swaps_and_removes_the_old_image(self):
         v1 = self.start_v1("healthy")
         v2 = self.push("healthy", "v2", healthcheck={"test": "test -f /www/index.html", "interval": 0.3})

@@ -81,8 +81,7 @@ class PrivateRegistryTest(unittest.TestCase):
         cls.folder = tempfile.mkdtemp(prefix="autodeploy-private-")
         cls.addClassCleanup(shutil.rmtree, cls.folder, True)
         cls.login = os.path.join(cls.folder, "login")  # the test's own DOCKER_CONFIG
-        support.docker("--config", cls.login, "login", "--username", USER, "--password-stdin",
-                       cls.registry.host, input=PASSWORD)
+        support.registry_login(cls.login, cls.registry.host, USER, PASSWORD)
         cls.ref = "%s/e2e/private" % cls.registry.host
         cls.ids = support.make_versions(cls.images, cls.ref, ("v1", "v2"), cmd=app_cmd(), push=False)
         for version in ("v1", "v2"):
@@ -143,7 +142,8 @@ remove_old_image = no
         row = self.deploy_v2(service, "anon")
         self.assertEqual(row["state"], "failed", row)
         self.assertEqual(row["callback"]["state"], "failure")
-        for fragment in ("pull failed", "no basic auth credentials",
+        refusal = "authentication required" if support.is_podman() else "no basic auth credentials"
+        for fragment in ("pull failed", refusal,
                          "credentials: anonymous: no credentials for %s in %s"
                          % (self.registry.host, nowhere)):
             self.assertIn(fragment, row["description"])

@@ -100,8 +100,7 @@ class PrivateRegistryApiTest(unittest.TestCase):
         cls.registry.start()
         cls.folder = tempfile.mkdtemp(prefix="autodeploy-registry-api-")
         cls.addClassCleanup(shutil.rmtree, cls.folder, True)
-        support.docker("--config", cls.folder, "login", "--username", USER, "--password-stdin",
-                       cls.registry.host, input=PASSWORD)
+        support.registry_login(cls.folder, cls.registry.host, USER, PASSWORD)
         cls.ref = "%s/e2e/private-api" % cls.registry.host
         support.make_versions(cls.images, cls.ref, ("v1",), push=False)
         support.docker("--config", cls.folder, "push", cls.ref + ":v1")

@@ -57,9 +57,9 @@ signing_secret = {secret}
         job = wait_final(service, jobs[0]["id"])
         self.assertEqual(job["state"], "succeeded", job)
         self.assertEqual(job["source"], "distribution")
-        self.assertEqual([job["digest"]], pushed)
+        self.assertIn(job["digest"], pushed)  # (Podman may list two for one repository)
         self.assertEqual(inspect(name)["Image"], ids["v2"])
-        self.assertEqual(inspect(name)["Config"]["Image"], "%s:v2@%s" % (self.ref, pushed[0]))
+        self.assertEqual(inspect(name)["Config"]["Image"], "%s:v2@%s" % (self.ref, job["digest"]))
         self.assertEqual(support.wait_http("http://127.0.0.1:%d/" % app_port, expect_body="v2\n"),
                          "v2\n")
         # The pull of v2 and the blob pushes were reported too: none became a job.

@@ -53,8 +53,8 @@ class ZipappTest(unittest.TestCase):
                                capture_output=True, text=True, timeout=30)
         self.assertEqual(check.returncode, 0, check.stdout + check.stderr)
         self.assertIn("myname/myrepo -> container myname-myrepo", check.stdout)
-        self.assertIn("Docker Engine", check.stdout)
-        self.assertRegex(check.stdout, r"API 1\.\d+")
+        engine = "Podman" if support.is_podman() else "Docker Engine"
+        self.assertRegex(check.stdout, r"\n%s \d\S* \(API 1\.\d+\) at /" % engine)
 
         broken = subprocess.run([sys.executable, "autodeploy.pyz", "--config", "missing.conf", "check"],
                                 cwd=empty, capture_output=True, text=True, timeout=30)

@@ -127,6 +127,30 @@ class NegotiationTest(FakeEngineTest):
             negotiate({})
 
 
+class EngineNameTest(FakeEngineTest):
+    """GET /version as Docker 20.10 and Podman 4.3.1 answer it (fixtures,
+    component details left out)."""
+
+    @staticmethod
+    def version_doc(name):
+        path = os.path.join(os.path.dirname(__file__), "fixtures", name)
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+
+    def test_docker_and_podman_are_told_apart(self):
+        self.assertEqual(dockerapi.engine_name(self.version_doc("version-docker-20.10.json")),
+                         "Docker Engine")
+        self.assertEqual(dockerapi.engine_name(self.version_doc("version-podman-4.3.json")), "Podman")
+        self.assertEqual(dockerapi.engine_name({}), "Docker Engine")
+
+    def test_describe_names_the_engine_its_version_and_the_api_spoken(self):
+        engine = self.start_engine()
+        engine.version_doc = self.version_doc("version-podman-4.3.json")
+        self.assertEqual(self.client().describe(), "Podman 4.3.1 (API 1.41)")
+        engine.version_doc = self.version_doc("version-docker-20.10.json")
+        self.assertEqual(self.client().describe(), "Docker Engine 20.10.24+dfsg1 (API 1.41)")
+
+
 class ErrorsTest(FakeEngineTest):
 
     def test_http_errors_carry_status_and_engine_message(self):

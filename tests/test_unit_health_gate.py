@@ -70,6 +70,27 @@ class HealthGateTest(unittest.TestCase):
         with self.assertRaisesRegex(DeployFailed, "did not report healthy"):
             self.gate.wait_healthy(cid, app_config(health_timeout=5), self.clock(), JLOG)
 
+    def test_podman_health_without_a_status_means_no_healthcheck(self):
+        # Podman 4.3 reports State.Health {"Status": ""} on every container.
+        cid = self.container()
+        self.engine.containers[cid]["State"]["Health"] = {"FailingStreak": 0, "Log": None, "Status": ""}
+        how = self.gate.wait_healthy(cid, app_config(settle=3), self.clock(), JLOG)
+        self.assertEqual(how, "still running after 3s")
+
+    def test_podman_health_status_event_passes(self):
+        cid = self.container(health="starting")
+        self.engine.events_script.append({"time": self.clock() + 4, "id": cid,
+                                          "Action": "health_status", "HealthStatus": "healthy"})
+        how = self.gate.wait_healthy(cid, app_config(health_timeout=60), self.clock(), JLOG)
+        self.assertEqual(how, "HEALTHCHECK healthy")
+
+    def test_podman_exit_code_attribute_names_the_exit_code(self):
+        cid = self.container()
+        self.engine.events_script.append({"time": self.clock() + 1, "id": cid, "Action": "die",
+                                          "attributes": {"containerExitCode": "5"}})
+        with self.assertRaisesRegex(DeployFailed, r"exited \(exit code 5\)"):
+            self.gate.wait_healthy(cid, app_config(settle=3), self.clock(), JLOG)
+
     def test_probe_uses_the_container_address_and_passes_when_it_answers(self):
         cid = self.container()
         self.answers = [False, False, True]
@@ -106,6 +127,12 @@ class EventActionTest(unittest.TestCase):
         self.assertEqual(autodeploy.event_action({"status": "die"}), "die")
         self.assertEqual(autodeploy.event_action({"Action": "start", "status": "x"}), "start")
         self.assertEqual(autodeploy.event_action({}), "")
+
+    def test_podman_puts_the_health_status_in_a_field_of_its_own(self):
+        self.assertEqual(autodeploy.event_action({"Action": "health_status", "HealthStatus": "unhealthy"}),
+                         "health_status: unhealthy")
+        self.assertEqual(autodeploy.event_action({"Action": "health_status: healthy"}),
+                         "health_status: healthy")
 
 
 if __name__ == "__main__":

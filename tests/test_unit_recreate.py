@@ -10,6 +10,13 @@ started on Docker 20.10 with:
     --cap-add NET_ADMIN --add-host db.local:10.9.9.9 --tmpfs /run/cache --init -w /www
     127.0.0.1:5555/test/app:v1
 and inspect-image-1.41.json is that image (CMD httpd, EXPOSE-less, no ENV).
+
+inspect-container-podman-4.3.json is `docker inspect` through Podman 4.3.1's
+compat socket (default_ulimits nofile=20000, nproc=32768) of:
+  docker run -d --name fixture-web --label app.tier=web -e APP_MODE=prod
+    -p 127.0.0.1:18100:8080 -v fixture-data:/data --stop-timeout 3 127.0.0.1:5555/test/app:v1
+and inspect-image-podman-4.3.json that image (CMD httpd, EXPOSE 8080,
+ENV GREETING=hello), made with `docker import --change`.
 """
 
 import copy
@@ -138,6 +145,96 @@ class CreateBodyTest(unittest.TestCase):
         before = copy.deepcopy(self.old)
         self.build()
         self.assertEqual(self.old, before)
+
+
+class PodmanCreateBodyTest(unittest.TestCase):
+    """What Podman 4.3's inspect reports that create must not take as is."""
+
+    def setUp(self):
+        self.old = fixture("inspect-container-podman-4.3.json")
+        self.image = fixture("inspect-image-podman-4.3.json")["Config"]
+
+    def build(self, old=None):
+        return build_create_body(old or self.old, self.image, "127.0.0.1:5555/test/app:v2", False)
+
+    def test_ulimits_take_the_names_create_accepts(self):
+        self.assertEqual(self.old["HostConfig"]["Ulimits"][0]["Name"], "RLIMIT_NOFILE")
+        body, _ = self.build()
+        self.assertEqual(body["HostConfig"]["Ulimits"],
+                         [{"Name": "nofile", "Soft": 20000, "Hard": 20000},
+                          {"Name": "nproc", "Soft": 32768, "Hard": 32768}])
+
+    def test_env_keeps_only_what_the_user_set(self):
+        # Inspect: TERM, container=podman, the image's GREETING, APP_MODE,
+        # Podman's default PATH and HOSTNAME=<old short id>.
+        self.assertIn("HOSTNAME=" + self.old["Id"][:12], self.old["Config"]["Env"])
+        body, _ = self.build()
+        self.assertEqual(body["Env"], ["APP_MODE=prod"])
+
+    def test_a_user_path_and_hostname_env_are_kept(self):
+        old = copy.deepcopy(self.old)
+        env = old["Config"]["Env"]
+        env[env.index("PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")] = "PATH=/opt/bin"
+        env.append("HOSTNAME=db.example")
+        body, _ = self.build(old)
+        self.assertEqual(body["Env"], ["APP_MODE=prod", "PATH=/opt/bin", "HOSTNAME=db.example"])
+
+    def test_term_and_path_are_podman_s_only_on_podman(self):
+        # Without Podman's marker, TERM=xterm and that PATH are the user's.
+        old = copy.deepcopy(self.old)
+        old["Config"]["Env"].remove("container=podman")
+        body, _ = self.build(old)
+        self.assertEqual(body["Env"], ["TERM=xterm", "APP_MODE=prod",
+                                       "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"])
+
+    def test_podman_s_defaults_leave_the_new_image_its_own(self):
+        self.assertEqual((self.old["Config"]["Entrypoint"], self.old["Config"]["WorkingDir"],
+                          self.old["Config"]["StopSignal"]), ([], "/", "15"))
+        body, _ = self.build()
+        self.assertIsNone(body["Cmd"])
+        self.assertIsNone(body["Entrypoint"])
+        self.assertEqual(body["WorkingDir"], "")
+        self.assertNotIn("StopSignal", body)
+        self.assertNotIn("Hostname", body)
+
+    def test_a_user_workdir_and_stop_signal_are_kept(self):
+        old = copy.deepcopy(self.old)
+        old["Config"]["WorkingDir"], old["Config"]["StopSignal"] = "/srv", "2"
+        body, _ = self.build(old)
+        self.assertEqual((body["WorkingDir"], body["StopSignal"]), ("/srv", "2"))
+
+    def test_named_volume_port_label_and_network_are_kept(self):
+        body, later = self.build()
+        host = body["HostConfig"]
+        self.assertEqual(host["Binds"], ["fixture-data:/data:rw,rprivate,nosuid,nodev,rbind"])
+        self.assertEqual(host["PortBindings"], {"8080/tcp": [{"HostIp": "127.0.0.1", "HostPort": "18100"}]})
+        self.assertEqual(body["Labels"], {"app.tier": "web"})
+        self.assertEqual(body["StopTimeout"], 3)
+        # Podman's default network is "podman" under NetworkMode "bridge";
+        # its alias is the old short id: not kept.
+        self.assertEqual(body["NetworkingConfig"], {"EndpointsConfig": {"podman": {}}})
+        self.assertEqual(later, [])
+
+    def test_an_exposed_unpublished_port_follows_the_image(self):
+        # Seen: PortBindings {"8080/tcp": [...], "9001/tcp": null} for an
+        # image that EXPOSEs 9001 and a container publishing only 8080.
+        old = copy.deepcopy(self.old)
+        old["HostConfig"]["PortBindings"]["9001/tcp"] = None
+        old["Config"]["ExposedPorts"]["9001/tcp"] = {}
+        image = dict(self.image, ExposedPorts={"8080/tcp": {}, "9001/tcp": {}})
+        body, _ = build_create_body(old, image, "x:v2", False)
+        self.assertEqual(body["ExposedPorts"], {"8080/tcp": {}})
+        self.assertEqual(list(body["HostConfig"]["PortBindings"]), ["8080/tcp"])
+
+    def test_cpus_is_sent_once(self):
+        # Seen for --cpus 0.5: NanoCpus 500000000, CpuPeriod 100000, CpuQuota 50000.
+        old = copy.deepcopy(self.old)
+        old["HostConfig"].update(NanoCpus=500000000, CpuPeriod=100000, CpuQuota=50000)
+        host = self.build(old)[0]["HostConfig"]
+        self.assertEqual((host["NanoCpus"], host["CpuPeriod"], host["CpuQuota"]), (500000000, 0, 0))
+        old["HostConfig"].update(NanoCpus=0)  # --cpu-quota/--cpu-period of the user's own
+        host = self.build(old)[0]["HostConfig"]
+        self.assertEqual((host["NanoCpus"], host["CpuPeriod"], host["CpuQuota"]), (0, 100000, 50000))
 
 
 class OrderTest(unittest.TestCase):

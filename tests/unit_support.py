@@ -793,7 +793,9 @@ class FakeEngine:
             if since <= event["time"] <= until and (not wanted or event["id"] in wanted):
                 if event["time"] > self.clock.now:
                     self.clock.now = event["time"]  # a live event: time passes until it comes
-                yield {"Action": event["Action"], "Actor": {"Attributes": event.get("attributes", {})}}
+                extra = {"HealthStatus": event["HealthStatus"]} if "HealthStatus" in event else {}
+                yield {"Action": event["Action"], "Actor": {"Attributes": event.get("attributes", {})},
+                       **extra}
         self.clock.now = max(self.clock.now, until)
 
 
