@@ -39,6 +39,8 @@ class RegistryApiTest(unittest.TestCase):
         cls.ref = "%s/e2e/registry-api" % cls.registry.host
         support.make_versions(cls.images, cls.ref, ("v1", "v2"))
 
+    @support.skip_on_podman("Podman's RepoDigests name the manifest it built before pushing, "
+                            "not the one the registry stores")
     def test_manifest_digest_is_the_digest_docker_push_recorded(self):
         digests = set()
         for version in ("v1", "v2"):
@@ -109,7 +111,9 @@ class PrivateRegistryApiTest(unittest.TestCase):
         found = dockerapi.find_registry_auth(self.ref, self.folder + "/config.json")
         self.assertIsNotNone(found.auth, found.source)
         answer = CLIENT.manifest_digest(self.ref, "v1", found.auth)
-        self.assertIn("%s@%s" % (self.ref, answer.digest), repo_digests(self.ref + ":v1"))
+        self.assertRegex(answer.digest, r"\Asha256:[0-9a-f]{64}\Z")
+        if not support.is_podman():  # Podman's RepoDigests name the manifest before the push
+            self.assertIn("%s@%s" % (self.ref, answer.digest), repo_digests(self.ref + ":v1"))
         self.assertEqual(CLIENT.tags(self.ref, found.auth), ["v1"])
 
     def test_no_credentials_and_a_wrong_password_are_refused_without_the_secret(self):
