@@ -1575,7 +1575,7 @@ class Job:
     """One accepted webhook (or `deploy` command) and what became of it."""
     __slots__ = ("id", "app", "tag", "callback_url", "source", "received", "started",
                  "finished", "state", "description", "superseded", "lines", "resume", "swap",
-                 "waiter", "digest")
+                 "waiter", "digest", "pinned")
 
     def __init__(self, id: str, app: AppConfig, tag: str, callback_url: Optional[str] = None,
                  source: str = "dockerhub", received: float = 0.0) -> None:
@@ -1595,9 +1595,10 @@ class Job:
         self.resume: Optional[Dict[str, Any]] = None  # its journal row, when a crash interrupted it
         self.swap: Optional[Dict[str, Any]] = None  # what converge() needs, once the old one is set aside
         self.waiter: Optional["Waiter"] = None  # set when a `deploy` command awaits it
-        # The image digest: the one the sender named (deployed exactly), else
-        # the one the tag pointed to when the job pulled it.
+        # The image digest: the one the sender named (`pinned`: deployed
+        # exactly), else the one the tag pointed to when the job pulled it.
         self.digest = ""
+        self.pinned = False
 
     def __repr__(self) -> str:
         return "<Job %s %s:%s %s>" % (self.id, self.app.repository, self.tag, self.state)
@@ -1609,8 +1610,9 @@ class Job:
     @property
     def pinned_reference(self) -> str:
         """What the new container is created from: image:tag@digest when the
-        digest is known (the container shows the tag, runs that digest)."""
-        return "%s@%s" % (self.reference, self.digest) if self.digest else self.reference
+        sender named the digest (the container shows the tag, runs that
+        digest), else image:tag."""
+        return "%s@%s" % (self.reference, self.digest) if self.pinned else self.reference
 
     @property
     def awaited(self) -> bool:
@@ -2228,8 +2230,9 @@ class ContainerTarget:
         # (image:tag@digest); without one, the container names the tag, as before.
         reference = job.pinned_reference
         new_image = pull(self.engine, app, job.tag, self.docker_config, jlog, self.deadline.check,
-                         job.digest)
-        job.digest = job.digest or digest_of(new_image, app.image)
+                         job.digest if job.pinned else "")
+        if not job.pinned:  # what the tag points to now: recorded, never pulled by
+            job.digest = digest_of(new_image, app.image)
         self.record_step(job, new_image=new_image.get("Id"), digest=job.digest)
         old = self._inspect_or_none(app.container)
         if old is None:
@@ -3216,6 +3219,7 @@ def resume_unfinished(rows: List[Dict[str, Any]], config: Config, queue: JobQueu
                   received=row["received"] or 0.0)
         job.lines = (row["log"] or "").split("\n") if row["log"] else []
         job.digest = row.get("digest") or ""
+        job.pinned = bool(row.get("pinned"))
         refusal = tag_refusal(app, row["tag"], None) if app is not None else ""
         if app is None or refusal:
             job.state, job.finished = ERROR, clock()
@@ -3654,10 +3658,11 @@ class Reporter:
 JOURNAL_COLUMNS = ("id", "app", "container", "tag", "source", "callback_url", "received",
                    "started", "finished", "state", "description", "old_image", "new_image",
                    "old_container", "new_container", "was_running", "superseded_by", "log",
-                   "step", "failure", "digest", "labelled")
+                   "step", "failure", "digest", "labelled", "pinned")
 # Columns added since the first journals: (name, type), added to an older file when opened.
 # labelled: the app had no section, only labelled containers (resumed as such).
-ADDED_COLUMNS = (("step", "TEXT"), ("failure", "TEXT"), ("digest", "TEXT"), ("labelled", "INTEGER"))
+ADDED_COLUMNS = (("step", "TEXT"), ("failure", "TEXT"), ("digest", "TEXT"), ("labelled", "INTEGER"),
+                 ("pinned", "INTEGER"))
 
 
 def job_row(job: Job) -> Dict[str, Any]:
@@ -3897,10 +3902,11 @@ class Journal:
         """Record an accepted job; JournalError when it cannot be written
         (the webhook then gets a 503, not a 202 that could be lost)."""
         self._write("INSERT INTO jobs (id, app, container, tag, source, callback_url, received, "
-                    "state, description, digest, labelled) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "state, description, digest, labelled, pinned) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (job.id, job.app.repository, job.app.container, job.tag, job.source,
                      job.callback_url, job.received, job.state, job.description, job.digest,
-                     1 if job.app.labelled else None))
+                     1 if job.app.labelled else None, 1 if job.pinned else None))
 
     def mark_superseded(self, rows: List[Tuple[float, str, str]]) -> None:
         """(finished, description, id) of jobs superseded while waiting, in one commit."""
@@ -4424,7 +4430,7 @@ class Service:
                 raise Ignored(refusal)
         job = Job(id=new_job_id(), app=app, tag=push.tag, callback_url=push.callback_url,
                   source=push.sender, received=self.clock())
-        job.digest = push.digest
+        job.digest, job.pinned = push.digest, bool(push.digest)
         job.waiter = waiter
         try:
             self.journal.add(job)  # on disk before the 202

@@ -59,12 +59,20 @@ class ContainerTargetTest(unittest.TestCase):
     def test_a_digest_the_sender_named_is_pulled_exactly_and_the_container_shows_the_tag(self):
         digest = "sha256:" + "ab" * 32
         self.engine.add_image("reg.example/team/web@" + digest, "sha256:v3")
-        self.job.digest = digest
+        self.job.digest, self.job.pinned = digest, True
         state, description = self.deploy()
         self.assertEqual(state, "succeeded", description)
         self.assertIn(("pull_image", "reg.example/team/web", digest), self.engine.calls)
         web = self.engine.named("web")
         self.assertEqual(web["Image"], "sha256:v3")  # not what :latest points to (v2)
+
+    def test_a_recorded_digest_is_not_pulled_by_later_deploys_of_the_job(self):
+        # The digest a pull recorded is the local engine's name for it (Podman's
+        # may be one the registry never had): only a sender's digest is pulled.
+        self.job.digest = "sha256:" + "ef" * 32
+        state, _ = self.deploy()
+        self.assertEqual(state, "succeeded")
+        self.assertIn(("pull_image", "reg.example/team/web", "latest"), self.engine.calls)
 
     def test_without_a_digest_the_one_the_tag_pointed_to_is_recorded(self):
         digest = "sha256:" + "cd" * 32
