@@ -167,7 +167,7 @@ labels = autodeploy.test={run}
         # again) when a connection fails: an address that left the network
         # between the DNS answer and the connect is not an outage. At most
         # 600 requests (~40 s).
-        fetch = ("ip=$(nslookup zeroapp 127.0.0.11 2>/dev/null | awk '/^Address: /{print $2; exit}'); "
+        fetch = ("ip=$(nslookup zeroapp 2>/dev/null | awk '/^Address: /{print $2; exit}'); "
                  "body=$(printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 2 \"$ip\" 8080 2>/dev/null | tail -n 1); ")
         script = ("i=0; while [ $i -lt 600 ]; do retry=''; " + fetch +
                   "if [ -z \"$body\" ]; then retry=retried; " + fetch + "fi; "

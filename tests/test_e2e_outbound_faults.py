@@ -103,9 +103,14 @@ cooldown = 0
         self.assertEqual(support.wait_http("http://127.0.0.1:%d/" % app_port, timeout=30,
                                            expect_body=version + "\n"), version + "\n")
         self.assertEqual(containers_named(name), [name])
-        rows = journal_rows(service)
-        unfinished = {job: rows.get(job, {}).get("state") for job in jobs
-                      if rows.get(job, {}).get("state") not in FINAL_STATES}
+        deadline = time.monotonic() + 60  # jobs still queued behind a slow one end too
+        while True:
+            rows = journal_rows(service)
+            unfinished = {job: rows.get(job, {}).get("state") for job in jobs
+                          if rows.get(job, {}).get("state") not in FINAL_STATES}
+            if not unfinished or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
         self.assertEqual(unfinished, {}, service.log_text()[-4000:])
         return rows
 
