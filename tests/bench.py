@@ -1874,6 +1874,17 @@ def polling_cost(rig: FaultRig, seconds: float = 10.0, heads: int = 50) -> Dict[
 POLLING = [("poll every 1 s, a re-pushed tag", polling_cost)]
 
 
+def choose_program(args: argparse.Namespace, folder: str) -> str:
+    """Set what the services run (--script: autodeploy.py; else the zipapp
+    built in `folder`, as the unit runs it); that, in words."""
+    if args.script:
+        INTERPRETER[:] = [sys.executable]
+        return "%s autodeploy.py --config X serve" % sys.executable
+    INTERPRETER[:] = unit_interpreter(args.python)
+    PROGRAM[0] = build_pyz(folder)
+    return "%s autodeploy.pyz --config X serve (as autodeploy.service runs it)" % " ".join(INTERPRETER)
+
+
 def run_faults(args: argparse.Namespace, state: Dict[str, Any]) -> Dict[str, Any]:
     """Each scenario of FAULTS (or POLLING, with --polling) once, on the
     service as bench() runs it."""
@@ -1884,13 +1895,7 @@ def run_faults(args: argparse.Namespace, state: Dict[str, Any]) -> Dict[str, Any
                "code": code_version(), "faults": []}  # type: Dict[str, Any]
     run = support.run_id()
     folder = state["folder"] = tempfile.mkdtemp(prefix="autodeploy-bench-")
-    if args.script:
-        INTERPRETER[:] = [sys.executable]
-        results["program"] = "%s autodeploy.py --config X serve" % sys.executable
-    else:
-        INTERPRETER[:] = unit_interpreter(args.python)
-        PROGRAM[0] = build_pyz(folder)
-        results["program"] = "%s autodeploy.pyz --config X serve" % " ".join(INTERPRETER)
+    results["program"] = choose_program(args, folder)
     registry = state["registry"] = support.Registry().start()
     image = "%s/bench/web" % registry.host
     for version in ("v1", "v2"):
@@ -1948,14 +1953,7 @@ def bench(args: argparse.Namespace, state: Dict[str, Any]) -> Dict[str, Any]:
     folder = state["folder"] = tempfile.mkdtemp(prefix="autodeploy-bench-")
     log("run %s, temp folder %s, load client %s" % (run, folder, results["client"]))
 
-    if args.script:
-        INTERPRETER[:] = [sys.executable]
-        results["program"] = "%s autodeploy.py --config X serve" % sys.executable
-    else:
-        INTERPRETER[:] = unit_interpreter(args.python)
-        PROGRAM[0] = build_pyz(folder)
-        results["program"] = "%s autodeploy.pyz --config X serve (as autodeploy.service runs it)" % (
-            " ".join(INTERPRETER))
+    results["program"] = choose_program(args, folder)
 
     registry = state["registry"] = support.Registry().start()
     image = "%s/bench/web" % registry.host

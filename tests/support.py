@@ -1195,12 +1195,13 @@ def get_json(port: int, path: str, token: str = ADMIN_TOKEN):
     return status, json.loads(body or b"null")
 
 
-def start_class_fixture(cls) -> None:
-    """Give a test class env, label, images (removed by stop_class_fixture), a registry and callbacks."""
+def start_class_fixture(cls, registry: Optional["Registry"] = None) -> None:
+    """Give a test class env, label, images (removed by stop_class_fixture),
+    a registry (`registry`, started; default a plain one) and callbacks."""
     cls.env = engine_env()
     cls.label = run_id()
     cls.images = []
-    cls.registry = Registry().start()
+    cls.registry = (registry or Registry()).start()
     cls.callbacks = CallbackReceiver()
 
 

@@ -29,13 +29,8 @@ class PollingTestCase(unittest.TestCase):
 
     @classmethod
     def setUpClass(cls):
-        cls.env = support.engine_env()
-        cls.label = support.run_id()
-        cls.images = []
-        cls.callbacks = support.CallbackReceiver()
-        cls.registry = cls.registry_class()
+        support.start_class_fixture(cls, cls.registry_class())
         cls.addClassCleanup(support.stop_class_fixture, cls)
-        cls.registry.start()
         cls.folder = tempfile.mkdtemp(prefix="autodeploy-polling-")
         cls.addClassCleanup(shutil.rmtree, cls.folder, True)
 

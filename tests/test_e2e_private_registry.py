@@ -71,13 +71,8 @@ class PrivateRegistryTest(unittest.TestCase):
 
     @classmethod
     def setUpClass(cls):
-        cls.env = support.engine_env()
-        cls.label = support.run_id()
-        cls.images = []
-        cls.callbacks = support.CallbackReceiver()
-        cls.registry = PrivateRegistry()
+        support.start_class_fixture(cls, PrivateRegistry())
         cls.addClassCleanup(support.stop_class_fixture, cls)
-        cls.registry.start()
         cls.folder = tempfile.mkdtemp(prefix="autodeploy-private-")
         cls.addClassCleanup(shutil.rmtree, cls.folder, True)
         cls.login = os.path.join(cls.folder, "login")  # the test's own DOCKER_CONFIG
