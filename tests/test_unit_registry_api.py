@@ -543,7 +543,7 @@ class RefusalsTest(RegistryTestCase):
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             sock.listen(1)  # connections are taken by the kernel, and never answered
-            client = RegistryClient(urlopen=NO_PROXY, timeout=0.2)
+            client = RegistryClient(urlopen=NO_PROXY, timeout=0.05)
             error = self.refusal(client.manifest_digest, "127.0.0.1:%d/team/app" % sock.getsockname()[1],
                                  "v1", None)
         self.assertIsNone(error.status)
