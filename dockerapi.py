@@ -91,7 +91,16 @@ class CredentialsError(DockerError):
     is unreadable, or a credential helper failed. Never holds a secret."""
 
 
+class OutOfSequence(DockerError):
+    """A service update named a version that is no longer the service's
+    (someone updated it meanwhile): read it again and retry."""
+
+
 def _error_for(status: int, message: str, method: str, path: str) -> DockerError:
+    # Swarm answers a stale version with 500 on older Engines, 409 on newer
+    # ones; either way only the message tells it from other failures.
+    if status in (409, 500) and "out of sequence" in message:
+        return OutOfSequence(message, status, method, path)
     kind = {404: NotFound, 409: Conflict}.get(status, DockerError)
     return kind(message, status, method, path)
 
@@ -1100,6 +1109,41 @@ class DockerClient:
                               % (image, tag, self.where, _reason(exc)), None, "POST", path) from exc
         finally:
             conn.close()
+
+    # -- swarm -------------------------------------------------------------
+
+    def swarm_info(self) -> Dict[str, Any]:
+        """GET /info's Swarm part: LocalNodeState ('active', 'inactive'...),
+        ControlAvailable (True on a manager); {} when the Engine has none
+        (Podman)."""
+        return (self._call("GET", self._url("/info")) or {}).get("Swarm") or {}
+
+    def is_swarm_manager(self) -> bool:
+        """True when this Engine is an active Swarm manager (can update services)."""
+        info = self.swarm_info()
+        return info.get("LocalNodeState") == "active" and bool(info.get("ControlAvailable"))
+
+    def inspect_service(self, id_or_name: str) -> Dict[str, Any]:
+        """GET /services/{id}: ID, Version.Index, Spec, UpdateStatus..."""
+        return self._call("GET", self._url("/services/{}", id_or_name))
+
+    def list_services(self, filters: Optional[Dict[str, List[str]]] = None
+                      ) -> List[Dict[str, Any]]:
+        """GET /services, e.g. filters={"label": ["autodeploy.enable=true"]}."""
+        return self._call("GET", self._url("/services", filters=filters)) or []
+
+    def update_service(self, service_id: str, version: int, spec: Dict[str, Any],
+                       registry_auth: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
+        """POST /services/{id}/update?version=N with the whole new spec; the
+        registry credentials go along so every node can pull. OutOfSequence
+        when `version` is stale. The answer's Warnings, if any."""
+        headers = {"X-Registry-Auth": encode_registry_auth(registry_auth)} if registry_auth else {}
+        return self._call("POST", self._url("/services/{}/update", service_id, version=version),
+                          body=spec, headers=headers) or {}
+
+    def list_tasks(self, filters: Optional[Dict[str, List[str]]] = None) -> List[Dict[str, Any]]:
+        """GET /tasks, e.g. filters={"service": ["web"]}."""
+        return self._call("GET", self._url("/tasks", filters=filters)) or []
 
 
 ############################################################################

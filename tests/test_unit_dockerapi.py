@@ -13,6 +13,7 @@ import threading
 import time
 import unittest
 import unittest.mock
+import urllib.parse
 
 import dockerapi
 from dockerapi import DockerClient, DockerError, NotFound, Conflict
@@ -284,6 +285,80 @@ class PullTest(FakeEngineTest):
 
 
 SECRET = "s3cr3t-Pa55"  # never to be seen in a message
+
+
+class SwarmTest(FakeEngineTest):
+    """The service calls: the requests they send, and how a stale version
+    is told from other failures."""
+
+    def test_update_sends_the_spec_the_version_and_the_credentials(self):
+        engine = self.start_engine()
+        seen = {}
+
+        def update(handler):
+            seen["body"] = json.loads(handler.rfile.read(int(handler.headers["Content-Length"])))
+            handler.send_json(200, {"Warnings": None})
+        engine.routes[("POST", "/v1.41/services/svc1/update")] = update
+        spec = {"Name": "web", "TaskTemplate": {"ContainerSpec": {"Image": "app:v2@sha256:" + "a" * 64}}}
+        self.client().update_service("svc1", 17, spec, {"username": "u", "password": "p"})
+        method, path, headers = engine.requests[-1]
+        self.assertEqual(path, "/v1.41/services/svc1/update?version=17")
+        self.assertEqual(seen["body"], spec)
+        sent = json.loads(base64.urlsafe_b64decode(headers["X-Registry-Auth"] + "=="))
+        self.assertEqual(sent["username"], "u")
+
+    def test_update_without_credentials_sends_no_auth_header(self):
+        engine = self.start_engine()
+        engine.routes[("POST", "/v1.41/services/svc1/update")] = lambda h: h.send_json(200, {})
+        self.client().update_service("svc1", 3, {"Name": "web"})
+        self.assertNotIn("X-Registry-Auth", engine.requests[-1][2])
+
+    def test_a_stale_version_is_out_of_sequence_as_409_or_500(self):
+        engine = self.start_engine()
+        for status in (409, 500):
+            engine.routes[("POST", "/v1.41/services/svc1/update")] = (
+                lambda h, status=status: h.send_json(status, {
+                    "message": "rpc error: code = Unknown desc = update out of sequence"}))
+            with self.assertRaises(dockerapi.OutOfSequence) as caught:
+                self.client().update_service("svc1", 3, {})
+            self.assertEqual(caught.exception.status, status)
+
+    def test_other_update_failures_are_not_out_of_sequence(self):
+        engine = self.start_engine()
+        engine.routes[("POST", "/v1.41/services/svc1/update")] = (
+            lambda h: h.send_json(409, {"message": "name conflicts with an existing object"}))
+        with self.assertRaises(Conflict) as caught:
+            self.client().update_service("svc1", 3, {})
+        self.assertNotIsInstance(caught.exception, dockerapi.OutOfSequence)
+
+    def test_inspect_list_services_and_tasks_with_filters(self):
+        engine = self.start_engine()
+        engine.routes[("GET", "/v1.41/services/web")] = lambda h: h.send_json(200, {"ID": "svc1"})
+        engine.routes[("GET", "/v1.41/services")] = lambda h: h.send_json(200, [{"ID": "svc1"}])
+        engine.routes[("GET", "/v1.41/tasks")] = lambda h: h.send_json(200, [{"ID": "t1"}])
+        client = self.client()
+        self.assertEqual(client.inspect_service("web"), {"ID": "svc1"})
+        self.assertEqual(client.list_services({"label": ["autodeploy.enable=true"]}), [{"ID": "svc1"}])
+        self.assertEqual(client.list_tasks({"service": ["svc1"]}), [{"ID": "t1"}])
+        queries = [urllib.parse.parse_qs(path.partition("?")[2]) for _, path, _ in engine.requests[-2:]]
+        self.assertEqual(json.loads(queries[0]["filters"][0]), {"label": ["autodeploy.enable=true"]})
+        self.assertEqual(json.loads(queries[1]["filters"][0]), {"service": ["svc1"]})
+
+    def test_a_missing_service_is_not_found(self):
+        self.start_engine()
+        with self.assertRaises(NotFound):
+            self.client().inspect_service("nope")
+
+    def test_manager_worker_and_no_swarm(self):
+        engine = self.start_engine()
+        answers = {"manager": {"Swarm": {"LocalNodeState": "active", "ControlAvailable": True}},
+                   "worker": {"Swarm": {"LocalNodeState": "active", "ControlAvailable": False}},
+                   "none": {"Swarm": {"LocalNodeState": "inactive"}},
+                   "podman": {"host": {}}}
+        for name, info in answers.items():
+            engine.routes[("GET", "/v1.41/info")] = lambda h, info=info: h.send_json(200, info)
+            self.assertEqual(self.client().is_swarm_manager(), name == "manager", name)
+        self.assertEqual(self.client().swarm_info(), {})
 
 
 class FakeHelpers:
