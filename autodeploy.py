@@ -228,6 +228,8 @@ class AppConfig(NamedTuple):
     settings: FrozenSet[str] = frozenset()
     depends_on: str = ""  # label discovery: a container deployed before this one
     labelled: bool = False  # no section: an app made from its containers' labels
+    service: str = ""  # a Docker Swarm service to deploy to, instead of a container
+    swarm_timeout: int = 300  # seconds Swarm's roll-out of the service may take
 
     def __repr__(self) -> str:
         """As a NamedTuple's, with the secrets masked: an AppConfig may end
@@ -295,7 +297,8 @@ MAIN_KEYS = {"listen", "token", "token_file", "workers", "state_dir", "callback_
              "keep_days", "admin_token", "metrics_public", "notify_url", "slack_url",
              "notify_on", "stop_deadline", "header_timeout", "keepalive_timeout",
              "max_header_bytes", "max_connections_per_source", "poll", "label_prefix"}
-APP_KEYS = {"image", "tag", "tag_policy", "prerelease", "poll", "container", "stop_timeout",
+APP_KEYS = {"image", "tag", "tag_policy", "prerelease", "poll", "container", "service",
+            "swarm_timeout", "stop_timeout",
             "order", "health_url", "health_tcp", "health_timeout", "settle", "cooldown",
             "remove_old_image", "ports", "env", "volumes", "labels", "restart", "network", "command",
             "token", "token_file", "signing_secret", "signing_secret_file", "notify_url", "slack_url",
@@ -413,6 +416,11 @@ def _parse_app(repository: str, section: configparser.SectionProxy, where: str, 
     container = section.get("container") or repository.replace("/", "-")
     if not CONTAINER_NAME_RE.match(container):
         raise ConfigError("%s container: %r is not a valid container name" % (where, container))
+    service = section.get("service", "").strip()
+    if service and not CONTAINER_NAME_RE.match(service):
+        raise ConfigError("%s service: %r is not a valid Swarm service name" % (where, service))
+    if service and "container" in section:
+        raise ConfigError("%s: set container or service, not both" % where)
     image = section.get("image") or repository
     if not IMAGE_RE.match(image):
         raise ConfigError("%s image: %r is not an image name such as registry.example:5000/team/app "
@@ -446,6 +454,7 @@ def _parse_app(repository: str, section: configparser.SectionProxy, where: str, 
         stop_timeout=None if stop is None else _int_option(section, "stop_timeout", 10, where, -1, 3600),
         order=order, health_url=health_url, health_tcp=health_tcp,
         health_timeout=_int_option(section, "health_timeout", 60, where, 1, 3600),
+        service=service, swarm_timeout=_int_option(section, "swarm_timeout", 300, where, 1, 86400),
         settle=_int_option(section, "settle", 3, where, 0, 600),
         cooldown=_float_option(section, "cooldown", 1.0, where, 0, 3600),
         remove_old_image=remove_old_image,
@@ -2079,7 +2088,8 @@ def app_registry_auth(app: AppConfig, docker_config: str,
 #                            DeployFailed (nothing changed, or put back) or
 #                            DockerError (the Engine failed us)
 #   converge(job, row, jlog) put in order what a crash left of a job's swap
-# ContainerTarget is the one kind today; a Swarm service is the next.
+# ContainerTarget replaces a container on this host; SwarmServiceTarget
+# hands a service's roll-out to Docker Swarm and follows it.
 
 ASIDE_MARK = "-autodeploy-old-"
 
@@ -2582,6 +2592,210 @@ class ContainerTarget:
             jlog.warning("could not remove container %s: %s", _short(container_id), exc)
 
 
+# How a Swarm roll-out ends (UpdateStatus.State), and what the job makes of it.
+SWARM_DONE = {"completed": SUCCEEDED, "rollback_completed": ROLLED_BACK,
+              "rollback_paused": FAILED, "paused": FAILED}
+SWARM_UPDATE_TRIES = 5  # version conflicts retried: someone else updates the service meanwhile
+SWARM_QUIET = 5.0  # seconds without an UpdateStatus change before an unchanged service is up to date
+
+
+def image_digest(reference: str) -> str:
+    """The sha256 digest pinned in an image reference (repo:tag@sha256:...), or ''."""
+    return reference.rpartition("@")[2] if "@" in reference else ""
+
+
+def service_image(spec: Optional[Dict[str, Any]]) -> str:
+    """TaskTemplate.ContainerSpec.Image of a service spec ('' when absent)."""
+    return str(_dig(spec or {}, "TaskTemplate", "ContainerSpec", "Image") or "")
+
+
+def task_image(task: Dict[str, Any]) -> str:
+    """Spec.ContainerSpec.Image of a task ('' when absent)."""
+    return str(_dig(task, "Spec", "ContainerSpec", "Image") or "")
+
+
+def with_image(spec: Dict[str, Any], image: str) -> Dict[str, Any]:
+    """A copy of a service spec with only TaskTemplate.ContainerSpec.Image changed."""
+    new = copy.deepcopy(spec)
+    new.setdefault("TaskTemplate", {}).setdefault("ContainerSpec", {})["Image"] = image
+    return new
+
+
+class SwarmServiceTarget:
+    """A Docker Swarm service (the app's `service`), whose roll-out Swarm
+    does itself: its UpdateConfig (parallelism, order, failure action,
+    monitor) and RollbackConfig apply. This target resolves the tag's
+    digest, so every node runs exactly that image, changes the service's
+    image and nothing else, and follows UpdateStatus to its end.
+
+    Before the update is submitted the journal hears step 'service-update'
+    with the digest; converge() finds from the service itself whether the
+    update reached Swarm, and follows it then (it never submits twice).
+    """
+
+    def __init__(self, engine: DockerClient, deadline: StopDeadline,
+                 docker_config: Optional[str] = None,
+                 registry: Optional[dockerapi.RegistryClient] = None,
+                 record_step: Callable[..., None] = lambda job, **fields: None,
+                 clock: Callable[[], float] = time.time,
+                 sleep: Callable[[float], None] = time.sleep, interval: float = 1.0):
+        self.engine = engine
+        self.deadline = deadline
+        self.docker_config = docker_config or dockerapi.docker_config_path()
+        self.registry = registry or dockerapi.RegistryClient()
+        self.record_step = record_step
+        self.clock, self.sleep, self.interval = clock, sleep, interval
+
+    @staticmethod
+    def describe(app: AppConfig) -> str:
+        return "Swarm service %s" % app.service
+
+    def deploy(self, job: Job, jlog: logging.LoggerAdapter) -> Tuple[str, str]:
+        """Point the service at image:tag@digest and follow Swarm's roll-out."""
+        app = job.app
+        auth = self.credentials(app)
+        if not job.pinned:
+            job.digest = self.resolve(app, job.tag, auth.auth, jlog)
+        image = "%s@%s" % (job.reference, job.digest)
+        for attempt in range(1, SWARM_UPDATE_TRIES + 1):
+            service = self.engine.inspect_service(app.service)
+            if image_digest(service_image(service.get("Spec"))) == job.digest:
+                return UP_TO_DATE, "service %s already runs %s (%s)" % (
+                    app.service, job.reference, _short(job.digest))
+            self.deadline.check()  # the last moment to stop with nothing changed
+            self.record_step(job, step="service-update", digest=job.digest, container=app.service)
+            try:
+                self.engine.update_service(service["ID"], _dig(service, "Version", "Index"),
+                                           with_image(service["Spec"], image), auth.auth)
+                break
+            except dockerapi.OutOfSequence as exc:
+                jlog.info("service %s changed meanwhile (%s); reading it again", app.service,
+                          exc.message)
+                self.record_step(job, step=None)
+        else:
+            raise DeployFailed("service %s changed under every one of %d updates; not updated"
+                               % (app.service, SWARM_UPDATE_TRIES))
+        jlog.info("service %s: image set to %s; Swarm rolls it out (up to %ss)",
+                  app.service, image, app.swarm_timeout)
+        return self.follow(job, service["ID"], _dig(service, "UpdateStatus", "StartedAt"), jlog)
+
+    def credentials(self, app: AppConfig) -> dockerapi.RegistryAuth:
+        try:
+            return app_registry_auth(app, self.docker_config)
+        except dockerapi.CredentialsError as exc:
+            raise DeployFailed("no registry credentials: %s" % exc.message) from None
+
+    def resolve(self, app: AppConfig, tag: str, auth: Optional[Dict[str, str]],
+                jlog: logging.LoggerAdapter) -> str:
+        """The digest app.image:tag points at now, asked of the registry."""
+        try:
+            digest = self.registry.manifest_digest(app.image, tag, auth).digest
+        except dockerapi.RegistryError as exc:
+            raise DeployFailed("cannot resolve %s:%s to a digest: %s"
+                               % (app.image, tag, exc.message)) from exc
+        jlog.info("%s:%s is %s", app.image, tag, digest)
+        return digest
+
+    def follow(self, job: Job, service_id: str, before: Optional[str],
+               jlog: logging.LoggerAdapter) -> Tuple[str, str]:
+        """Watch UpdateStatus (a status whose StartedAt is `before` is an
+        earlier update's) until Swarm ends the roll-out, or the app's
+        swarm_timeout passes."""
+        app = job.app
+        began = self.clock()
+        reason, progress = "", (-1, -1)
+        while True:
+            service = self.engine.inspect_service(service_id)
+            status = service.get("UpdateStatus") or {}
+            ours = bool(status) and status.get("StartedAt") != before
+            state = status.get("State", "") if ours else ""
+            if state.startswith("rollback") and status.get("Message") and not reason:
+                reason = status["Message"]  # why Swarm rolls back; the last one says only 'completed'
+            now = self.updated_tasks(service_id, job.digest)
+            if now != progress:
+                progress = now
+                jlog.info("service %s: %d/%d tasks updated%s", app.service, now[0], now[1],
+                          " (%s)" % state if state else "")
+            counted = "%d/%d tasks updated" % progress
+            if state in SWARM_DONE:
+                return self.outcome(job, service_id, SWARM_DONE[state], status, reason, counted)
+            waited = self.clock() - began
+            # An image string changed to the same digest starts no roll-out.
+            if not ours and waited >= SWARM_QUIET and progress[0] == progress[1]:
+                return UP_TO_DATE, "service %s already runs %s (%s), %s" % (
+                    app.service, job.reference, _short(job.digest), counted)
+            if waited >= app.swarm_timeout:
+                raise DeployFailed("service %s: Swarm's roll-out did not end within %ss (%s, %s); "
+                                   "Swarm goes on with it" % (app.service, app.swarm_timeout,
+                                                              state or "not started", counted))
+            self.deadline.check()
+            self.sleep(self.interval)
+
+    def outcome(self, job: Job, service_id: str, state: str, status: Dict[str, Any],
+                reason: str, progress: str) -> Tuple[str, str]:
+        """(state, description) of an ended roll-out; raises for a failed one."""
+        app = job.app
+        if state == SUCCEEDED:
+            return SUCCEEDED, "service %s now runs %s (%s), %s" % (
+                app.service, job.reference, _short(job.digest), progress)
+        message = "; ".join(part for part in (reason, status.get("Message"),
+                                              self.task_error(service_id, job.digest)) if part)
+        text = "service %s: Swarm %s: %s" % (app.service, status.get("State"), message)
+        raise (RolledBack if state == ROLLED_BACK else DeployFailed)(text)
+
+    def updated_tasks(self, service_id: str, digest: str) -> Tuple[int, int]:
+        """(running tasks on `digest`, tasks meant to run) of the service."""
+        tasks = self.engine.list_tasks({"service": [service_id], "desired-state": ["running"]})
+        done = sum(1 for task in tasks if _dig(task, "Status", "State") == "running"
+                   and image_digest(task_image(task)) == digest)
+        return done, len(tasks)
+
+    def task_error(self, service_id: str, digest: str) -> str:
+        """The newest error of a task that ran `digest` ('' when none says one)."""
+        failed = [task for task in self.engine.list_tasks({"service": [service_id]})
+                  if _dig(task, "Status", "Err") and image_digest(task_image(task)) == digest]
+        failed.sort(key=lambda task: str(_dig(task, "Status", "Timestamp") or ""))
+        return str(_dig(failed[-1], "Status", "Err")) if failed else ""
+
+    def converge(self, job: Job, row: Dict[str, Any], jlog: logging.LoggerAdapter) -> None:
+        """A crash interrupted the job: when its update reached the service
+        (the spec, or the spec Swarm rolled back from, names its digest),
+        follow that roll-out to its end; else leave the job to run again."""
+        if row.get("step") != "service-update" or not row.get("digest"):
+            return
+        job.digest = row["digest"]
+        service = self.engine.inspect_service(job.app.service)
+        images = (service_image(service.get("Spec")), service_image(service.get("PreviousSpec")))
+        if job.digest not in (image_digest(images[0]), image_digest(images[1])):
+            jlog.info("service %s never got %s: updating it now", job.app.service, _short(job.digest))
+            return
+        jlog.info("service %s got %s before the crash: following its roll-out",
+                  job.app.service, _short(job.digest))
+        try:
+            job.state, job.description = self.follow(job, service["ID"], None, jlog)
+        except RolledBack as exc:
+            job.state, job.description = ROLLED_BACK, str(exc)
+        except DeployFailed as exc:
+            job.state, job.description = FAILED, str(exc)
+
+    def running_version(self, app: AppConfig) -> Tuple[Optional[str], List[str]]:
+        """(tag, digests) the service's spec names, for a poll to compare."""
+        try:
+            image = service_image(self.engine.inspect_service(app.service).get("Spec"))
+        except NotFound:
+            return None, []
+        return running_tag_of({"Config": {"Image": image}}), [image_digest(image)] if "@" in image else []
+
+    def running_tag(self, app: AppConfig) -> Optional[str]:
+        """The tag the service's spec names; None when unknown."""
+        try:
+            return self.running_version(app)[0]
+        except DockerError as exc:
+            log.warning("repo=%s cannot inspect service %s for its running tag: %s",
+                        app.repository, app.service, exc)
+            return None
+
+
 ############################################################################
 # The health gate: is the new container good?
 ############################################################################
@@ -2965,17 +3179,21 @@ class JobRunner:
     def __init__(self, target: ContainerTarget, deadline: StopDeadline,
                  engine_wait: float = ENGINE_WAIT, clock: Callable[[], float] = time.time,
                  sleep: Callable[[float], None] = time.sleep,
-                 discovery: Optional[Discovery] = None):
+                 discovery: Optional[Discovery] = None,
+                 swarm: Optional["SwarmServiceTarget"] = None):
         self.target = target
+        self.swarm = swarm or SwarmServiceTarget(target.engine, deadline, target.docker_config,
+                                                 record_step=target.record_step, clock=clock,
+                                                 sleep=sleep)
         self.discovery = discovery  # None: each app deploys its section's container only
         self.engine = target.engine  # the Engine every target of this host talks to
         self.deadline, self.engine_wait = deadline, engine_wait
         self.clock, self.sleep = clock, sleep
         self.unconverged: Set[str] = set()
 
-    def target_for(self, app: AppConfig) -> ContainerTarget:
-        """The target an app deploys to (one kind today: its container)."""
-        return self.target
+    def target_for(self, app: AppConfig) -> Union[ContainerTarget, "SwarmServiceTarget"]:
+        """The target an app deploys to: its Swarm service, else its container(s)."""
+        return self.swarm if app.service else self.target
 
     def run(self, job: Job) -> None:
         """Deploy `job`, setting its state and description; never raises."""
@@ -2997,6 +3215,8 @@ class JobRunner:
         each container the push reaches (see roll_out), or the app's one."""
         target = self.target_for(job.app)
         jlog.info("deploying %s to %s", job.reference, target.describe(job.app))
+        if isinstance(target, SwarmServiceTarget):
+            return self.deploy_service(target, job, jlog)
         converged: Optional[Tuple[str, str, str]] = None
         if job.resume is not None:
             swap, job.resume = dict(job.resume), None
@@ -3021,6 +3241,18 @@ class JobRunner:
                 return converged[1], converged[2]
             return self.deploy_one(target, job, views[0], jlog)
         return self.roll_out(target, job, views, converged, jlog)
+
+    def deploy_service(self, target: "SwarmServiceTarget", job: Job, jlog: JobLog) -> Tuple[str, str]:
+        """A Swarm service's job: what a crash left is followed to its end
+        first (the update was submitted), else the service is updated."""
+        self.wait_for_engine(jlog)
+        if job.resume is not None:
+            row, job.resume = dict(job.resume), None
+            target.converge(job, row, jlog)
+            if job.final and row.get("id") in (None, job.id):
+                return job.state, job.description
+            job.state, job.description = RUNNING, ""
+        return target.deploy(job, jlog)
 
     def targets_of(self, job: Job, jlog: JobLog) -> List[AppConfig]:
         """The app's views to deploy, in order: the section's container and

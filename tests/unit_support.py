@@ -39,6 +39,7 @@ import unittest.mock
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import autodeploy
+import dockerapi
 from autodeploy import AppConfig
 from dockerapi import DockerError, NotFound
 
@@ -628,6 +629,11 @@ class FakeEngine:
         self.on_call: Callable[[str], None] = lambda method: None  # runs before each call
         self.on_start: Callable[[Dict[str, Any]], None] = lambda info: None  # a start's outcome
         self._ids = itertools.count(1)
+        self.services: Dict[str, Dict[str, Any]] = {}  # id -> inspect document and its script
+        self.rollout: List[Tuple[str, str]] = [("updating", "update in progress"),
+                                                ("completed", "update completed")]
+        self.conflicts = 0  # updates answered 'out of sequence' (someone else updated first)
+        self.task_error = "task: non-zero exit (1)"
 
     # -- set-up helpers -------------------------------------------------------
 
@@ -797,6 +803,83 @@ class FakeEngine:
                 yield {"Action": event["Action"], "Actor": {"Attributes": event.get("attributes", {})},
                        **extra}
         self.clock.now = max(self.clock.now, until)
+
+    # -- Swarm services -------------------------------------------------------
+    # A service's roll-out is scripted: after an update, each inspect takes
+    # the next (State, Message) of `rollout` as its UpdateStatus. Its tasks
+    # run the image the last state left running: the new one once
+    # 'completed', the old one after a rollback (with a failed task of the
+    # new one, whose Err is `task_error`).
+
+    def add_service(self, name: str, image: str, replicas: int = 2) -> str:
+        service_id = "svc%04d" % next(self._ids)
+        self.services[service_id] = {
+            "ID": service_id, "Version": {"Index": 10},
+            "Spec": {"Name": name, "Labels": {}, "Mode": {"Replicated": {"Replicas": replicas}},
+                     "TaskTemplate": {"ContainerSpec": {"Image": image, "Env": ["A=1"]}},
+                     "UpdateConfig": {"Order": "start-first", "FailureAction": "rollback"}},
+            "running": image, "replicas": replicas, "script": [], "failed": []}
+        return service_id
+
+    def _service(self, name: str) -> Dict[str, Any]:
+        for service in self.services.values():
+            if name in (service["ID"], service["Spec"]["Name"]):
+                return service
+        raise NotFound("service %s not found" % name, 404, "GET", "/services/" + name)
+
+    def inspect_service(self, name: str) -> Dict[str, Any]:
+        self._call("inspect_service", name)
+        service = self._service(name)
+        if service["script"]:
+            state, message = service["script"].pop(0)
+            service["UpdateStatus"] = {"State": state, "Message": message,
+                                       "StartedAt": "update-%d" % service["Version"]["Index"]}
+            if state == "completed":
+                service["running"] = service["Spec"]["TaskTemplate"]["ContainerSpec"]["Image"]
+            elif state == "rollback_completed":
+                service["failed"].append(service["Spec"]["TaskTemplate"]["ContainerSpec"]["Image"])
+                service["Spec"] = service["PreviousSpec"]
+        return {key: value for key, value in service.items()
+                if key not in ("running", "replicas", "script", "failed")}
+
+    def update_service(self, service_id: str, version: int, spec: Dict[str, Any],
+                       registry_auth: Any = None) -> Dict[str, Any]:
+        self._call("update_service", service_id, version, spec, registry_auth)
+        service = self._service(service_id)
+        if self.conflicts > 0:
+            self.conflicts -= 1
+            service["Version"]["Index"] += 1  # someone else's update
+            raise dockerapi.OutOfSequence("update out of sequence", 500, "POST", "/services/update")
+        if version != service["Version"]["Index"]:
+            raise dockerapi.OutOfSequence("update out of sequence", 500, "POST", "/services/update")
+        service["PreviousSpec"], service["Spec"] = service["Spec"], spec
+        service["Version"]["Index"] += 1
+        service["script"] = list(self.rollout)
+        return {}
+
+    def list_tasks(self, filters: Optional[Dict[str, List[str]]] = None) -> List[Dict[str, Any]]:
+        self._call("list_tasks", filters)
+        filters = filters or {}
+        service = self._service(filters["service"][0])
+        tasks = [{"ID": "t%d" % n, "DesiredState": "running",
+                  "Spec": {"ContainerSpec": {"Image": service["running"]}},
+                  "Status": {"State": "running", "Timestamp": "2026-01-01T00:00:0%dZ" % n}}
+                 for n in range(service["replicas"])]
+        if "desired-state" not in filters:
+            tasks += [{"ID": "f%d" % n, "DesiredState": "shutdown",
+                       "Spec": {"ContainerSpec": {"Image": image}},
+                       "Status": {"State": "failed", "Err": self.task_error,
+                                  "Timestamp": "2026-01-01T00:01:0%dZ" % n}}
+                      for n, image in enumerate(service["failed"])]
+        return tasks
+
+    def swarm_info(self) -> Dict[str, Any]:
+        self._call("swarm_info")
+        return {"LocalNodeState": "active", "ControlAvailable": bool(self.services)}
+
+    def is_swarm_manager(self) -> bool:
+        info = self.swarm_info()
+        return info["LocalNodeState"] == "active" and info["ControlAvailable"]
 
 
 def die_event(engine: FakeEngine, container_id: str, at: float, code: int = 3) -> None:
