@@ -6433,7 +6433,8 @@ def check(config: Config) -> int:
     failed = False
     for app in config.apps.values():
         print("  %s -> %s, image %s, %s%s"
-              % (app.repository, ContainerTarget.describe(app), app.image, describe_policy(app),
+              % (app.repository, (SwarmServiceTarget if app.service else ContainerTarget).describe(app),
+                 app.image, describe_policy(app),
                  ", polled every %s" % format_duration(app.poll) if app.poll else ""))
         try:
             print("    credentials: %s" % app_registry_auth(
@@ -6453,7 +6454,44 @@ def check(config: Config) -> int:
     print("%s at %s (engine max API %s, min %s)"
           % (described, engine.where, version.get("ApiVersion"), version.get("MinAPIVersion")))
     failed = not check_labels(config, Discovery(engine, config.label_prefix)) or failed
+    failed = not check_swarm(config, engine) or failed
     return 1 if failed else 0
+
+
+def check_swarm(config: Config, engine: DockerClient) -> bool:
+    """`check`'s lines on Swarm services: those the sections name (each
+    must exist), and those labelled <prefix>.enable=true. False (said on
+    stderr) when a section names a service and this Engine is no Swarm
+    manager, which alone can update services."""
+    named = [app for app in config.apps.values() if app.service]
+    try:
+        manager = engine.is_swarm_manager()
+    except DockerError as exc:
+        print("Swarm: %s" % exc, file=sys.stderr)
+        return not named
+    if not manager:
+        if named:
+            print("Swarm: this Engine is not a Swarm manager; service(s) %s cannot be deployed "
+                  "(run autodeploy on a manager node)" % ", ".join(app.service for app in named),
+                  file=sys.stderr)
+            return False
+        print("Swarm: this Engine is not a Swarm manager (no services followed)")
+        return True
+    good = True
+    for app in named:
+        try:
+            image = service_image(engine.inspect_service(app.service).get("Spec"))
+            print("  service %s (%s) runs %s" % (app.service, app.repository, image))
+        except DockerError as exc:
+            print("service %s (%s): %s" % (app.service, app.repository, exc), file=sys.stderr)
+            good = False
+    labelled = engine.list_services({"label": ["%s.enable=true" % config.label_prefix]})
+    print("Swarm manager: %d service(s) named in sections, %d labelled %s.enable=true"
+          % (len(named), len(labelled), config.label_prefix))
+    for service in labelled:
+        print("  labelled service %s runs %s" % (_dig(service, "Spec", "Name"),
+                                                  service_image(service.get("Spec"))))
+    return good
 
 
 def check_labels(config: Config, discovery: Discovery) -> bool:

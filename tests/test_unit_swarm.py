@@ -2,12 +2,14 @@
 services: the update it sends, the roll-out states it follows, version
 conflicts, and converging after a crash."""
 
+import contextlib
+import io
 import unittest
 
 import autodeploy
 import dockerapi
 from tests.unit_support import (FakeClock, FakeEngine, app_config, new_job, quiet_logs,
-                                write_config)
+                                web_config, write_config)
 
 OLD = "reg.example/team/web:latest@sha256:" + "1" * 64
 CONFIG = "[autodeploy]\ntoken = " + "t" * 40 + "\n\n[team/web]\n"
@@ -203,6 +205,39 @@ class ConfigTest(unittest.TestCase):
     def test_container_and_service_together_are_refused(self):
         with self.assertRaises(autodeploy.ConfigError):
             autodeploy.load_config(write_config(self, CONFIG + "service = web\ncontainer = web\n"))
+
+
+class CheckTest(unittest.TestCase):
+
+    def run_check(self, engine, apps):
+        config = web_config(apps=apps)
+        with contextlib.redirect_stdout(io.StringIO()) as out, \
+                contextlib.redirect_stderr(io.StringIO()) as err:
+            good = autodeploy.check_swarm(config, engine)
+        return good, out.getvalue(), err.getvalue()
+
+    def test_a_manager_lists_named_and_labelled_services(self):
+        rig = SwarmRig(self)
+        rig.service()["Spec"]["Labels"] = {"autodeploy.enable": "true"}
+        good, out, err = self.run_check(rig.engine, {"team/web": rig.app})
+        self.assertTrue(good, err)
+        self.assertIn("service web (team/web) runs " + OLD, out)
+        self.assertIn("1 service(s) named in sections", out)
+
+    def test_a_missing_service_fails(self):
+        rig = SwarmRig(self)
+        good, _, err = self.run_check(rig.engine, {"team/api": app_config("api", service="api")})
+        self.assertFalse(good)
+        self.assertIn("service api (team/api)", err)
+
+    def test_not_a_manager_fails_only_when_a_section_names_a_service(self):
+        engine = FakeEngine(FakeClock())  # no services: the fake says it is no manager
+        good, _, err = self.run_check(engine, {"team/web": app_config(service="web")})
+        self.assertFalse(good)
+        self.assertIn("not a Swarm manager", err)
+        good, out, _ = self.run_check(engine, {"team/web": app_config()})
+        self.assertTrue(good)
+        self.assertIn("not a Swarm manager", out)
 
 
 if __name__ == "__main__":

@@ -842,6 +842,12 @@ class FakeEngine:
         return {key: value for key, value in service.items()
                 if key not in ("running", "replicas", "script", "failed")}
 
+    def list_services(self, filters: Optional[Dict[str, List[str]]] = None) -> List[Dict[str, Any]]:
+        self._call("list_services", filters)
+        wanted = [label.split("=", 1) for label in (filters or {}).get("label", [])]
+        return [self.inspect_service(service["ID"]) for service in list(self.services.values())
+                if all(service["Spec"].get("Labels", {}).get(key) == value for key, value in wanted)]
+
     def update_service(self, service_id: str, version: int, spec: Dict[str, Any],
                        registry_auth: Any = None) -> Dict[str, Any]:
         self._call("update_service", service_id, version, spec, registry_auth)
