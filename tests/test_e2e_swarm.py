@@ -1,0 +1,117 @@
+"""End to end: Swarm services, rolled out by Swarm itself, on a real
+single-node swarm (`docker swarm init --advertise-addr 127.0.0.1`, left at
+the end when this class made it), the real service and a real registry.
+
+The ingress routing mesh does not answer on this VM: what runs is read from
+the tasks themselves (`docker inspect` of the service's running tasks).
+"""
+
+import json
+import unittest
+
+from tests import support
+from tests.support import ServiceProcess, app_cmd, hub_payload, journal_rows, main_section
+
+SWARM_APPS = ("swarm-ok", "swarm-bad")
+
+
+@support.skip_on_podman("Podman has no Swarm mode")
+class SwarmServiceTest(unittest.TestCase):
+    """One service process, a swarm, a Swarm service per scenario."""
+
+    @classmethod
+    def setUpClass(cls):
+        support.start_class_fixture(cls)
+        cls.addClassCleanup(support.stop_class_fixture, cls)
+        cls.made_swarm = cls.join_swarm()
+        cls.ids = {}
+        for app in SWARM_APPS:
+            ref = "%s/e2e/%s" % (cls.registry.host, app)
+            cls.ids[app] = support.make_versions(cls.images, ref, ["v1"], cmd=app_cmd())
+            cls.create_service(app, ref + ":v1")
+        sections = "".join("""
+[e2e/{app}]
+image = {reg}/e2e/{app}
+tag = v2
+service = {app}-{run}
+swarm_timeout = 90
+""".format(app=app, reg=cls.registry.host, run=cls.label) for app in SWARM_APPS)
+        cls.service_port = support.free_port()
+        config = main_section(cls.service_port, cls.callbacks, admin_token=None) + sections
+        cls.service = ServiceProcess(config, cls.env).start(cls.service_port)
+        cls.addClassCleanup(cls.service.stop)
+
+    @classmethod
+    def join_swarm(cls) -> bool:
+        """Init a single-node swarm (True), or use the one the Engine is a
+        manager of (False); SkipTest with the reason when it cannot."""
+        state = support.docker("info", "--format", "{{json .Swarm}}").stdout
+        swarm = json.loads(state)
+        if swarm.get("LocalNodeState") == "active":
+            if not swarm.get("ControlAvailable"):
+                raise unittest.SkipTest("the Engine is a Swarm worker, not a manager")
+            return False
+        made = support.docker("swarm", "init", "--advertise-addr", "127.0.0.1", check=False)
+        if made.returncode != 0:
+            raise unittest.SkipTest("docker swarm init failed: %s" % (made.stderr or made.stdout).strip())
+        cls.addClassCleanup(support.docker, "swarm", "leave", "--force", check=False)
+        return True
+
+    @classmethod
+    def create_service(cls, app: str, image: str) -> None:
+        name = "%s-%s" % (app, cls.label)
+        support.docker("service", "create", "--detach=false", "--quiet", "--name", name,
+                       "--replicas", "2", "--update-order", "start-first",
+                       "--update-parallelism", "1", "--update-failure-action", "rollback",
+                       "--update-monitor", "5s", "--label", "autodeploy.test=" + cls.label,
+                       image)
+        cls.addClassCleanup(support.docker, "service", "rm", name, check=False)
+
+    def push_v2(self, app: str, **image) -> str:
+        """Push v2 of `app` under the tag the section follows; its digest."""
+        ref = "%s/e2e/%s:v2" % (self.registry.host, app)
+        self.images.append(ref)
+        self.images.append(support.make_image(ref, "v2", **image))
+        digests = json.loads(support.docker("image", "inspect", "--format", "{{json .RepoDigests}}",
+                                            ref).stdout)
+        return [d for d in digests if d.startswith(self.registry.host)][0].split("@")[1]
+
+    def running_images(self, app: str) -> list:
+        """Spec.ContainerSpec.Image of each running task of the app's service."""
+        name = "%s-%s" % (app, self.label)
+        ids = support.docker("service", "ps", "-q", "--filter", "desired-state=running",
+                             name).stdout.split()
+        tasks = json.loads(support.docker("inspect", *ids).stdout)
+        return sorted(task["Spec"]["ContainerSpec"]["Image"] for task in tasks
+                      if task["Status"]["State"] == "running")
+
+    def deploy(self, app: str, callback_name: str) -> dict:
+        status, answer = self.service.post(hub_payload("e2e/" + app, "v2", self.callbacks.url(callback_name)))
+        self.assertEqual(status, 202, answer)
+        return self.callbacks.wait_for(callback_name, timeout=120)
+
+    def test_a_start_first_service_moves_every_task_to_the_new_digest(self):
+        digest = self.push_v2("swarm-ok", cmd=app_cmd())
+        callback = self.deploy("swarm-ok", "ok")
+        self.assertEqual(callback["state"], "success", callback)
+        self.assertEqual(self.running_images("swarm-ok"),
+                         ["%s/e2e/swarm-ok:v2@%s" % (self.registry.host, digest)] * 2)
+        row = [r for r in journal_rows(self.service).values() if r["app"] == "e2e/swarm-ok"][-1]
+        self.assertEqual(row["state"], "succeeded", row)
+        self.assertIn("2/2 tasks updated", row["description"])
+
+    def test_a_new_version_that_exits_at_once_is_rolled_back_by_swarm(self):
+        self.push_v2("swarm-bad", cmd=["/bin/sh", "-c", "exit 3"])
+        callback = self.deploy("swarm-bad", "bad")
+        self.assertEqual(callback["state"], "failure", callback)
+        row = [r for r in journal_rows(self.service).values() if r["app"] == "e2e/swarm-bad"][-1]
+        self.assertEqual(row["state"], "rolled_back", row)
+        self.assertIn("update rolled back due to failure", row["description"])  # Swarm's own words
+        self.assertIn("non-zero exit (3)", row["description"])
+        v1 = self.running_images("swarm-bad")
+        self.assertEqual(len(v1), 2, v1)
+        self.assertTrue(all(":v1@sha256:" in image for image in v1), v1)
+
+
+if __name__ == "__main__":
+    unittest.main()
