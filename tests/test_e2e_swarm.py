@@ -12,7 +12,7 @@ import unittest
 from tests import support
 from tests.support import ServiceProcess, app_cmd, hub_payload, journal_rows, main_section
 
-SWARM_APPS = ("swarm-ok", "swarm-bad")
+SWARM_APPS = ("swarm-ok", "swarm-bad", "swarm-twice")
 
 
 @support.skip_on_podman("Podman has no Swarm mode")
@@ -67,11 +67,11 @@ swarm_timeout = 90
                        image)
         cls.addClassCleanup(support.docker, "service", "rm", name, check=False)
 
-    def push_v2(self, app: str, **image) -> str:
-        """Push v2 of `app` under the tag the section follows; its digest."""
+    def push_v2(self, app: str, content: str = "v2", **image) -> str:
+        """Push an image serving `content` under the tag the section follows (v2); its digest."""
         ref = "%s/e2e/%s:v2" % (self.registry.host, app)
         self.images.append(ref)
-        self.images.append(support.make_image(ref, "v2", **image))
+        self.images.append(support.make_image(ref, content, **image))
         digests = json.loads(support.docker("image", "inspect", "--format", "{{json .RepoDigests}}",
                                             ref).stdout)
         return [d for d in digests if d.startswith(self.registry.host)][0].split("@")[1]
@@ -86,9 +86,12 @@ swarm_timeout = 90
                       if task["Status"]["State"] == "running")
 
     def deploy(self, app: str, callback_name: str) -> dict:
+        self.post(app, callback_name)
+        return self.callbacks.wait_for(callback_name, timeout=120)
+
+    def post(self, app: str, callback_name: str) -> None:
         status, answer = self.service.post(hub_payload("e2e/" + app, "v2", self.callbacks.url(callback_name)))
         self.assertEqual(status, 202, answer)
-        return self.callbacks.wait_for(callback_name, timeout=120)
 
     def test_a_start_first_service_moves_every_task_to_the_new_digest(self):
         digest = self.push_v2("swarm-ok", cmd=app_cmd())
@@ -111,6 +114,22 @@ swarm_timeout = 90
         v1 = self.running_images("swarm-bad")
         self.assertEqual(len(v1), 2, v1)
         self.assertTrue(all(":v1@sha256:" in image for image in v1), v1)
+
+    def test_two_pushes_in_quick_succession_end_on_the_newer_digest_one_update_at_a_time(self):
+        self.push_v2("swarm-twice", cmd=app_cmd())
+        self.post("swarm-twice", "first")
+        newer = self.push_v2("swarm-twice", "v3", cmd=app_cmd())
+        self.post("swarm-twice", "second")
+        for name in ("first", "second"):
+            self.assertEqual(self.callbacks.wait_for(name, timeout=120)["state"], "success")
+        self.assertEqual(self.running_images("swarm-twice"),
+                         ["%s/e2e/swarm-twice:v2@%s" % (self.registry.host, newer)] * 2)
+        rows = sorted((r for r in journal_rows(self.service).values()
+                       if r["app"] == "e2e/swarm-twice" and r["started"]),
+                      key=lambda r: r["started"])
+        for earlier, later in zip(rows, rows[1:]):
+            self.assertLessEqual(earlier["finished"], later["started"], rows)  # never two at once
+        self.assertEqual(rows[-1]["digest"], newer, rows)
 
 
 if __name__ == "__main__":
