@@ -3144,6 +3144,28 @@ class Discovery:
                 notes.append("%s does not follow %s (%s)" % (name, tag, describe_policy(view)))
         return deploy_order(views) if len(views) > 1 else views
 
+    def services(self, repository: str, tag: str) -> List[AppConfig]:
+        """Apps of the Swarm services labelled <prefix>.enable=true that run
+        `repository` and follow `tag` (their <prefix>.tag label, else the
+        tag their image names), by name; [] when this Engine is no Swarm
+        manager (it answers 503 then)."""
+        try:
+            found = self.engine.list_services({"label": ["%s.enable=true" % self.prefix]})
+        except DockerError as exc:
+            if exc.status == 503:
+                return []
+            raise
+        apps = []
+        for service in found:
+            spec = service.get("Spec") or {}
+            image, path, running = split_image_reference(service_image(spec))
+            followed = (spec.get("Labels") or {}).get(self.prefix + ".tag") or running
+            if path == repository and tag in followed.split():
+                apps.append(AppConfig(repository=repository, image=image, tags=(tag,),
+                                      container=spec.get("Name", ""), service=spec.get("Name", ""),
+                                      labelled=True))
+        return sorted(apps, key=lambda app: app.service)
+
     def view_of(self, name: str, aside: str, repository: str, base: AppConfig) -> AppConfig:
         """The view of one container by name (or set aside as `aside`), for
         a swap a crash interrupted; its labels if it has good ones."""
@@ -3246,6 +3268,9 @@ class JobRunner:
         """A Swarm service's job: what a crash left is followed to its end
         first (the update was submitted), else the service is updated."""
         self.wait_for_engine(jlog)
+        if job.app.labelled:  # the image as the service names it (the journal keeps the repository)
+            spec = self.engine.inspect_service(job.app.service).get("Spec")
+            job.app = job.app._replace(image=split_image_reference(service_image(spec))[0])
         if job.resume is not None:
             row, job.resume = dict(job.resume), None
             target.converge(job, row, jlog)
@@ -3445,7 +3470,8 @@ def resume_unfinished(rows: List[Dict[str, Any]], config: Config, queue: JobQueu
         if app is None and row.get("labelled"):
             # An app of labelled containers: the job finds them again (and
             # fails when none follows its tag any more).
-            app = AppConfig(row["app"], row["app"], (row["tag"],), row["container"], labelled=True)
+            app = AppConfig(row["app"], row["app"], (row["tag"],), row["container"], labelled=True,
+                            service=row.get("service") or "")
         job = Job(id=row["id"], app=app or AppConfig(row["app"], row["app"], (), row["container"]),
                   tag=row["tag"], callback_url=row["callback_url"], source=row["source"],
                   received=row["received"] or 0.0)
@@ -3890,11 +3916,11 @@ class Reporter:
 JOURNAL_COLUMNS = ("id", "app", "container", "tag", "source", "callback_url", "received",
                    "started", "finished", "state", "description", "old_image", "new_image",
                    "old_container", "new_container", "was_running", "superseded_by", "log",
-                   "step", "failure", "digest", "labelled", "pinned")
+                   "step", "failure", "digest", "labelled", "pinned", "service")
 # Columns added since the first journals: (name, type), added to an older file when opened.
 # labelled: the app had no section, only labelled containers (resumed as such).
 ADDED_COLUMNS = (("step", "TEXT"), ("failure", "TEXT"), ("digest", "TEXT"), ("labelled", "INTEGER"),
-                 ("pinned", "INTEGER"))
+                 ("pinned", "INTEGER"), ("service", "TEXT"))
 
 
 def job_row(job: Job) -> Dict[str, Any]:
@@ -3903,7 +3929,8 @@ def job_row(job: Job) -> Dict[str, Any]:
             "tag": job.tag, "source": job.source, "callback_url": job.callback_url,
             "received": job.received, "started": job.started, "finished": job.finished,
             "state": job.state, "description": job.description, "log": "\n".join(job.lines),
-            "digest": job.digest, "labelled": 1 if job.app.labelled else None}
+            "digest": job.digest, "labelled": 1 if job.app.labelled else None,
+            "service": job.app.service or None}
 
 
 RUN_COLUMNS = ("started", "finished", "state", "description", "log")  # what a job's run changes
@@ -4700,10 +4727,26 @@ class Service:
         for problem in problems:
             log.warning("repo=%s %s", push.repository, problem)
         if not views:
+            services = self.labelled_services(push)
+            if services:
+                return services[0]
             raise PayloadError(422, "%s, and no container labelled %s.enable=true runs %s:%s"
                                % (refusal, discovery.prefix, push.repository, push.tag))
         return AppConfig(repository=push.repository, image=views[0].image, tags=(push.tag,),
                          container=views[0].container, labelled=True)
+
+    def labelled_services(self, push: Push) -> List[AppConfig]:
+        """The labelled Swarm services that follow the push (see
+        Discovery.services); one job deploys the first of them, by name."""
+        try:
+            services = self.runner.discovery.services(push.repository, push.tag)
+        except DockerError as exc:
+            log.warning("repo=%s cannot list labelled Swarm services: %s", push.repository, exc)
+            return []
+        if len(services) > 1:
+            log.warning("repo=%s %d labelled services follow %s; deploying %s only", push.repository,
+                        len(services), push.tag, services[0].service)
+        return services
 
     def accept(self, parsed: "Parsed", check: Callable[[Push], None]) -> Tuple[int, Dict[str, Any]]:
         """Queue the pushes of one request; one (status, answer) for all of it.

@@ -9,7 +9,7 @@ import unittest
 import autodeploy
 import dockerapi
 from tests.unit_support import (FakeClock, FakeEngine, app_config, new_job, quiet_logs,
-                                web_config, write_config)
+                                make_config, web_config, write_config)
 
 OLD = "reg.example/team/web:latest@sha256:" + "1" * 64
 CONFIG = "[autodeploy]\ntoken = " + "t" * 40 + "\n\n[team/web]\n"
@@ -238,6 +238,53 @@ class CheckTest(unittest.TestCase):
         good, out, _ = self.run_check(engine, {"team/web": app_config()})
         self.assertTrue(good)
         self.assertIn("not a Swarm manager", out)
+
+
+class LabelledSwarmServiceTest(unittest.TestCase):
+    """A push with no section reaches a Swarm service labelled autodeploy.enable=true."""
+
+    def setUp(self):
+        self.rig = SwarmRig(self)
+        self.rig.service()["Spec"]["Labels"] = {"autodeploy.enable": "true"}
+        container = autodeploy.ContainerTarget(self.rig.engine, None, self.rig.deadline, "/nonexistent")
+        self.runner = autodeploy.JobRunner(container, self.rig.deadline, clock=self.rig.clock,
+                                           sleep=self.rig.clock.sleep, swarm=self.rig.target,
+                                           discovery=autodeploy.Discovery(self.rig.engine))
+        self.service = autodeploy.Service(make_config(apps={}, tokens=[]), self.runner,
+                                          autodeploy.CallbackSender([]), autodeploy.MemoryJournal(),
+                                          clock=self.rig.clock, hostname="host")
+
+    def test_a_labelled_service_of_the_pushed_repository_and_tag_becomes_a_job_and_deploys(self):
+        job = self.service.submit(autodeploy.Push("team/web", "latest"))
+        self.assertEqual((job.app.service, job.app.image, job.app.labelled),
+                         ("web", "reg.example/team/web", True))
+        self.assertEqual(self.service.journal.get(job.id)["service"], "web")
+        self.runner.run(job)
+        self.assertEqual(job.state, autodeploy.SUCCEEDED, job.description)
+        self.assertEqual(len(self.rig.updates()), 1)
+
+    def test_a_service_of_another_tag_or_unlabelled_is_not_reached(self):
+        with self.assertRaises(autodeploy.PayloadError):
+            self.service.submit(autodeploy.Push("team/web", "v9"))
+        self.rig.service()["Spec"]["Labels"] = {}
+        with self.assertRaises(autodeploy.PayloadError):
+            self.service.submit(autodeploy.Push("team/web", "latest"))
+
+    def test_the_tag_label_says_which_tags_a_service_follows(self):
+        self.rig.service()["Spec"]["Labels"]["autodeploy.tag"] = "v9 v10"
+        self.assertEqual(self.service.submit(autodeploy.Push("team/web", "v10")).app.service, "web")
+
+    def test_an_unfinished_job_of_a_labelled_service_is_resumed_on_the_service(self):
+        row = {"id": "j1", "app": "team/web", "container": "web", "tag": "latest",
+               "source": "dockerhub", "callback_url": None, "received": 1.0, "state": "running",
+               "log": "", "labelled": 1, "service": "web"}
+        autodeploy.resume_unfinished([row], self.service.config, self.service.queue, [].append)
+        job = self.service.queue.get(timeout=0)
+        self.assertEqual(job.app.service, "web")
+        self.runner.run(job)
+        self.assertEqual(job.state, autodeploy.SUCCEEDED, job.description)
+        self.assertIn("reg.example/team/web:latest@", self.rig.updates()[0][3]["TaskTemplate"]
+                      ["ContainerSpec"]["Image"])
 
 
 if __name__ == "__main__":
