@@ -2711,7 +2711,7 @@ class SwarmServiceTarget:
             state = status.get("State", "") if ours else ""
             if state.startswith("rollback") and status.get("Message") and not reason:
                 reason = status["Message"]  # why Swarm rolls back; the last one says only 'completed'
-            now = self.updated_tasks(service_id, job.digest)
+            now = self.updated_tasks(service, job.digest)
             if now != progress:
                 progress = now
                 jlog.info("service %s: %d/%d tasks updated%s", app.service, now[0], now[1],
@@ -2743,12 +2743,15 @@ class SwarmServiceTarget:
         text = "service %s: Swarm %s: %s" % (app.service, status.get("State"), message)
         raise (RolledBack if state == ROLLED_BACK else DeployFailed)(text)
 
-    def updated_tasks(self, service_id: str, digest: str) -> Tuple[int, int]:
-        """(running tasks on `digest`, tasks meant to run) of the service."""
-        tasks = self.engine.list_tasks({"service": [service_id], "desired-state": ["running"]})
+    def updated_tasks(self, service: Dict[str, Any], digest: str) -> Tuple[int, int]:
+        """(running tasks on `digest`, replicas) of the service. Replicas
+        from the spec when it has them: start-first runs one task more
+        while it rolls out; a global service's are its tasks."""
+        tasks = self.engine.list_tasks({"service": [service["ID"]], "desired-state": ["running"]})
         done = sum(1 for task in tasks if _dig(task, "Status", "State") == "running"
                    and image_digest(task_image(task)) == digest)
-        return done, len(tasks)
+        replicas = _dig(service, "Spec", "Mode", "Replicated", "Replicas")
+        return done, replicas if isinstance(replicas, int) else len(tasks)
 
     def task_error(self, service_id: str, digest: str) -> str:
         """The newest error of a task that ran `digest` ('' when none says one)."""

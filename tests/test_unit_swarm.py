@@ -70,6 +70,13 @@ class DeployTest(unittest.TestCase):
         self.assertIn("2/2 tasks updated", description)
         self.assertTrue(any("0/2 tasks updated" in line for line in rig.job.lines), rig.job.lines)
 
+    def test_progress_counts_replicas_not_the_extra_task_of_start_first(self):
+        rig = SwarmRig(self)
+        rig.service()["surge"] = 1
+        rig.target.deploy(rig.job, rig.jlog)
+        self.assertTrue(any("0/2 tasks updated" in line for line in rig.job.lines), rig.job.lines)
+        self.assertFalse(any("/3 tasks" in line for line in rig.job.lines), rig.job.lines)
+
     def test_the_step_is_recorded_before_the_update_is_sent(self):
         rig = SwarmRig(self)
         seen = []

@@ -870,7 +870,7 @@ class FakeEngine:
         tasks = [{"ID": "t%d" % n, "DesiredState": "running",
                   "Spec": {"ContainerSpec": {"Image": service["running"]}},
                   "Status": {"State": "running", "Timestamp": "2026-01-01T00:00:0%dZ" % n}}
-                 for n in range(service["replicas"])]
+                 for n in range(service["replicas"] + service.get("surge", 0))]
         if "desired-state" not in filters:
             tasks += [{"ID": "f%d" % n, "DesiredState": "shutdown",
                        "Spec": {"ContainerSpec": {"Image": image}},
