@@ -7,12 +7,14 @@ the tasks themselves (`docker inspect` of the service's running tasks).
 """
 
 import json
+import signal
+import time
 import unittest
 
 from tests import support
 from tests.support import ServiceProcess, app_cmd, hub_payload, journal_rows, main_section
 
-SWARM_APPS = ("swarm-ok", "swarm-bad", "swarm-twice")
+SWARM_APPS = ("swarm-ok", "swarm-bad", "swarm-twice", "swarm-crash")
 
 
 @support.skip_on_podman("Podman has no Swarm mode")
@@ -130,6 +132,29 @@ swarm_timeout = 90
         for earlier, later in zip(rows, rows[1:]):
             self.assertLessEqual(earlier["finished"], later["started"], rows)  # never two at once
         self.assertEqual(rows[-1]["digest"], newer, rows)
+
+    def test_a_crash_while_swarm_rolls_out_is_followed_to_its_end_not_sent_again(self):
+        digest = self.push_v2("swarm-crash", cmd=app_cmd())
+        self.post("swarm-crash", "crash")
+        deadline = time.monotonic() + 60
+        while "Swarm rolls it out" not in self.service.log_text():
+            self.assertLess(time.monotonic(), deadline, self.service.log_text())
+            time.sleep(0.05)
+        self.service.process.send_signal(signal.SIGKILL)  # mid roll-out (start-first, 5 s monitor)
+        self.service.process.wait(10)
+        self.service.log.close()
+        self.service.start(self.service_port)
+        self.assertEqual(self.callbacks.wait_for("crash", timeout=120)["state"], "success")
+        row = [r for r in journal_rows(self.service).values() if r["app"] == "e2e/swarm-crash"][-1]
+        self.assertEqual(row["state"], "succeeded", row)
+        self.assertIn("before the crash: following its roll-out", row["log"])
+        # One update: a second one, sent after the restart, would have left v2 in PreviousSpec.
+        previous = json.loads(support.docker(
+            "service", "inspect", "--format", "{{json .PreviousSpec.TaskTemplate.ContainerSpec.Image}}",
+            "swarm-crash-" + self.label).stdout)
+        self.assertIn("/e2e/swarm-crash:v1@sha256:", previous)
+        self.assertEqual(self.running_images("swarm-crash"),
+                         ["%s/e2e/swarm-crash:v2@%s" % (self.registry.host, digest)] * 2)
 
 
 if __name__ == "__main__":
