@@ -413,14 +413,15 @@ def _parse_app(repository: str, section: configparser.SectionProxy, where: str, 
         raise ConfigError("%s tag_policy: %r; use %s" % (where, tag_policy, ", ".join(TAG_POLICIES)))
     prerelease = _bool_option(section, "prerelease", False, where)
     tags = _followed_tags(section, tag_policy, prerelease, where)
-    container = section.get("container") or repository.replace("/", "-")
-    if not CONTAINER_NAME_RE.match(container):
-        raise ConfigError("%s container: %r is not a valid container name" % (where, container))
     service = section.get("service", "").strip()
     if service and not CONTAINER_NAME_RE.match(service):
         raise ConfigError("%s service: %r is not a valid Swarm service name" % (where, service))
     if service and "container" in section:
         raise ConfigError("%s: set container or service, not both" % where)
+    # A service's name stands in the journal's and /jobs' `container` too.
+    container = section.get("container") or service or repository.replace("/", "-")
+    if not CONTAINER_NAME_RE.match(container):
+        raise ConfigError("%s container: %r is not a valid container name" % (where, container))
     image = section.get("image") or repository
     if not IMAGE_RE.match(image):
         raise ConfigError("%s image: %r is not an image name such as registry.example:5000/team/app "
@@ -6452,7 +6453,8 @@ def print_history(config: Config, args: argparse.Namespace) -> int:
 def format_job(row: Dict[str, Any]) -> str:
     """One job, as `show` prints it."""
     lines = ["job          %s" % row["id"],
-             "app          %s:%s -> container %s" % (row["app"], row["tag"], row["container"]),
+             "app          %s:%s -> %s %s" % (row["app"], row["tag"], "service" if row.get("service")
+                                              else "container", row["container"]),
              "state        %s" % row["state"],
              "description  %s" % (row["description"] or "-"),
              "received     %s (from %s)" % (_when(row["received"]), row["source"]),

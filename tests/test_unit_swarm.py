@@ -160,6 +160,12 @@ class DeployTest(unittest.TestCase):
         state, _ = rig.target.deploy(rig.job, rig.jlog)
         self.assertEqual(state, autodeploy.UP_TO_DATE)
 
+    def test_running_version_is_what_the_spec_names_for_polls_and_tag_policies(self):
+        rig = SwarmRig(self)
+        self.assertEqual(rig.target.running_version(rig.app), ("latest", ["sha256:" + "1" * 64]))
+        self.assertEqual(rig.target.running_tag(rig.app), "latest")
+        self.assertEqual(rig.target.running_version(app_config("api", service="api")), (None, []))
+
 
 class ConvergeTest(unittest.TestCase):
 
@@ -207,7 +213,7 @@ class ConfigTest(unittest.TestCase):
     def test_service_and_swarm_timeout_are_read(self):
         config = autodeploy.load_config(write_config(self, CONFIG + "service = web\nswarm_timeout = 90\n"))
         app = config.apps["team/web"]
-        self.assertEqual((app.service, app.swarm_timeout), ("web", 90))
+        self.assertEqual((app.service, app.swarm_timeout, app.container), ("web", 90, "web"))
 
     def test_container_and_service_together_are_refused(self):
         with self.assertRaises(autodeploy.ConfigError):
