@@ -2661,6 +2661,12 @@ class SwarmServiceTarget:
         for attempt in range(1, SWARM_UPDATE_TRIES + 1):
             service = self.engine.inspect_service(app.service)
             if image_digest(service_image(service.get("Spec"))) == job.digest:
+                if _dig(service, "UpdateStatus", "State") not in (None, "completed"):
+                    # Set already (a job cut off by a shutdown, someone else):
+                    # its roll-out, not a new update, says how it ends.
+                    jlog.info("service %s is set to %s already: following its roll-out",
+                              app.service, _short(job.digest))
+                    return self.follow(job, service["ID"], None, jlog)
                 return UP_TO_DATE, "service %s already runs %s (%s)" % (
                     app.service, job.reference, _short(job.digest))
             self.deadline.check()  # the last moment to stop with nothing changed

@@ -101,6 +101,16 @@ class DeployTest(unittest.TestCase):
         self.assertIn("already runs", description)
         self.assertEqual(rig.updates(), [])
 
+    def test_a_service_set_to_the_digest_but_still_rolling_out_is_followed_not_up_to_date(self):
+        rig = SwarmRig(self)
+        rig.engine.rollout = [("updating", ""), ("rollback_started", "update rolled back: task abc"),
+                              ("rollback_completed", "rollback completed")]
+        rig.engine.update_service(rig.service_id, 10, autodeploy.with_image(
+            rig.service()["Spec"], "reg.example/team/web:latest@" + NEW_DIGEST))  # a cut-off job's
+        with self.assertRaises(autodeploy.RolledBack):
+            rig.target.deploy(rig.job, rig.jlog)
+        self.assertEqual(len(rig.updates()), 1)  # that one only
+
     def test_a_registry_that_cannot_resolve_fails_before_any_change(self):
         rig = SwarmRig(self)
         rig.registry.error = dockerapi.RegistryError("manifest unknown", 404)
