@@ -7,7 +7,10 @@ the tasks themselves (`docker inspect` of the service's running tasks).
 """
 
 import json
+import os
 import signal
+import subprocess
+import sys
 import time
 import unittest
 
@@ -155,6 +158,17 @@ swarm_timeout = 90
         self.assertIn("/e2e/swarm-crash:v1@sha256:", previous)
         self.assertEqual(self.running_images("swarm-crash"),
                          ["%s/e2e/swarm-crash:v2@%s" % (self.registry.host, digest)] * 2)
+
+    def test_check_lists_the_services_on_a_manager(self):
+        checked = subprocess.run([sys.executable, os.path.join(support.ROOT, "autodeploy.py"),
+                                  "--config", self.service.config, "check"], env=self.service.env,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
+        out = checked.stdout.decode()
+        self.assertEqual(checked.returncode, 0, out + checked.stderr.decode())
+        self.assertIn("Swarm manager: %d service(s) named in sections" % len(SWARM_APPS), out)
+        self.assertIn("e2e/swarm-ok -> Swarm service swarm-ok-%s" % self.label, out)
+        self.assertIn("service swarm-ok-%s (e2e/swarm-ok) runs %s/e2e/swarm-ok:" % (
+            self.label, self.registry.host), out)
 
 
 if __name__ == "__main__":
