@@ -58,7 +58,7 @@ __version__ = "0.1.0"
 __all__ = [
     "__version__", "AutodeployError", "ConfigError", "PayloadError", "DeployFailed",
     "AppConfig", "Config", "load_config", "Push", "Parsed", "parse_request", "Job", "JobQueue",
-    "RolledBack", "ContainerTarget", "HealthGate", "JobRunner", "build_create_body",
+    "RolledBack", "ContainerTarget", "SwarmServiceTarget", "HealthGate", "JobRunner", "build_create_body",
     "choose_order", "probe_endpoint", "Journal", "MemoryJournal", "Service", "WebhookServer",
     "Ignored", "SemVer", "tag_refusal", "choose_tag", "running_tag_of", "main",
 ]

@@ -34,7 +34,7 @@ __all__ = [
     "NotFound", "Conflict", "CredentialsError", "RegistryAuth", "split_image", "registry_of",
     "server_address", "find_registry_auth", "load_registry_auth", "login_auth",
     "encode_registry_auth", "version_tuple", "repository_of", "is_loopback_registry",
-    "RegistryError", "ManifestAnswer", "RegistryClient",
+    "RegistryError", "ManifestAnswer", "RegistryClient", "OutOfSequence",
 ]
 
 # Highest API version this client speaks. 1.44 lets us create a container on
