@@ -17,7 +17,7 @@ import unittest
 from tests import support
 from tests.support import ServiceProcess, app_cmd, hub_payload, journal_rows, main_section
 
-SWARM_APPS = ("swarm-ok", "swarm-bad", "swarm-twice", "swarm-crash")
+SWARM_APPS = ("swarm-ok", "swarm-bad", "swarm-twice", "swarm-crash", "swarm-poll")
 
 
 @support.skip_on_podman("Podman has no Swarm mode")
@@ -39,8 +39,9 @@ class SwarmServiceTest(unittest.TestCase):
 image = {reg}/e2e/{app}
 tag = v2
 service = {app}-{run}
-swarm_timeout = 90
-""".format(app=app, reg=cls.registry.host, run=cls.label) for app in SWARM_APPS)
+swarm_timeout = 90{poll}
+""".format(app=app, reg=cls.registry.host, run=cls.label,
+           poll="\npoll = 1s" if app == "swarm-poll" else "") for app in SWARM_APPS)
         cls.service_port = support.free_port()
         config = main_section(cls.service_port, cls.callbacks, admin_token=None) + sections
         cls.service = ServiceProcess(config, cls.env).start(cls.service_port)
@@ -169,6 +170,23 @@ swarm_timeout = 90
         self.assertIn("e2e/swarm-ok -> Swarm service swarm-ok-%s" % self.label, out)
         self.assertIn("service swarm-ok-%s (e2e/swarm-ok) runs %s/e2e/swarm-ok:" % (
             self.label, self.registry.host), out)
+
+    def test_a_poll_finds_the_new_digest_and_swarm_rolls_it_out(self):
+        digest = self.push_v2("swarm-poll", cmd=app_cmd())
+        deadline = time.monotonic() + 90
+        while True:
+            rows = [r for r in journal_rows(self.service).values()
+                    if r["app"] == "e2e/swarm-poll" and r["state"] == "succeeded"]
+            if rows:
+                break
+            self.assertLess(time.monotonic(), deadline, self.service.log_text()[-3000:])
+            time.sleep(0.5)
+        self.assertEqual((rows[0]["source"], rows[0]["digest"]), ("poll", digest))
+        self.assertEqual(self.running_images("swarm-poll"),
+                         ["%s/e2e/swarm-poll:v2@%s" % (self.registry.host, digest)] * 2)
+        time.sleep(2.5)  # more polls: the service runs what the registry has; no new job
+        self.assertEqual(len([r for r in journal_rows(self.service).values()
+                              if r["app"] == "e2e/swarm-poll"]), 1)
 
 
 if __name__ == "__main__":
