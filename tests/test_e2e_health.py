@@ -153,6 +153,9 @@ labels = autodeploy.test={run}
         self.assertIn(":8080/ answered", outcome["description"])
         self.assertEqual(inspect("e2e-probe-%s" % self.label)["Image"], v3)
 
+    @support.skip_on_podman("its client container's lookups through Podman's aardvark-dns can "
+                            "stall mid-swap (it stopped printing once in three CI runs here); "
+                            "start-first is checked on Podman by test_e2e_recreate")
     def test_start_first_without_host_ports_loses_no_request(self):
         name = "e2e-zero-%s" % self.label
         v1 = self.push("zero", "v1")
