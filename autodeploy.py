@@ -24,8 +24,10 @@ import argparse
 import collections
 import configparser
 import copy
+import difflib
 import fcntl
 import fnmatch
+import grp
 import hmac
 import http.client
 import heapq
@@ -38,11 +40,15 @@ import os
 import random
 import re
 import secrets
+import shutil
 import shlex
 import signal
 import socket
 import socketserver
+import subprocess
 import sys
+import tempfile
+import textwrap
 import threading
 import time
 import urllib.parse
@@ -183,6 +189,10 @@ class ControlError(AutodeployError):
     """The `deploy` command could not hand its job to a running service."""
 
 
+class InstallError(AutodeployError):
+    """`build`, `install` or `uninstall` could not do what it was asked."""
+
+
 ############################################################################
 # Configuration
 ############################################################################
@@ -290,19 +300,312 @@ class Config(NamedTuple):
         return os.path.join(self.state_dir, name)
 
 
-MAIN_KEYS = {"listen", "token", "token_file", "workers", "state_dir", "callback_allow",
-             "max_body", "max_queue", "docker_host", "docker_config", "signing_secret",
-             "signing_secret_file", "allow_from", "trusted_proxies", "max_connections",
-             "request_timeout", "tls_cert", "tls_key", "engine_wait", "journal", "keep_jobs",
-             "keep_days", "admin_token", "metrics_public", "notify_url", "slack_url",
-             "notify_on", "stop_deadline", "header_timeout", "keepalive_timeout",
-             "max_header_bytes", "max_connections_per_source", "poll", "label_prefix"}
-APP_KEYS = {"image", "tag", "tag_policy", "prerelease", "poll", "container", "service",
-            "swarm_timeout", "stop_timeout",
-            "order", "health_url", "health_tcp", "health_timeout", "settle", "cooldown",
-            "remove_old_image", "ports", "env", "volumes", "labels", "restart", "network", "command",
-            "token", "token_file", "signing_secret", "signing_secret_file", "notify_url", "slack_url",
-            "notify_on", "registry_user", "registry_password_file"}
+class Setting(NamedTuple):
+    """One row of the configuration reference. README.md's tables and
+    `config example` are both made from these rows (a test compares the
+    README with them), and they are the settings a section may use."""
+    keys: Tuple[str, ...]  # () for a row that is no setting (tokens from the environment)
+    default: str  # Markdown; for FIRST_DEPLOY_SETTINGS, an example
+    meaning: str  # Markdown
+    examples: Tuple[str, ...] = ()  # per key, the value `config example` shows; else the default
+
+
+MAIN_SETTINGS = (
+    Setting(('listen',), '`127.0.0.1:3456`',
+            'address and port of the webhook listener (`[::]:3456` for IPv6)'),
+    Setting(('token',), '—',
+            'the secret in `/deploy/<token>`; several, separated by spaces or commas, are all '
+            'accepted (rotation). At least 32 of `A-Z a-z 0-9 . _ ~ -` each',
+            examples=('',)),
+    Setting(('token_file',), '—',
+            "a file holding the token(s), relative to the config file's folder; added to `token`",
+            examples=('token',)),
+    Setting((), '—',
+            'tokens are also read from `$AUTODEPLOY_TOKEN` and from the systemd credential '
+            '`token` (`LoadCredential=token:/etc/autodeploy/token`, read from '
+            '`$CREDENTIALS_DIRECTORY/token`)'),
+    Setting(('signing_secret', 'signing_secret_file'), '—',
+            'when set, every webhook must carry it as its sender can (see [Senders](#senders)): a'
+            " GitHub-style `X-Hub-Signature-256: sha256=<HMAC-SHA256 of the raw body>`, JFrog's "
+            '`X-JFrog-Event-Auth`, or the `Authorization` header Harbor, ACR and the distribution'
+            ' registry send (checked in constant time); at least 16 characters',
+            examples=('', 'signing-secret')),
+    Setting(('allow_from',), 'any',
+            'source networks allowed to send anything at all, CIDRs separated by spaces or commas'
+            ' (`192.0.2.0/24, 2001:db8::/32`); others get `403` when they connect, before a byte '
+            'is read and without a thread of their own (logged at most once a second, with the '
+            'count of those left out)',
+            examples=('192.0.2.0/24, 2001:db8::/32',)),
+    Setting(('trusted_proxies',), 'none',
+            'reverse proxies whose `Forwarded: for=` / `X-Forwarded-For` is believed when '
+            'checking `allow_from` (the nearest address that is not itself a trusted proxy '
+            'counts); from anyone else those headers are ignored',
+            examples=('127.0.0.1, ::1',)),
+    Setting(('max_connections',), '`64`',
+            'connections served at once. When all are taken, a newcomer takes the place of the '
+            'oldest connection that is still sending its head or idle between requests (that one '
+            'is closed); only when every one is answering a request does the newcomer get `503` '
+            'with `Retry-After: 5`, at once, without a thread of its own'),
+    Setting(('max_connections_per_source',), '`8`',
+            'connections one source may hold (an IPv4 address, an IPv6 /64; `trusted_proxies` are'
+            ' exempt). A source at its share replaces its own oldest waiting connection, or gets '
+            '`503` when all of its are answering'),
+    Setting(('header_timeout',), '`5`',
+            'seconds from accept (from its first byte, for a later request on the connection) to '
+            "the end of a request's headers: a socket that sends nothing is dropped after this"),
+    Setting(('keepalive_timeout',), '`5`',
+            'seconds a connection may sit idle between requests'),
+    Setting(('max_header_bytes',), '`16384`',
+            'the request line and headers together (each line at most 8 KiB); more gets `431`. '
+            'Memory held per connection is bounded by it'),
+    Setting(('request_timeout',), '`10`',
+            'seconds a client has, from the first byte, to send one whole request (a slow client '
+            'trickling bytes is dropped)'),
+    Setting(('tls_cert', 'tls_key'), '—',
+            "PEM files (relative to the config file's folder): serve HTTPS, TLS 1.2 or newer, for"
+            ' hosts without a reverse proxy',
+            examples=('cert.pem', 'key.pem')),
+    Setting(('workers',), '`3`',
+            "deploys that may run at once (for different apps: one app's job, however many "
+            'containers it deploys, runs alone)'),
+    Setting(('label_prefix',), '`autodeploy`',
+            'the prefix of the labels that opt containers in and set their options '
+            '(`autodeploy.enable=true`; see [Labelled '
+            'containers](#labelled-containers-no-section-needed))'),
+    Setting(('state_dir',),
+            "`$STATE_DIRECTORY` (systemd's `StateDirectory=`), else `/var/lib/autodeploy` for "
+            "root, else `./state`",
+            "where the journal (`journal.sqlite3`) is kept; relative to the config file's folder",
+            examples=('/var/lib/autodeploy',)),
+    Setting(('journal',), '`yes`',
+            'record every job in the journal (see [Journal and recovery](#journal-and-recovery));'
+            ' `no` keeps jobs in memory only, and a crash loses the queued ones'),
+    Setting(('keep_jobs', 'keep_days'), '`200`, `30`',
+            'finished jobs the journal keeps per app, and for how long'),
+    Setting(('poll',), '`no`',
+            'how often apps that set no `poll` of their own ask their registry whether the '
+            'followed tag changed: a duration (`30s`, `5m`, `2h`, `1h30m`, at least `1s`) or `no`',
+            examples=('no',)),
+    Setting(('stop_deadline',), '`30`',
+            'on SIGTERM: seconds running deploys get to finish. Past it, a deploy stops waiting, '
+            'puts back what it changed (the old container runs again under its name) and its job '
+            "stays queued for the next start. The unit's `TimeoutStopSec=90` leaves room for that"
+            ' rollback'),
+    Setting(('notify_url',), '—',
+            'a URL that gets a JSON POST when a job fails or rolls back (see '
+            '[Notifications](#notifications)); an app section may set its own, or turn it off '
+            'with an empty value',
+            examples=('https://alerts.example/autodeploy',)),
+    Setting(('slack_url',), '—',
+            'a Slack-compatible incoming webhook (Slack, Mattermost, Rocket.Chat) that gets a '
+            'one-line message on the same events',
+            examples=('https://hooks.slack.com/services/T000/B000/XXXX',)),
+    Setting(('notify_on',), '`failure, rollback`',
+            'which outcomes are notified: any of `success`, `failure`, `rollback`'),
+    Setting(('engine_wait',), '`120`',
+            'seconds a job that has changed nothing yet waits (asking every second) for a Docker '
+            'Engine that is down or restarting, before it fails; a swap under way waits as long '
+            'as it takes'),
+    Setting(('admin_token', 'admin_token_file'), '—',
+            'token(s) for `GET /jobs` and `/metrics`, sent as `Authorization: Bearer <token>`; '
+            'separate from deploy tokens, same rules; `admin_token_file` (relative to the config '
+            "file's folder) and the systemd credential `admin_token` are added to it. Without one "
+            'those paths answer `404`',
+            examples=('', 'admin-token')),
+    Setting(('metrics_public',), '`no`',
+            'serve `/metrics` without the admin token (for a scraper on a private network)'),
+    Setting(('callback_allow',), '`https://registry.hub.docker.com`',
+            'origins (`scheme://host[:port]`) callbacks may go to; a `callback_url` elsewhere is '
+            'not called (logged)'),
+    Setting(('max_body',), '`65536`',
+            'largest webhook body accepted, in bytes'),
+    Setting(('max_queue',), '`100`',
+            'jobs that may wait at once (at most one per app, since a newer push replaces a '
+            'waiting one); beyond it webhooks get `503` with `Retry-After`'),
+    Setting(('docker_host',), '`$DOCKER_HOST`, else `unix:///var/run/docker.sock`',
+            'the Engine: `unix:///path` or plain `tcp://host:port`',
+            examples=('unix:///var/run/docker.sock',)),
+    Setting(('docker_config',), '`$DOCKER_CONFIG/config.json`, else `~/.docker/config.json`',
+            'the Docker config file that registry credentials come from: `credHelpers`, '
+            '`credsStore`, `auths` (see [Private images](#private-images))',
+            examples=('/etc/autodeploy/docker/config.json',)),
+)
+APP_SETTINGS = (
+    Setting(('image',), 'the section name',
+            'the image to pull, with its registry if not Docker Hub: `ghcr.io/me/app`, '
+            '`registry.example:5000/team/app` (no tag)',
+            examples=('myname/myrepo',)),
+    Setting(('tag',), '`latest`',
+            'the tag(s) to follow, separated by spaces or commas; a push of another tag is '
+            'answered `422`. With another `tag_policy` it means something else: see [Tag '
+            'policies](#tag-policies)'),
+    Setting(('tag_policy',), '`exact`',
+            'which pushed tags deploy: `exact` (the tags listed in `tag`), `glob` (tags matching '
+            'a pattern in `tag`), or `patch`, `minor`, `major` (newer SemVer versions within that'
+            ' bound of the running one). See [Tag policies](#tag-policies)'),
+    Setting(('prerelease',), '`no`',
+            'with `glob`, `patch`, `minor` or `major`: follow SemVer pre-releases (`v1.3.0-rc.1`,'
+            ' and variant tags such as `1.25.3-alpine`) too'),
+    Setting(('poll',), 'the `[autodeploy]` one',
+            'how often to ask the registry whether the followed tag changed: `30s`, `5m`, `2h`, '
+            '`1h30m` (at least `1s`), or `no`. Below a minute for a Docker Hub image, a warning '
+            'is logged at start (and shows in `check`)',
+            examples=('5m',)),
+    Setting(('container',), 'section name with `/` replaced by `-`',
+            'the container to replace (`myname/myrepo` → `myname-myrepo`)',
+            examples=('myname-myrepo',)),
+    Setting(('service',), '—',
+            'a Docker Swarm service to deploy to instead of a container: Swarm rolls it out (see '
+            '[Docker Swarm](#docker-swarm)); not with `container`',
+            examples=('myrepo',)),
+    Setting(('swarm_timeout',), '`300`',
+            "seconds Swarm's roll-out of the `service` may take before the job fails (Swarm goes "
+            'on with it)'),
+    Setting(('stop_timeout',), "the container's own (`--stop-timeout`, else 10 s)",
+            'seconds the old container gets to stop before it is killed (its own `--stop-signal` '
+            'is used)',
+            examples=('10',)),
+    Setting(('order',), '`auto`',
+            '`stop-first`, `start-first`, or `auto`: start-first when the container publishes no '
+            "fixed host port, has no static IP and does not share another's network (`host`, "
+            '`container:`), else stop-first'),
+    Setting(('health_url',), '—',
+            'when the image has no `HEALTHCHECK`: the new container is healthy once this URL '
+            "answers 2xx/3xx (redirects are not followed). `{ip}` stands for the new container's "
+            'address, e.g. `http://{ip}:8080/health`',
+            examples=('http://{ip}:8080/health',)),
+    Setting(('health_tcp',), '—',
+            'the same with a TCP connect, `HOST:PORT` (`{ip}` allowed)',
+            examples=('{ip}:8080',)),
+    Setting(('health_timeout',), '`60`',
+            'seconds the new container gets to become healthy'),
+    Setting(('settle',), '`3`',
+            'with neither a `HEALTHCHECK` nor a probe: seconds the new container must stay up, '
+            'without exiting or restarting'),
+    Setting(('cooldown',), '`1`',
+            'seconds after a deploy of this container ends before the next one starts; webhooks '
+            'arriving meanwhile coalesce into that one job. A flood of pushes then costs one pull'
+            " a second, not pulls back to back (each counts against Docker Hub's pull rate "
+            'limit). `0` turns it off'),
+    Setting(('token', 'token_file'), '—',
+            'tokens that may deploy this app only (besides the global ones); a per-app token used'
+            ' for another app gets `404`',
+            examples=('', '')),
+    Setting(('signing_secret', 'signing_secret_file'), 'the global one',
+            "this app's webhooks must carry this secret, as their sender can ([Senders](#senders))",
+            examples=('', '')),
+    Setting(('remove_old_image',), '`yes`',
+            'after a successful deploy, remove the previous image unless some container (running '
+            'or not) still uses it'),
+    Setting(('registry_user', 'registry_password_file'), '—',
+            "this app's own registry login (give both), which wins over the Docker config file; "
+            "the file (relative to the config file's folder) holds the password, one trailing "
+            'newline ignored. Read at start and at reload, so a bad file is an error then and a '
+            'new password takes a reload',
+            examples=('deploy-bot', 'registry-password')),
+    Setting(('notify_url', 'slack_url', 'notify_on'), 'the `[autodeploy]` ones',
+            "this app's notifications; an empty URL turns one off for this app",
+            examples=('', '', 'failure, rollback')),
+)
+FIRST_DEPLOY_SETTINGS = (
+    Setting(('ports',), '`127.0.0.1:8080:80, 8443:443/tcp`',
+            'published ports, `[IP:]HOST_PORT:CONTAINER_PORT[/tcp\\|udp]`'),
+    Setting(('env',), 'one `NAME=value` per line',
+            'environment',
+            examples=('TZ=UTC',)),
+    Setting(('volumes',), '`/srv/app:/data:ro, app-cache:/cache`',
+            'bind mounts and named volumes'),
+    Setting(('labels',), 'one `name=value` per line',
+            'container labels',
+            examples=('team=web',)),
+    Setting(('restart',), '`unless-stopped`',
+            '`no`, `always`, `unless-stopped`, `on-failure[:N]`'),
+    Setting(('network',), '`shop`',
+            'network to attach to'),
+    Setting(('command',), '`httpd -f -p 80`',
+            "command (shell-like quoting), instead of the image's"),
+)
+
+MAIN_KEYS = {key for setting in MAIN_SETTINGS for key in setting.keys}
+APP_KEYS = {key for setting in APP_SETTINGS + FIRST_DEPLOY_SETTINGS for key in setting.keys}
+
+
+def settings_table(settings: Sequence[Setting], second: str = "default") -> str:
+    """The settings as README.md's Markdown table."""
+    rows = ["| setting | %s | meaning |" % second, "|---|---|---|"]
+    for setting in settings:
+        keys = ", ".join("`%s`" % key for key in setting.keys) or "*(environment)*"
+        rows.append("| %s | %s | %s |" % (keys, setting.default, setting.meaning))
+    return "\n".join(rows) + "\n"
+
+
+def config_reference() -> str:
+    """`config reference`: the three tables of README.md's Configuration."""
+    return "\n".join((settings_table(MAIN_SETTINGS), settings_table(APP_SETTINGS),
+                      settings_table(FIRST_DEPLOY_SETTINGS, "example")))
+
+
+def config_example() -> str:
+    """`config example`: a configuration with every setting explained and
+    commented out. As it stands it is valid and follows the labelled
+    containers; `install` writes it as /etc/autodeploy/autodeploy.conf."""
+    parts = [_comment(EXAMPLE_HEADER % __version__), "", "[autodeploy]", ""]
+    parts += _commented_settings(MAIN_SETTINGS)
+    parts += [_comment(EXAMPLE_APP_HEADER), "", "#[myname/myrepo]", ""]
+    parts += _commented_settings(APP_SETTINGS)
+    parts += [_comment("Used only for the first deploy, when no container of that name exists "
+                       "yet (afterwards the running container's own configuration is kept):"), ""]
+    parts += _commented_settings(FIRST_DEPLOY_SETTINGS, defaults=False)
+    return "\n".join(parts)
+
+
+EXAMPLE_HEADER = (
+    "autodeploy %s configuration (printed by autodeploy.pyz config example). Every "
+    "setting is shown commented out, with its default or an example; README.md, "
+    "Configuration, has the same text. Unknown settings are errors.\n\n"
+    "As it stands this file follows every container labelled autodeploy.enable=true. The "
+    "deploy token is not written here: the systemd unit passes /etc/autodeploy/token to "
+    "the service as its credential \"token\". autodeploy.pyz check tests a change, "
+    "systemctl reload autodeploy applies it.")
+EXAMPLE_APP_HEADER = (
+    "One section per repository allowed to deploy, named as the webhook names it "
+    "([myname/myrepo], or [team/app] for registry.example:5000/team/app). Uncomment "
+    "the section's name and what you need.")
+
+
+def _commented_settings(settings: Sequence[Setting], defaults: bool = True) -> List[str]:
+    """Each setting: its meaning, then `#key = value` (its default, or an
+    example; the default is then said in words)."""
+    lines = []
+    for setting in settings:
+        literals = re.findall(r"`([^`]*)`", setting.default)
+        only_literals = re.fullmatch(r"(`[^`]*`(, )?)+", setting.default) is not None
+        heading = "%s: %s" % (", ".join(setting.keys) or "environment", _plain(setting.meaning))
+        if defaults and setting.keys and setting.default not in ("—", "none", "any") and (
+                setting.examples or not only_literals):
+            heading += " (default: %s)" % _plain(setting.default)
+        lines.append(_comment(heading))
+        for index, key in enumerate(setting.keys):
+            if setting.examples:
+                value = setting.examples[index]
+            else:
+                value = literals[index] if only_literals and index < len(literals) else ""
+            lines.append(("#%s = %s" % (key, value)).rstrip())
+        lines.append("")
+    return lines
+
+
+def _plain(markdown: str) -> str:
+    """Markdown as plain text for a comment: links keep their text."""
+    text = re.sub(r"\[([^]]*)\]\([^)]*\)", r"\1", markdown)
+    return text.replace("`", "").replace("**", "").replace("\\|", "|").replace("*", "")
+
+
+def _comment(text: str) -> str:
+    """`text` as '# ' lines of at most 79 characters; paragraphs kept."""
+    return "\n".join("\n".join(textwrap.wrap(paragraph, 77, initial_indent="# ",
+                                              subsequent_indent="# ", break_on_hyphens=False))
+                     or "#" for paragraph in text.split("\n"))
 
 
 def load_config(path: str, environ: Optional[Mapping[str, str]] = None) -> Config:
@@ -341,13 +644,14 @@ def config_from(parser: configparser.ConfigParser, path: str, environ: Mapping[s
     main = parser["autodeploy"]
     where = "%s: [autodeploy]" % path
     base = os.path.dirname(os.path.abspath(path))
-    _reject_unknown_keys(main, MAIN_KEYS, where)
+    _reject_unknown_keys(main, MAIN_KEYS, where, path)
     host, port = _parse_listen(main.get("listen", DEFAULT_LISTEN), where)
     notify = _parse_notify(main, where, ("", "", AppConfig._field_defaults["notify_on"]))
     default_poll = _poll_option(main, where, 0.0)
     apps = {}
     for name in parser.sections():
         if name != "autodeploy":
+            _reject_unknown_keys(parser[name], APP_KEYS, "%s: [%s]" % (path, name), path)
             apps[name] = _parse_app(name, parser[name], "%s: [%s]" % (path, name), base, notify,
                                     default_poll)
             warning = poll_warning(apps[name])
@@ -391,7 +695,8 @@ def config_from(parser: configparser.ConfigParser, path: str, environ: Mapping[s
         journal=_bool_option(main, "journal", True, where),
         keep_jobs=_int_option(main, "keep_jobs", 200, where, 1, 1000000),
         keep_days=_float_option(main, "keep_days", 30, where, 0.001, 36500),
-        admin_tokens=tuple(_checked_tokens(_split_list(main.get("admin_token", "")), where)),
+        admin_tokens=tuple(_read_tokens(main, where, base, "admin_token") + _checked_tokens(
+            _credential(environ, "admin_token", where), where + " (credential 'admin_token')")),
         metrics_public=_bool_option(main, "metrics_public", False, where),
         stop_deadline=_float_option(main, "stop_deadline", 30, where, 0, 3600),
         label_prefix=_label_prefix(main, where))
@@ -607,23 +912,52 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def _reject_unknown_keys(section: configparser.SectionProxy, known: Set[str], where: str) -> None:
+def _reject_unknown_keys(section: configparser.SectionProxy, known: Set[str], where: str,
+                         path: str = "") -> None:
+    """A setting nobody reads is an error, not a silent no-op: named with
+    its line in `path` and the known setting it most resembles."""
     for key in section:
         if key not in known:
-            raise ConfigError("%s: unknown setting %r (known: %s)" % (where, key, ", ".join(sorted(known))))
+            line = _line_of(path, section.name, key) if path else None
+            close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
+            raise ConfigError("%s%s: unknown setting %r (%s)" % (
+                where, " line %d" % line if line else "", key,
+                "did you mean %r?" % close[0] if close else "known: " + ", ".join(sorted(known))))
 
 
-def _read_tokens(main: configparser.SectionProxy, where: str, base: str) -> List[str]:
-    tokens = _split_list(main.get("token", ""))
-    token_file = main.get("token_file")
+def _line_of(path: str, section: str, key: str) -> Optional[int]:
+    """The line of `path` that sets `key` in [section]; None when it cannot
+    be told (no file). Read again only for an error message: configparser
+    keeps no line numbers."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            lines = fh.read().splitlines()
+    except (OSError, UnicodeDecodeError):
+        return None
+    current = None
+    for number, line in enumerate(lines, 1):
+        header = re.match(r"\s*\[(.*)\]\s*$", line)
+        if header:
+            current = header.group(1)
+        elif current == section and re.match(r"%s\s*[=:]" % re.escape(key), line):
+            return number
+    return None
+
+
+def _read_tokens(main: configparser.SectionProxy, where: str, base: str,
+                 key: str = "token") -> List[str]:
+    """The tokens of `key` (token, admin_token), and those of the file
+    `<key>_file` names (relative to the config file's folder)."""
+    tokens = _split_list(main.get(key, ""))
+    token_file = main.get(key + "_file")
     if token_file:
         token_path = os.path.join(base, token_file)
         try:
             with open(token_path, encoding="utf-8") as fh:
                 tokens += _split_list(fh.read())
         except OSError as exc:
-            raise ConfigError("%s token_file: cannot read %s: %s"
-                              % (where, token_path, exc.strerror or exc)) from exc
+            raise ConfigError("%s %s_file: cannot read %s: %s"
+                              % (where, key, token_path, exc.strerror or exc)) from exc
     return _checked_tokens(tokens, where)
 
 
@@ -645,15 +979,27 @@ def _bool_option(section: configparser.SectionProxy, key: str, default: bool, wh
 def _tokens_from_environment(environ: Mapping[str, str], where: str) -> List[str]:
     """Tokens from $AUTODEPLOY_TOKEN and systemd's LoadCredential=token:..."""
     tokens = _split_list(environ.get("AUTODEPLOY_TOKEN", ""))
-    credentials = environ.get("CREDENTIALS_DIRECTORY")
-    if credentials and os.path.exists(os.path.join(credentials, "token")):
-        try:
-            with open(os.path.join(credentials, "token"), encoding="utf-8") as fh:
-                tokens += _split_list(fh.read())
-        except OSError as exc:
-            raise ConfigError("%s: cannot read the systemd credential 'token': %s"
-                              % (where, exc.strerror or exc)) from exc
+    tokens += _credential(environ, "token", where)
     return _checked_tokens(tokens, where + " (AUTODEPLOY_TOKEN or credential 'token')")
+
+
+def _credential(environ: Mapping[str, str], name: str, where: str) -> List[str]:
+    """The tokens in systemd's credential `name` ($CREDENTIALS_DIRECTORY/name);
+    none when it was not given. One that cannot be read is an error that
+    says why: reporting it as "no token" would hide a permission problem."""
+    credentials = environ.get("CREDENTIALS_DIRECTORY")
+    if not credentials:
+        return []
+    path = os.path.join(credentials, name)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return _split_list(fh.read())
+    except FileNotFoundError:
+        return []
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise ConfigError("%s: cannot read the systemd credential %r (%s): %s"
+                          % (where, name, path, reason or exc)) from None
 
 
 def _checked_tokens(tokens: List[str], where: str) -> List[str]:
@@ -6305,6 +6651,329 @@ def watchdog_interval(environ: Mapping[str, str]) -> Optional[float]:
 
 
 ############################################################################
+# Building and installing
+############################################################################
+
+PYZ = "autodeploy.pyz"
+# What the zipapp carries: the two modules (with bytecode), and what
+# `install` puts on the host besides itself.
+PACKAGED = ("autodeploy.py", "dockerapi.py", "autodeploy.service", "README.md")
+ZIPAPP_SHEBANG = "/usr/bin/env python3"
+# Where `install` puts things: the paths autodeploy.service names.
+INSTALLED_PYZ = "usr/local/bin/autodeploy.pyz"
+INSTALLED_UNIT = "etc/systemd/system/autodeploy.service"
+INSTALLED_DOC = "usr/local/share/doc/autodeploy/README.md"
+INSTALLED_ETC = "etc/autodeploy"
+INSTALLED_STATE = ("var/lib/autodeploy", "var/lib/private/autodeploy")  # the latter: DynamicUser=
+UNIT_NAME = "autodeploy.service"
+
+
+def packaged_file(name: str) -> bytes:
+    """One of PACKAGED, read from wherever this module was loaded: the
+    zipapp (so it can rebuild and install itself) or the checkout."""
+    loader = globals().get("__loader__")
+    archive = getattr(loader, "archive", None)  # a zipimporter's zip file, as sys.path named it
+    if archive:
+        path = os.path.join(archive, name)
+        try:
+            return loader.get_data(path)  # type: ignore[union-attr]
+        except OSError as exc:
+            raise InstallError("%s holds no %s" % (archive, name)) from exc
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), name)
+    try:
+        with open(path, "rb") as fh:
+            return fh.read()
+    except OSError as exc:
+        raise InstallError("cannot read %s: %s" % (path, exc.strerror or exc)) from exc
+
+
+def build_zipapp(output: str) -> str:
+    """Write the single-file zipapp to `output` (replacing it at once):
+    both modules with bytecode for the running Python (a start then skips
+    compiling: ~40 ms and ~4 MiB less; another Python falls back to the
+    sources), the unit and README, `#!/usr/bin/env python3`, executable."""
+    # Imported here: only build and install need them, and they would add
+    # ~0.6 MiB (pathlib, importlib.util...) to every running service.
+    import py_compile
+    import zipapp
+    with tempfile.TemporaryDirectory(prefix="autodeploy-build-") as folder:
+        for name in PACKAGED:
+            with open(os.path.join(folder, name), "wb") as fh:
+                fh.write(packaged_file(name))
+        for name in ("autodeploy.py", "dockerapi.py"):
+            source = os.path.join(folder, name)
+            # Beside the source, where zipimport looks (not __pycache__).
+            py_compile.compile(source, cfile=source + "c", dfile=name, doraise=True)
+        partial = "%s.%d.partial" % (output, os.getpid())
+        try:
+            zipapp.create_archive(folder, partial, interpreter=ZIPAPP_SHEBANG,
+                                  main="autodeploy:cli", compressed=True)
+            os.chmod(partial, 0o755)
+            os.replace(partial, output)
+        except OSError as exc:
+            raise InstallError("cannot write %s: %s" % (output, exc.strerror or exc)) from exc
+        finally:
+            if os.path.exists(partial):
+                os.unlink(partial)
+    return output
+
+
+def zipapp_version(path: str) -> Optional[str]:
+    """The __version__ of the zipapp at `path`; None when there is none
+    (or it is no autodeploy zipapp)."""
+    import zipfile  # see build_zipapp
+    try:
+        with zipfile.ZipFile(path) as archive:
+            source = archive.read("autodeploy.py").decode("utf-8", "replace")
+    except (OSError, KeyError, zipfile.BadZipFile):
+        return None
+    found = re.search(r'^__version__ = "([^"]+)"', source, re.M)
+    return found.group(1) if found else None
+
+
+def zipapp_sources(path: str) -> Optional[Dict[str, bytes]]:
+    """The PACKAGED files in the zipapp at `path`, to tell whether an
+    install would change anything; None when it cannot be read."""
+    import zipfile  # see build_zipapp
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return {name: archive.read(name) for name in PACKAGED}
+    except (OSError, KeyError, zipfile.BadZipFile):
+        return None
+
+
+class Installer:
+    """`install` and `uninstall`: what README's manual steps did, under
+    `root` ("/" on a host; a folder in the tests). `systemctl` runs through
+    `run` only when `systemd` is true (a real host), else the commands to
+    run are printed."""
+
+    def __init__(self, root: str = "/", systemd: bool = True,
+                 run: Callable[..., Any] = subprocess.run, out: Any = None,
+                 group: str = "docker", build: Callable[[str], str] = build_zipapp):
+        self.root = root
+        self.systemd = systemd
+        self.run = run
+        self.build = build
+        self.out = out or sys.stdout
+        self.group = group
+        self.failed = False
+
+    def path(self, relative: str) -> str:
+        return os.path.join(self.root, relative)
+
+    def say(self, text: str) -> None:
+        print(text, file=self.out, flush=True)
+
+    # -- install ----------------------------------------------------------
+
+    def install(self, start: bool = True) -> int:
+        """Install or upgrade; never overwrite a config or a token. Prints
+        the webhook URL. 0, or 1 when systemctl failed (the files are in
+        place then)."""
+        upgrade = os.path.exists(self.path(INSTALLED_PYZ))
+        changed = self.install_zipapp()
+        changed = self.write_if_changed(INSTALLED_UNIT, packaged_file("autodeploy.service")) or changed
+        self.write_if_changed(INSTALLED_DOC, packaged_file("README.md"))
+        gid = self.docker_gid()
+        self.make_config_folder(gid)
+        self.make_config(gid)
+        token = self.make_token()
+        if self.systemd and start:
+            self.systemctl("daemon-reload")
+            if upgrade and changed:
+                self.systemctl("try-restart", UNIT_NAME)  # a running service takes the new code
+            self.systemctl("enable", "--now", UNIT_NAME)
+        else:
+            self.say("not started%s; to start it: systemctl daemon-reload && systemctl enable "
+                     "--now autodeploy" % (" (--no-start)" if self.systemd else
+                                           " (installed under %s)" % self.root))
+        self.print_webhook_url(token)
+        return 1 if self.failed else 0
+
+    def install_zipapp(self) -> bool:
+        """Build this program into INSTALLED_PYZ; False when the one there
+        already has the same files."""
+        target = self.path(INSTALLED_PYZ)
+        old = zipapp_sources(target)
+        if old is not None and old == {name: packaged_file(name) for name in PACKAGED}:
+            self.say("%s: autodeploy %s, already installed" % (target, __version__))
+            return False
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        before = zipapp_version(target) if os.path.exists(target) else None
+        self.build(target)
+        self.say("%s: autodeploy %s%s" % (target, __version__, " (was %s)" % before if before
+                                          else " installed"))
+        return True
+
+    def write_if_changed(self, relative: str, content: bytes) -> bool:
+        """A file install owns (unit, README): replaced when it differs."""
+        target = self.path(relative)
+        try:
+            with open(target, "rb") as fh:
+                if fh.read() == content:
+                    return False
+        except FileNotFoundError:
+            pass
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        partial = target + ".partial"
+        with open(partial, "wb") as fh:
+            fh.write(content)
+        os.chmod(partial, 0o644)
+        os.replace(partial, target)
+        self.say("%s: written" % target)
+        return True
+
+    def docker_gid(self) -> Optional[int]:
+        """The group the unit runs in (SupplementaryGroups=docker): it must
+        read the config. None (warned) when the host has no such group."""
+        try:
+            return grp.getgrnam(self.group).gr_gid
+        except KeyError:
+            self.say("warning: no group %r on this host: the unit's SupplementaryGroups=%s will "
+                     "stop it from starting; install Docker first, or edit the unit (README, "
+                     "Podman)" % (self.group, self.group))
+            return None
+
+    def make_config_folder(self, gid: Optional[int]) -> None:
+        folder = self.path(INSTALLED_ETC)
+        os.makedirs(folder, mode=0o750, exist_ok=True)
+        self.own(folder, gid, 0o750)
+
+    def make_config(self, gid: Optional[int]) -> None:
+        """The commented example as the config, when there is none."""
+        target = os.path.join(self.path(INSTALLED_ETC), "autodeploy.conf")
+        try:
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        except FileExistsError:
+            self.say("%s: kept as it is" % target)
+            return
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(config_example())
+        self.own(target, gid, 0o640)
+        self.say("%s: written (every setting commented out: it follows containers labelled "
+                 "autodeploy.enable=true)" % target)
+
+    def make_token(self) -> str:
+        """The deploy token the unit passes as its credential: root's only
+        (0600), made when there is none."""
+        target = os.path.join(self.path(INSTALLED_ETC), "token")
+        existed = os.path.exists(target)
+        try:
+            token = read_or_make_token(target).split()[0]
+        except (OSError, IndexError) as exc:
+            raise InstallError("%s: cannot read or write the token: %s" % (target, exc)) from exc
+        self.say("%s: %s" % (target, "kept as it is" if existed else "a new token (mode 0600)"))
+        return token
+
+    def own(self, path: str, gid: Optional[int], mode: int) -> None:
+        """root:<group> and `mode`, as far as this user may set them."""
+        if gid is not None and os.geteuid() == 0:
+            os.chown(path, 0, gid)
+        os.chmod(path, mode if gid is not None else mode & 0o700)
+
+    def print_webhook_url(self, token: str) -> None:
+        """The URL to paste into the registry, and what to do next."""
+        host, port = self.listen_address()
+        shown = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+        url = "http://%s:%d/deploy/%s" % ("[%s]" % shown if ":" in shown else shown, port, token)
+        self.say("\nwebhook URL (a secret: whoever has it can deploy):\n  %s\n" % url)
+        self.say("Next: label the containers to follow (docker run --label autodeploy.enable=true "
+                 "...) or add a section to %s; then push, or try:\n  curl -X POST -d "
+                 "'{\"image\": \"myname/myrepo\", \"tag\": \"latest\"}' %s"
+                 % (os.path.join(self.path(INSTALLED_ETC), "autodeploy.conf"), url))
+        if host == "localhost" or _is_loopback(host):
+            self.say("It listens on %s only: for a registry on the internet, put a reverse proxy "
+                     "with TLS in front (README: Behind a reverse proxy) and give the registry "
+                     "https://<your host>/deploy/<token>." % shown)
+
+    def listen_address(self) -> Tuple[str, int]:
+        """The installed config's listen (the default if it cannot say)."""
+        parser = configparser.ConfigParser(interpolation=None, default_section="\0defaults")
+        try:
+            parser.read(os.path.join(self.path(INSTALLED_ETC), "autodeploy.conf"), encoding="utf-8")
+            return _parse_listen(parser.get("autodeploy", "listen", fallback=DEFAULT_LISTEN), "")
+        except (configparser.Error, ConfigError, UnicodeDecodeError, OSError):
+            return _parse_listen(DEFAULT_LISTEN, "")
+
+    def systemctl(self, *args: str) -> bool:
+        try:
+            done = self.run(["systemctl"] + list(args), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, universal_newlines=True, timeout=120)
+        except (OSError, subprocess.SubprocessError) as exc:
+            self.say("error: systemctl %s: %s" % (" ".join(args), exc))
+            self.failed = True
+            return False
+        if done.returncode != 0:
+            self.say("error: systemctl %s failed (exit %d): %s"
+                     % (" ".join(args), done.returncode, " ".join((done.stdout or "").split())))
+            self.failed = True
+            return False
+        self.say("systemctl %s" % " ".join(args))
+        return True
+
+    # -- uninstall --------------------------------------------------------
+
+    def uninstall(self, purge: bool = False) -> int:
+        """Remove what install made; the config, token and journal too
+        only when `purge`."""
+        if self.systemd:
+            self.systemctl("disable", "--now", UNIT_NAME)
+        for relative in (INSTALLED_UNIT, INSTALLED_PYZ, INSTALLED_DOC):
+            self.remove(self.path(relative))
+        self.remove_empty(os.path.dirname(self.path(INSTALLED_DOC)))
+        if self.systemd:
+            self.systemctl("daemon-reload")
+        kept = [self.path(INSTALLED_ETC)] + [self.path(state) for state in INSTALLED_STATE]
+        kept = [path for path in kept if os.path.exists(path)]
+        if purge:
+            for path in kept:
+                shutil.rmtree(path)
+                self.say("%s: removed" % path)
+        elif kept:
+            self.say("kept (uninstall --purge removes them): %s" % ", ".join(kept))
+        return 1 if self.failed else 0
+
+    def remove(self, path: str) -> None:
+        try:
+            os.unlink(path)
+            self.say("%s: removed" % path)
+        except FileNotFoundError:
+            pass
+
+    @staticmethod
+    def remove_empty(folder: str) -> None:
+        try:
+            os.rmdir(folder)
+        except OSError:
+            pass  # not empty, or not there
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name
+
+
+def install_command(args: argparse.Namespace) -> int:
+    """The `install` and `uninstall` commands."""
+    root = os.path.abspath(args.root)
+    if root == "/" and os.geteuid() != 0:
+        print("autodeploy: %s writes to /usr/local, /etc and /etc/systemd: run it as root "
+              "(or with --root DIR to fill another root)" % args.command, file=sys.stderr)
+        return 2
+    installer = Installer(root, systemd=root == "/")
+    try:
+        if args.command == "install":
+            return installer.install(start=not args.no_start)
+        return installer.uninstall(purge=args.purge)
+    except (InstallError, OSError) as exc:
+        print("autodeploy: %s failed: %s" % (args.command, exc), file=sys.stderr)
+        return 1
+
+
+############################################################################
 # Command line
 ############################################################################
 
@@ -6496,8 +7165,8 @@ def check(config: Config) -> int:
         except dockerapi.CredentialsError as exc:
             print("%s credentials: %s" % (app.repository, exc), file=sys.stderr)
             failed = True
-    if not config.has_tokens():
-        print("warning: no token configured; serve will refuse to start", file=sys.stderr)
+    if not check_tokens(config):
+        failed = True
     engine = make_engine(config)
     try:
         version = engine.version()
@@ -6510,6 +7179,47 @@ def check(config: Config) -> int:
     failed = not check_labels(config, Discovery(engine, config.label_prefix)) or failed
     failed = not check_swarm(config, engine) or failed
     return 1 if failed else 0
+
+
+def check_tokens(config: Config) -> bool:
+    """`check`'s line on the deploy token: where serve gets it from. False
+    (said on stderr) when it has none, as serve would then refuse to start."""
+    if config.has_tokens():
+        print("deploy tokens: %d global, %d app-only; admin tokens: %d" % (
+            len(config.tokens), sum(len(app.tokens) for app in config.apps.values()),
+            len(config.admin_tokens)))
+        return True
+    if is_default_config(config):
+        print("deploy token: serve makes one on its first start, in %s"
+              % config.state_file("token"))
+        return True
+    # The installed layout: the unit passes this file as its credential, so
+    # the service has a token that `check`, run from a shell, is not given.
+    credential = os.path.join(os.path.dirname(config.path), "token")
+    if os.path.exists(credential):
+        try:
+            with open(credential, encoding="utf-8") as fh:
+                _checked_tokens(_split_list(fh.read()), credential)
+        except (OSError, UnicodeDecodeError, ConfigError) as exc:
+            print("deploy token: %s" % (exc if isinstance(exc, ConfigError) else
+                                        "cannot read %s: %s" % (credential, exc)), file=sys.stderr)
+            return False
+        print("deploy token: none in the config or the environment; %s holds one, which "
+              "autodeploy.service passes to serve as its credential 'token'" % credential)
+        return True
+    print("error: no deploy token configured, so serve will refuse to start: set token_file "
+          "in [autodeploy], or $AUTODEPLOY_TOKEN, or the systemd credential 'token' (%s)"
+          % credential, file=sys.stderr)
+    return False
+
+
+def check_config_only(config: Config) -> int:
+    """`check --config-only`: the file is valid (read_config said so before
+    this runs). systemd's ExecReload= runs it before it signals the service,
+    so a reload with a broken file fails where the admin sees it. No token
+    is needed: a reload keeps the tokens the service started with."""
+    print("config %s: OK, %d app(s)" % (config.path, len(config.apps)))
+    return 0
 
 
 def check_swarm(config: Config, engine: DockerClient) -> bool:
@@ -6648,26 +7358,49 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     deploy = commands.add_parser("deploy", help="deploy one repository now and wait for the "
                                  "outcome (through the running service, if any)")
     deploy.add_argument("target", metavar="REPO[:TAG]")
-    commands.add_parser("check", help="validate the config and reach the Docker Engine")
+    check_command = commands.add_parser("check", help="validate the config and reach the Docker Engine")
+    check_command.add_argument("--config-only", action="store_true",
+                               help="only validate the config file (what `systemctl reload` runs "
+                                    "before it signals the service)")
     history = commands.add_parser("history", help="recent jobs, from the journal")
     history.add_argument("--app", help="only this repository")
     history.add_argument("--state", choices=tuple(STATES))
     history.add_argument("--limit", type=int, default=30)
     show = commands.add_parser("show", help="one job, with its log lines")
     show.add_argument("job_id", metavar="JOB_ID")
+    build = commands.add_parser("build", help="write the single-file zipapp (both modules, "
+                                "bytecode for this Python)")
+    build.add_argument("--output", "-o", default=PYZ, help="where (default: ./%s)" % PYZ)
+    install = commands.add_parser("install", help="as root: install this program, its systemd "
+                                  "unit, a config and a token, and start it")
+    install.add_argument("--root", default="/", help="install under this folder instead of / "
+                         "(systemctl is not run then)")
+    install.add_argument("--no-start", action="store_true",
+                         help="do not run systemctl daemon-reload and enable --now")
+    uninstall = commands.add_parser("uninstall", help="as root: stop and remove what install made; "
+                                    "the config, token and journal stay unless --purge")
+    uninstall.add_argument("--root", default="/", help="uninstall from this folder instead of /")
+    uninstall.add_argument("--purge", action="store_true",
+                           help="also remove /etc/autodeploy (config, token) and the journal")
+    config_command = commands.add_parser("config", help="print the commented example config, or "
+                                         "README's configuration tables")
+    config_command.add_argument("what", choices=("example", "reference"))
     for sub in commands.choices.values():
         sub.add_argument("--config", "-c", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """The command line: serve, deploy or check."""
+    """The command line: serve, deploy, check, history, show, build,
+    install, uninstall, config."""
     args = parse_args(argv)
     # The format uses none of the process or thread fields: skip collecting
     # them for every line (the logging HOWTO's "Optimization").
     logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(message)s")
+    if args.command in ("build", "install", "uninstall", "config"):
+        return program_command(args)  # no config needed: a broken one must not stop an upgrade
     try:
         config = read_config(args.config, os.environ)
         if args.command == "serve" and args.listen:
@@ -6684,7 +7417,23 @@ def main(argv: Optional[List[str]] = None) -> int:
         return deploy_command(config, args.target)
     if args.command in ("history", "show"):
         return print_history(config, args)
-    return check(config)
+    return check_config_only(config) if args.config_only else check(config)
+
+
+def program_command(args: argparse.Namespace) -> int:
+    """build, install, uninstall, config example / reference."""
+    if args.command == "config":
+        sys.stdout.write(config_example() if args.what == "example" else config_reference())
+        return 0
+    if args.command == "build":
+        try:
+            print("%s: autodeploy %s for Python %d.%d" % (build_zipapp(args.output), __version__,
+                                                         *sys.version_info[:2]))
+        except InstallError as exc:
+            print("autodeploy: build failed: %s" % exc, file=sys.stderr)
+            return 1
+        return 0
+    return install_command(args)
 
 
 def cli() -> None:

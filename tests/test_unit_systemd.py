@@ -149,7 +149,31 @@ class UnitFileTest(unittest.TestCase):
         self.assertEqual(self.service["NotifyAccess"], ["main"])
         self.assertEqual(self.service["WatchdogSec"], ["30s"])
         self.assertEqual(self.service["Restart"], ["on-failure"])
-        self.assertEqual(self.service["ExecReload"], ["/bin/kill -HUP $MAINPID"])
+        self.assertEqual(self.service["ExecReload"][1:], ["/bin/kill -HUP $MAINPID"])
+
+    def test_reload_checks_the_config_before_it_signals(self):
+        # The first ExecReload= is ExecStart's program with `check
+        # --config-only`: run here on the checkout's module, it must fail
+        # on a broken file (so `systemctl reload` fails) and pass a good one.
+        start = shlex.split(self.service["ExecStart"][0])
+        check = shlex.split(self.service["ExecReload"][0])
+        self.assertEqual(check[:-2], start[:3] + start[4:-1])  # without -u and serve
+        self.assertEqual(check[-2:], ["check", "--config-only"])
+        folder = tempfile.mkdtemp(prefix="autodeploy-reload-")
+        self.addCleanup(shutil.rmtree, folder, True)
+        module = os.path.join(os.path.dirname(UNIT), "autodeploy.py")
+        config = os.path.join(folder, "autodeploy.conf")
+        for text, status in (("[autodeploy]\nlisten = 127.0.0.1:3456\n", 0),
+                             ("[autodeploy]\nlisen = 127.0.0.1:3456\n", 2)):
+            with open(config, "w") as fh:
+                fh.write(text)
+            # Without -I: it would keep the checkout's folder, and so
+            # dockerapi.py, off sys.path (the zipapp is on it either way).
+            done = subprocess.run([sys.executable, "-S", module, "--config", config]
+                                  + check[-2:], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  universal_newlines=True, timeout=TIMEOUT, env={})
+            self.assertEqual(done.returncode, status, done.stdout + done.stderr)
+        self.assertIn("line 2: unknown setting 'lisen' (did you mean 'listen'?)", done.stderr)
 
     def test_identity_and_secrets(self):
         # Unprivileged, and the Docker socket through group docker only.
