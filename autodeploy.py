@@ -6882,7 +6882,7 @@ class Installer:
                  "...) or add a section to %s; then push, or try:\n  curl -X POST -d "
                  "'{\"image\": \"myname/myrepo\", \"tag\": \"latest\"}' %s"
                  % (os.path.join(self.path(INSTALLED_ETC), "autodeploy.conf"), url))
-        if host == "localhost" or _is_loopback(host):
+        if _is_loopback(host):
             self.say("It listens on %s only: for a registry on the internet, put a reverse proxy "
                      "with TLS in front (README: Behind a reverse proxy) and give the registry "
                      "https://<your host>/deploy/<token>." % shown)
@@ -6947,13 +6947,6 @@ class Installer:
             os.rmdir(folder)
         except OSError:
             pass  # not empty, or not there
-
-
-def _is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False  # a host name
 
 
 def install_command(args: argparse.Namespace) -> int:

@@ -11,7 +11,7 @@ import unittest
 
 import autodeploy
 from autodeploy import CallbackSender, JobQueue, MemoryJournal, Push, Service
-from tests.unit_support import FakeClock, Rig, app_config, web_config, new_job
+from tests.unit_support import FakeClock, Rig, app_config, new_job, temp_folder, web_config, write_file
 
 
 class ServiceTest(unittest.TestCase):
@@ -109,20 +109,41 @@ class QueueHandOffTest(unittest.TestCase):
 
 class CheckCommandTest(unittest.TestCase):
 
-    def check_output(self, config):
-        err = io.StringIO()
-        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-            autodeploy.check(config._replace(docker_host="unix:///nonexistent/docker.sock"))
-        return err.getvalue()
+    def check(self, config):
+        """check()'s exit status and what it wrote to stdout and stderr."""
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+            status = autodeploy.check(config._replace(docker_host="unix:///nonexistent/docker.sock"))
+        return status, out.getvalue(), err.getvalue()
 
     def test_per_app_tokens_count_as_configured(self):
         config = web_config(apps={"team/web": app_config(tokens=("a" * 32,))})
         self.assertTrue(config.has_tokens())
-        self.assertNotIn("no token configured", self.check_output(config))
+        self.assertIn("deploy tokens: 0 global, 1 app-only", self.check(config)[1])
 
-    def test_no_token_at_all_is_warned_about(self):
-        self.assertFalse(web_config().has_tokens())
-        self.assertIn("no token configured", self.check_output(web_config()))
+    def test_no_token_at_all_is_an_error_as_serve_would_refuse_to_start(self):
+        folder = temp_folder(self)
+        config = web_config()._replace(path=os.path.join(folder, "autodeploy.conf"))
+        self.assertFalse(config.has_tokens())
+        status, _, err = self.check(config)
+        self.assertEqual(status, 1)
+        self.assertIn("error: no deploy token configured, so serve will refuse to start", err)
+
+    def test_the_installed_layouts_credential_file_counts_and_is_checked(self):
+        # autodeploy.service passes <config folder>/token as credential 'token'.
+        folder = temp_folder(self)
+        config = web_config()._replace(path=os.path.join(folder, "autodeploy.conf"))
+        write_file(folder, "token", "k" * 40 + "\n")
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            self.assertTrue(autodeploy.check_tokens(config))
+        self.assertIn("passes to serve as its credential 'token'", out.getvalue())
+        write_file(folder, "token", "short\n")
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            self.assertFalse(autodeploy.check_tokens(config))
+        self.assertIn("at least 32", err.getvalue())
+        self.assertNotIn("short", err.getvalue())
 
 
 class InstanceLockTest(unittest.TestCase):
