@@ -1362,17 +1362,11 @@ def unit_interpreter(python: Optional[str]) -> List[str]:
 
 
 def build_pyz(folder: str) -> str:
-    """The zipapp the README installs: autodeploy.py + dockerapi.py, main autodeploy:cli."""
-    import zipapp
-    source = os.path.join(folder, "pyz-source")
-    os.makedirs(source)
-    for name in ("autodeploy.py", "dockerapi.py"):
-        shutil.copy(os.path.join(ROOT, name), source)
-    # Bytecode next to the sources, as README's build puts it (compiled by the
-    # service's interpreter): a zipapp without it compiles at every start.
-    subprocess.run(INTERPRETER[:1] + ["-m", "compileall", "-b", "-q", source], check=True, timeout=60)
+    """The zipapp the README installs, built by `autodeploy.py build` with
+    the service's interpreter (so its bytecode is the one a start uses)."""
     target = os.path.join(folder, "autodeploy.pyz")
-    zipapp.create_archive(source, target, interpreter="/usr/bin/env python3", main="autodeploy:cli")
+    subprocess.run(INTERPRETER[:1] + [os.path.join(ROOT, "autodeploy.py"), "build", "-o", target],
+                   check=True, timeout=60, stdout=subprocess.DEVNULL)
     return target
 
 
