@@ -84,6 +84,24 @@ class ReferenceTest(unittest.TestCase):
         self.assertNotIn("](#", example)
 
 
+class ReadmeExampleTest(unittest.TestCase):
+
+    def test_the_example_webhook_is_a_docker_hub_push_autodeploy_accepts(self):
+        text = readme()
+        body = re.search(r"/deploy/\$TOKEN -d '(\{.*?\})'\n```", text, re.S)
+        self.assertIsNotNone(body, "README.md's example webhook is gone")
+        parsed = autodeploy.parse_request(body.group(1).encode(), {}, None)
+        self.assertEqual(parsed.sender, "dockerhub")
+        self.assertEqual([(p.repository, p.tag) for p in parsed.pushes], [("myname/myrepo", "latest")])
+        self.assertTrue(parsed.pushes[0].callback_url.startswith(autodeploy.DEFAULT_CALLBACK_ALLOW))
+
+    def test_the_quick_starts_curl_is_a_native_push(self):
+        line = next(line for line in readme().splitlines() if line.startswith("curl -X POST -d '"))
+        body = re.search(r"-d '([^']*)'", line).group(1)
+        parsed = autodeploy.parse_request(body.encode(), {}, None)
+        self.assertEqual((parsed.sender, parsed.pushes[0].repository), ("native", "myname/myrepo"))
+
+
 class NewcomerErrorsTest(unittest.TestCase):
 
     def error(self, text: str, environ=None) -> str:
