@@ -32,16 +32,22 @@ def mode(path: str) -> int:
     return stat.S_IMODE(os.stat(path).st_mode)
 
 
+BUILT = {}  # the one zipapp the module's tests share (a build compiles both modules)
+
+
+def setUpModule():
+    BUILT["folder"] = tempfile.mkdtemp(prefix="autodeploy-build-test-")
+    BUILT["pyz"] = autodeploy.build_zipapp(os.path.join(BUILT["folder"], "autodeploy.pyz"))
+
+
+def tearDownModule():
+    shutil.rmtree(BUILT["folder"], True)
+
+
 class BuildTest(unittest.TestCase):
 
-    @classmethod
-    def setUpClass(cls):
-        cls.folder = tempfile.mkdtemp(prefix="autodeploy-build-test-")
-        cls.pyz = autodeploy.build_zipapp(os.path.join(cls.folder, "autodeploy.pyz"))
-
-    @classmethod
-    def tearDownClass(cls):
-        shutil.rmtree(cls.folder, True)
+    def setUp(self):
+        self.pyz = BUILT["pyz"]
 
     def test_the_zipapp_is_executable_with_an_env_shebang(self):
         self.assertEqual(mode(self.pyz) & 0o111, 0o111)
@@ -69,15 +75,6 @@ class BuildTest(unittest.TestCase):
 
 class InstallTest(unittest.TestCase):
 
-    @classmethod
-    def setUpClass(cls):
-        cls.folder = tempfile.mkdtemp(prefix="autodeploy-install-test-")
-        cls.built = autodeploy.build_zipapp(os.path.join(cls.folder, "autodeploy.pyz"))
-
-    @classmethod
-    def tearDownClass(cls):
-        shutil.rmtree(cls.folder, True)
-
     def setUp(self):
         self.root = temp_folder(self, "autodeploy-root-")
         self.systemctl = Systemctl()
@@ -85,7 +82,7 @@ class InstallTest(unittest.TestCase):
 
     def build(self, target: str) -> str:
         self.builds += 1
-        shutil.copy(self.built, target)
+        shutil.copy(BUILT["pyz"], target)
         return target
 
     def installer(self, systemd=True, group="docker", systemctl=None):
