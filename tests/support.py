@@ -264,17 +264,22 @@ def _start_own_engine() -> str:
                 os.unlink(stale)
         _spawn_own_dockerd()
     # Either way (just started, or a live one still booting): wait for it.
+    return _wait_for_daemon("our dockerd", OWN_SOCKET, OWN_PIDFILE, OWN_LOG)
+
+
+def _wait_for_daemon(name: str, sock: str, pidfile: str, log: str) -> str:
+    """DOCKER_HOST of the daemon we started, once it answers /_ping;
+    _Unavailable (with its log's tail) when it exits or stays silent."""
     deadline = time.monotonic() + OWN_START_TIMEOUT
     while time.monotonic() < deadline:
-        if _ping(OWN_SOCKET):
-            return "unix://" + OWN_SOCKET
-        pid = _read_pid(OWN_PIDFILE)
+        if _ping(sock):
+            return "unix://" + sock
+        pid = _read_pid(pidfile)
         if pid is not None and not _pid_alive(pid):
-            raise _Unavailable("our dockerd exited at start; %s says:\n%s"
-                               % (OWN_LOG, _tail(OWN_LOG)))
+            raise _Unavailable("%s exited at start; %s says:\n%s" % (name, log, _tail(log)))
         time.sleep(0.2)
-    raise _Unavailable("our dockerd did not answer /_ping within %ds; %s says:\n%s"
-                       % (OWN_START_TIMEOUT, OWN_LOG, _tail(OWN_LOG)))
+    raise _Unavailable("%s did not answer /_ping within %ds; %s says:\n%s"
+                       % (name, OWN_START_TIMEOUT, log, _tail(log)))
 
 
 def _spawn_own_dockerd() -> None:
@@ -317,17 +322,7 @@ def _start_own_podman() -> str:
             os.unlink(PODMAN_SOCKET)
         _write_podman_config()
         _spawn_own_podman()
-    deadline = time.monotonic() + OWN_START_TIMEOUT
-    while time.monotonic() < deadline:
-        if _ping(PODMAN_SOCKET):
-            return "unix://" + PODMAN_SOCKET
-        pid = _read_pid(PODMAN_PIDFILE)
-        if pid is not None and not _pid_alive(pid):
-            raise _Unavailable("our podman service exited at start; %s says:\n%s"
-                               % (PODMAN_LOG, _tail(PODMAN_LOG)))
-        time.sleep(0.2)
-    raise _Unavailable("our podman service did not answer /_ping within %ds; %s says:\n%s"
-                       % (OWN_START_TIMEOUT, PODMAN_LOG, _tail(PODMAN_LOG)))
+    return _wait_for_daemon("our podman service", PODMAN_SOCKET, PODMAN_PIDFILE, PODMAN_LOG)
 
 
 def podman_ulimits() -> Tuple[int, int]:
