@@ -56,7 +56,7 @@ from typing import (Any, Callable, Deque, Dict, Iterable, Iterator, List, Mappin
                     Optional, Sequence, Set, Tuple, Union, FrozenSet)
 
 import dockerapi
-from dockerapi import DockerClient, DockerError, NotFound
+from dockerapi import Conflict, DockerClient, DockerError, NotFound
 
 Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
@@ -2624,16 +2624,21 @@ class ContainerTarget:
                      jlog: logging.LoggerAdapter) -> Tuple[str, str]:
         """No container yet: create and start one from the app's section."""
         jlog.info("no container %s yet: creating it", app.container)
-        new_id = self.engine.create_container(first_create_body(app, reference), app.container)
+        try:
+            new_id = self.engine.create_container(first_create_body(app, reference), app.container)
+        except Conflict as exc:  # another container took the name since we looked
+            raise DeployFailed("cannot create %s: %s" % (app.container, exc.message)) from exc
+        what = "did not start"
         try:
             started = self.clock()
             self.engine.start_container(new_id)
+            what = "did not become healthy"
             how = self.gate.wait_healthy(new_id, app, started, jlog)
         except (DockerError, DeployFailed) as exc:
             logs = last_logs(self.engine, new_id)
             self.remove_quietly(new_id, jlog)
-            raise DeployFailed("the first container did not become healthy: %s%s"
-                               % (_reason_of(exc), logs)) from exc
+            raise DeployFailed("the first container %s: %s%s"
+                               % (what, _reason_of(exc), logs)) from exc
         return SUCCEEDED, "created %s running %s, %s" % (app.container, reference, how)
 
     def start_stopped(self, job: Job, container: Dict[str, Any],
@@ -3718,7 +3723,8 @@ class JobRunner:
                     if job.swap is None and (exc.status is not None or attempt == ENGINE_LOSSES
                                              or self.engine_answers()):
                         raise
-                    jlog.warning("lost the Docker Engine: %s", exc)
+                    jlog.warning("lost the Docker Engine: %s" if exc.status is None else
+                                 "the Docker Engine refused a step of the swap: %s", exc)
                     if job.swap is None:
                         continue
                     # Mid-swap: put in order what the swap left, as after a crash

@@ -102,7 +102,28 @@ def _error_for(status: int, message: str, method: str, path: str) -> DockerError
     if status in (409, 500) and "out of sequence" in message:
         return OutOfSequence(message, status, method, path)
     kind = {404: NotFound, 409: Conflict}.get(status, DockerError)
-    return kind(message, status, method, path)
+    return kind(message + _hint(message), status, method, path)
+
+
+# Engine messages that say a published host port is taken: Docker's for a
+# port another container publishes, and the Engine's (or Podman's) bind error
+# for a port another process listens on.
+_PORT_TAKEN = re.compile(r"[:\s](\d+) failed: port is already allocated"
+                         r"|:(\d+): bind: address already in use")
+_OLD_CLIENT = re.compile(r"client version \S+ is too old")
+
+
+def _hint(message: str) -> str:
+    """What to do about an Engine error a person may not read at once ('' if nothing)."""
+    taken = _PORT_TAKEN.search(message)
+    if taken:
+        port = taken.group(1) or taken.group(2)
+        return (" (host port %s is taken by another container or process: see "
+                "`docker ps --filter publish=%s` and `ss -ltnp 'sport = :%s'`)" % (port, port, port))
+    if _OLD_CLIENT.search(message):
+        return (" (the Engine was upgraded while autodeploy ran: restart autodeploy to "
+                "negotiate again)")
+    return ""
 
 
 ############################################################################
@@ -816,6 +837,31 @@ def _registry_reason(exc: BaseException) -> str:
     return getattr(exc, "strerror", None) or str(exc) or exc.__class__.__name__
 
 
+def _socket_permission(path: str) -> str:
+    """Why connecting to the Engine's socket was refused, and the fix: the
+    socket's owner, group and mode, and whether this process is in that group."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return "permission denied (on the socket or a folder above it)"
+    try:
+        import grp
+        group = grp.getgrgid(st.st_gid).gr_name
+    except (ImportError, KeyError):
+        group = str(st.st_gid)
+    try:
+        import pwd
+        owner = pwd.getpwuid(st.st_uid).pw_name
+    except (ImportError, KeyError):
+        owner = str(st.st_uid)
+    where = "the socket is %s:%s, mode %04o" % (owner, group, st.st_mode & 0o7777)
+    if st.st_gid != os.getegid() and st.st_gid not in os.getgroups():
+        return ("permission denied: %s, and this process (uid %d) is not in group %s: "
+                "add the service's user to group %s (SupplementaryGroups=%s in a systemd "
+                "unit), then restart it" % (where, os.geteuid(), group, group, group))
+    return "permission denied: %s (a folder above it, or a security module, refuses)" % where
+
+
 ############################################################################
 # Transport
 ############################################################################
@@ -931,8 +977,11 @@ class DockerClient:
             response = conn.getresponse()
         except (OSError, http.client.HTTPException) as exc:
             conn.close()
+            reason = _reason(exc)
+            if isinstance(exc, PermissionError) and self.scheme == "unix":
+                reason = _socket_permission(self.address)
             raise DockerError("cannot reach the Docker Engine at %s: %s"
-                              % (self.where, _reason(exc)), None, method, path) from exc
+                              % (self.where, reason), None, method, path) from exc
         if response.status >= 400:
             try:
                 raw = response.read()
@@ -1160,11 +1209,16 @@ def negotiate_api_version(version_doc: Dict[str, Any]) -> str:
     if chosen < version_tuple(engine_min):
         raise DockerError(
             "the Docker Engine (version %s) needs API %s or newer; this client speaks "
-            "up to %s" % (version_doc.get("Version", "?"), engine_min, CLIENT_API_VERSION))
+            "up to %s: use a newer autodeploy, or let dockerd accept API %s "
+            "(DOCKER_MIN_API_VERSION=%s in its environment)"
+            % (version_doc.get("Version", "?"), engine_min, CLIENT_API_VERSION,
+               CLIENT_API_VERSION, CLIENT_API_VERSION))
     if chosen < version_tuple(OLDEST_API_VERSION):
         raise DockerError(
-            "the Docker Engine (version %s) speaks API %s; this client needs %s or newer"
-            % (version_doc.get("Version", "?"), engine_max, OLDEST_API_VERSION))
+            "the Docker Engine (version %s) speaks API %s; this client needs %s or newer: "
+            "upgrade the Engine (Docker 19.03 and later speak %s)"
+            % (version_doc.get("Version", "?"), engine_max, OLDEST_API_VERSION,
+               OLDEST_API_VERSION))
     return ".".join(str(part) for part in chosen)
 
 

@@ -116,6 +116,25 @@ class NegotiationTest(FakeEngineTest):
         with self.assertRaises(DockerError) as caught:
             self.client().inspect_container("web")
         self.assertIn("needs API 1.50 or newer", str(caught.exception))
+        self.assertIn("use a newer autodeploy, or let dockerd accept API 1.47 "
+                      "(DOCKER_MIN_API_VERSION=1.47 in its environment)", str(caught.exception))
+
+    def test_engine_older_than_this_client_refuses_saying_to_upgrade_it(self):
+        self.start_engine(version="1.39", min_version="1.12")
+        with self.assertRaises(DockerError) as caught:
+            self.client().inspect_container("web")
+        self.assertEqual(str(caught.exception),
+                         "the Docker Engine (version fake) speaks API 1.39; this client needs 1.40 "
+                         "or newer: upgrade the Engine (Docker 19.03 and later speak 1.40)")
+
+    def test_an_engine_upgraded_under_a_running_client_says_to_restart(self):
+        engine = self.start_engine(version="1.41", min_version="1.12")
+        engine.routes[("GET", "/v1.41/containers/web/json")] = lambda h: h.send_json(400, {
+            "message": "client version 1.41 is too old. Minimum supported API version is 1.44, "
+                       "please upgrade your client to a newer version"})
+        with self.assertRaises(DockerError) as caught:
+            self.client().inspect_container("web")
+        self.assertIn("restart autodeploy to negotiate again", str(caught.exception))
 
     def test_negotiate_pure(self):
         negotiate = dockerapi.negotiate_api_version
@@ -185,6 +204,45 @@ class ErrorsTest(FakeEngineTest):
         self.assertIsNone(caught.exception.status)
         self.assertIn("cannot reach the Docker Engine at /nonexistent/docker.sock: no such socket",
                       str(caught.exception))
+
+    def test_a_socket_refused_for_want_of_its_group_names_the_group_and_the_fix(self):
+        path = write_file(temp_folder(self, "socket-"), "docker.sock", "")
+        os.chmod(path, 0o660)
+        group = __import__("grp").getgrgid(os.stat(path).st_gid).gr_name
+        client = DockerClient("unix://" + path, environ={})
+        with unittest.mock.patch.object(dockerapi.UnixHTTPConnection, "connect",
+                                        side_effect=PermissionError(13, "Permission denied")), \
+                unittest.mock.patch.object(dockerapi.os, "getegid", return_value=65534), \
+                unittest.mock.patch.object(dockerapi.os, "getgroups", return_value=[]):
+            with self.assertRaises(DockerError) as caught:
+                client.version()
+        self.assertIsNone(caught.exception.status)
+        self.assertEqual(str(caught.exception), (
+            "cannot reach the Docker Engine at {path}: permission denied: the socket is "
+            "{owner}:{group}, mode 0660, and this process (uid {uid}) is not in group {group}: "
+            "add the service's user to group {group} (SupplementaryGroups={group} in a "
+            "systemd unit), then restart it").format(
+                path=path, owner=__import__("pwd").getpwuid(os.stat(path).st_uid).pw_name,
+                group=group, uid=os.geteuid()))
+
+    def test_a_published_port_taken_gets_a_hint_naming_the_port(self):
+        engine = self.start_engine()
+        engine.routes[("POST", "/v1.41/containers/web/start")] = lambda h: h.send_json(500, {
+            "message": "driver failed programming external connectivity on endpoint web (0123): "
+                       "Bind for 127.0.0.1:39480 failed: port is already allocated"})
+        engine.routes[("POST", "/v1.41/containers/api/start")] = lambda h: h.send_json(500, {
+            "message": "driver failed programming external connectivity on endpoint api (4567): "
+                       "Error starting userland proxy: listen tcp4 0.0.0.0:8080: bind: "
+                       "address already in use"})
+        client = self.client()
+        with self.assertRaises(DockerError) as caught:
+            client.start_container("web")
+        self.assertTrue(caught.exception.message.endswith(
+            "port is already allocated (host port 39480 is taken by another container or "
+            "process: see `docker ps --filter publish=39480` and `ss -ltnp 'sport = :39480'`)"))
+        with self.assertRaises(DockerError) as caught:
+            client.start_container("api")
+        self.assertIn("(host port 8080 is taken", caught.exception.message)
 
     def test_reasons_a_person_understands(self):
         self.assertIn("permission denied", dockerapi._reason(PermissionError(13, "x")))

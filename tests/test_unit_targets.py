@@ -165,6 +165,22 @@ class ContainerTargetTest(unittest.TestCase):
         self.assertEqual(state, "succeeded")
         self.assertIn("created web running reg.example/team/web:latest", description)
 
+    def test_a_first_container_that_cannot_start_says_so_not_unhealthy(self):
+        del self.engine.containers[self.old_id]
+        self.engine.fail_at["start_container"] = 1
+        with self.assertRaisesRegex(DeployFailed, "the first container did not start: start_container failed"):
+            self.deploy()
+        self.assertEqual(self.engine.names(), [])  # the one that did not start is removed
+
+    def test_a_first_container_whose_name_was_taken_meanwhile_fails_naming_it(self):
+        del self.engine.containers[self.old_id]
+        def take_the_name(method):
+            if method == "create_container" and self.engine.named("web") is None:
+                self.engine.add_container("web", "sha256:v1")
+        self.engine.on_call = take_the_name
+        with self.assertRaisesRegex(DeployFailed, "cannot create web: Conflict. The container name /web is already in use"):
+            self.deploy()
+
     def test_describe_names_the_container(self):
         self.assertEqual(self.target.describe(app_config()), "container web")
 

@@ -41,7 +41,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import autodeploy
 import dockerapi
 from autodeploy import AppConfig
-from dockerapi import DockerError, NotFound
+from dockerapi import Conflict, DockerError, NotFound
 
 GLOBAL_TOKEN = "global-token-" + "g" * 27
 ROTATED_TOKEN = "rotated-token-" + "r" * 26
@@ -711,7 +711,7 @@ class FakeEngine:
     def create_container(self, body: Dict[str, Any], name: Optional[str] = None) -> str:
         self._call("create_container", name)
         if name and self.named(name) is not None:
-            raise DockerError("Conflict. The container name /%s is already in use" % name, 409)
+            raise Conflict("Conflict. The container name /%s is already in use" % name, 409)
         image = self._image_for(body["Image"])
         container_id = self.add_container(name or "anon", image["Id"], running=False)
         self.containers[container_id]["State"]["Status"] = "created"
