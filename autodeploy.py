@@ -2813,6 +2813,7 @@ class ContainerTarget:
                 pass
         self.step(job, "rename-back")
         if self.engine.inspect_container(old_id)["Name"].lstrip("/") != name:
+            self.refuse_a_strangers_name(job, old_id, was_running, failure, jlog)
             self.engine.rename_container(old_id, name)
         if was_running:
             self.step(job, "start-old")
@@ -2821,6 +2822,41 @@ class ContainerTarget:
                 raise DockerError("the old container %s did not start again" % _short(old_id))
         jlog.warning("%s old container %s", "rolled back to" if failure else "put back",
                      _short(old_id))
+
+    def refuse_a_strangers_name(self, job: Job, old_id: str, was_running: bool,
+                                failure: Optional[str], jlog: logging.LoggerAdapter) -> None:
+        """Before the old container gets its name back: when a container
+        autodeploy did not create took the name while the old one was
+        aside (by hand, by Compose), it is left alone, never removed; the
+        old one runs on under its aside name, and the job fails saying
+        what to do. The swap ends there."""
+        name = job.app.container
+        holder = self._inspect_or_none(name)
+        if holder is None:
+            return
+        aside = aside_name(name, job.id)
+        if was_running:
+            self.engine.start_container(old_id)
+        job.swap = None
+        raise DeployFailed(
+            "%scontainer %s (not created by autodeploy) took the name %s during the swap and "
+            "was left alone; the old container %s as %s: remove or rename %s, then "
+            "`docker rename %s %s` and deploy again"
+            % (failure + "; " if failure else "", _short(holder["Id"]), name,
+               "runs again" if was_running else "stays stopped", aside, name, aside, name))
+
+    @staticmethod
+    def created_by_swap(current: Optional[Dict[str, Any]], old_id: str,
+                        row: Dict[str, Any]) -> bool:
+        """Whether the container holding the app's name is the swap's new
+        one: the one recorded, or, when a crash came between its creation
+        and that record, one never started yet. A container someone else
+        started under the name is not ours to start, gate or remove."""
+        if current is None or current["Id"] == old_id:
+            return False
+        if row.get("new_container"):
+            return current["Id"] == row["new_container"]
+        return (current.get("State") or {}).get("Status") == "created"
 
     def converge(self, job: Job, row: Dict[str, Any], jlog: logging.LoggerAdapter) -> None:
         """Put in order what a crash or a lost Engine left of a swap (`row`:
@@ -2854,7 +2890,7 @@ class ContainerTarget:
             return
         old_id = old["Id"]
         was_running = is_running(old) if row.get("was_running") is None else bool(row["was_running"])
-        new = current if current is not None and current["Id"] != old_id else None
+        new = current if self.created_by_swap(current, old_id, row) else None
         new_id = new["Id"] if new is not None else None
         failure = row.get("failure")
         if failure:

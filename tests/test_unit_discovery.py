@@ -166,6 +166,7 @@ class RollOutTest(unittest.TestCase):
         self.engine.rename_container("web-2", "web-2-autodeploy-old-j1")
         self.engine.add_labelled("web-2", "sha256:v2", REF, {"autodeploy.order": "stop-first"},
                                  running=False)
+        self.engine.named("web-2")["State"]["Status"] = "created"  # never started
         self.job.resume = {"id": "j1", "container": "web-2", "was_running": 1,
                            "old_container": self.ids["web-2"], "state": "running"}
         self.rig.runner.run(self.job)

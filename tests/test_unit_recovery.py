@@ -22,9 +22,11 @@ class RecoveryTestCase(unittest.TestCase):
     def crash_mid_swap(self, new_running: bool = True) -> str:
         """The Engine as a crash between create and the old container's
         removal leaves it: the old one set aside (stopped), the new one under
-        the app's name. Returns the old container's id."""
+        the app's name; self.row is the journal's record of the swap. Returns
+        the old container's id."""
         old_id = self.engine.add_container("web-autodeploy-old-j1", "sha256:v1", running=False)
-        self.engine.add_container("web", "sha256:v2", running=new_running)
+        new_id = self.engine.add_container("web", "sha256:v2", running=new_running)
+        self.row = {"id": "j1", "was_running": 1, "new_container": new_id}
         return old_id
 
 
@@ -32,7 +34,7 @@ class ConvergeTest(RecoveryTestCase):
 
     def test_a_new_container_that_passes_the_gate_again_wins_and_the_old_one_goes(self):
         old_id = self.crash_mid_swap()
-        self.target.converge(self.job, {"id": "j1", "was_running": 1}, self.jlog)
+        self.target.converge(self.job, self.row, self.jlog)
         self.assertEqual(self.job.state, "succeeded")
         self.assertIn("finished after a restart", self.job.description)
         self.assertNotIn(old_id, self.engine.containers)
@@ -40,7 +42,7 @@ class ConvergeTest(RecoveryTestCase):
 
     def test_a_new_container_that_is_not_running_is_started_and_gated_again(self):
         old_id = self.crash_mid_swap(new_running=False)
-        self.target.converge(self.job, {"id": "j1", "was_running": 1}, self.jlog)
+        self.target.converge(self.job, self.row, self.jlog)
         self.assertEqual(self.job.state, "succeeded", self.job.description)
         self.assertTrue(self.engine.named("web")["State"]["Running"])
         self.assertNotIn(old_id, self.engine.containers)
@@ -49,7 +51,7 @@ class ConvergeTest(RecoveryTestCase):
         old_id = self.crash_mid_swap(new_running=False)
         self.engine.on_start = lambda info: info["Image"] == "sha256:v2" and die_event(
             self.engine, info["Id"], self.clock() + 1)
-        self.target.converge(self.job, {"id": "j1", "was_running": 1}, self.jlog)
+        self.target.converge(self.job, self.row, self.jlog)
         self.assertEqual(self.job.state, "rolled_back")
         web = self.engine.named("web")
         self.assertEqual(web["Id"], old_id)
@@ -57,8 +59,9 @@ class ConvergeTest(RecoveryTestCase):
 
     def test_a_stop_first_old_container_still_running_is_stopped_before_the_new_one_starts(self):
         self.engine.add_container("web-autodeploy-old-j1", "sha256:v1", running=True)
-        self.engine.add_container("web", "sha256:v2", running=False)
-        self.target.converge(self.job, {"id": "j1", "was_running": 1}, self.jlog)
+        new_id = self.engine.add_container("web", "sha256:v2", running=False)
+        self.target.converge(self.job, {"id": "j1", "was_running": 1, "new_container": new_id},
+                             self.jlog)
         methods = [c[0] for c in self.engine.calls]
         self.assertLess(methods.index("stop_container"), methods.index("start_container"))
         self.assertEqual(self.job.state, "succeeded")
@@ -113,7 +116,7 @@ class JobRunnerTest(RecoveryTestCase):
 
     def test_a_crashed_swap_is_converged_before_anything_else(self):
         self.crash_mid_swap()
-        self.job.resume = {"id": "j1", "was_running": 1, "state": "running"}
+        self.job.resume = dict(self.row, state="running")
         self.runner.run(self.job)
         self.assertEqual(self.job.state, "succeeded")
         self.assertNotIn("pull_image", [c[0] for c in self.engine.calls])
@@ -122,7 +125,7 @@ class JobRunnerTest(RecoveryTestCase):
         self.crash_mid_swap(new_running=False)  # left by j1
         self.engine.add_image("reg.example/team/web:latest", "sha256:v3")
         newer = new_job(app_config(order="stop-first"), "j2")
-        newer.resume = {"id": "j1", "was_running": 1, "state": "running"}
+        newer.resume = dict(self.row, state="running")
         self.runner.run(newer)
         self.assertEqual(newer.state, "succeeded", newer.description)
         self.assertEqual(self.engine.named("web")["Image"], "sha256:v3")

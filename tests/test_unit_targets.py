@@ -141,6 +141,35 @@ class ContainerTargetTest(unittest.TestCase):
         self.assertEqual(self.engine.names(), ["web"])
         self.assertTrue(self.engine.named("web")["State"]["Running"])
 
+    def test_a_container_that_took_the_name_mid_swap_is_left_alone_and_the_old_one_runs_aside(self):
+        stranger = {}
+
+        def take_the_name(method):
+            if method == "create_container" and not stranger:
+                stranger["id"] = self.engine.add_container("web", "sha256:other")
+        self.engine.on_call = take_the_name
+        with self.assertRaisesRegex(DeployFailed, "not created by autodeploy\) took the name web"):
+            self.deploy()
+        self.assertEqual(self.engine.named("web")["Id"], stranger["id"])
+        self.assertTrue(self.engine.named("web")["State"]["Running"])
+        aside = self.engine.named(autodeploy.aside_name("web", self.job.id))
+        self.assertEqual(aside["Id"], self.old_id)
+        self.assertTrue(aside["State"]["Running"])
+        self.assertIsNone(self.job.swap)
+
+    def test_converging_never_removes_a_started_container_it_has_no_record_of(self):
+        # A crash came right after the old one was set aside; then someone
+        # ran a container under the name. Ours would still be "created".
+        self.engine.rename_container("web", autodeploy.aside_name("web", self.job.id))
+        self.engine.containers[self.old_id]["State"].update(Running=False, Status="exited")
+        stranger = self.engine.add_container("web", "sha256:other")
+        row = {"id": self.job.id, "old_container": self.old_id, "was_running": 1,
+               "step": "create-new", "failure": None}
+        with self.assertRaisesRegex(DeployFailed, "left alone; the old container runs again as"):
+            self.target.converge(self.job, row, self.jlog)
+        self.assertIn(stranger, self.engine.containers)
+        self.assertTrue(self.engine.containers[self.old_id]["State"]["Running"])
+
     def test_the_engine_lost_mid_swap_leaves_the_swap_for_the_runner_to_converge(self):
         def lose_engine(method):
             if method == "start_container":
