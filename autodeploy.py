@@ -5706,7 +5706,8 @@ class AdminPages:
 
     def healthz(self) -> Answer:
         healthy, reason = self.service.health()
-        doc = {"status": "ok" if healthy else "unhealthy", "reason": reason}
+        # The reason only when there is one: healthy is {"status": "ok"}.
+        doc: Dict[str, Any] = {"status": "ok"} if healthy else {"status": "unhealthy", "reason": reason}
         poller = self.service.poller
         if poller is not None and poller.apps():
             # A registry that is down delays deploys; it does not make the service unhealthy.
@@ -5722,6 +5723,9 @@ class AdminPages:
             limit = max(1, min(1000, int(first.get("limit", "100"))))
         except ValueError:
             return 400, {"error": "limit must be a number"}, None
+        state = first.get("state")
+        if state and state not in STATES:  # else a typo answers an empty list, as if no job had it
+            return 400, {"error": "state must be one of %s" % ", ".join(STATES)}, None
         return 200, {"jobs": self.service.job_list(first.get("app"), first.get("state"), limit)}, None
 
     def job(self, job_id: str) -> Answer:
@@ -5766,12 +5770,15 @@ class WebhookHandler(http.server.BaseHTTPRequestHandler):
     # Not "HTTP/0.9": a request line the parser cannot read gets a status line with its 400.
     default_request_version = "HTTP/1.0"
     server_version = "autodeploy/" + __version__
-    sys_version = ""
     disable_nagle_algorithm = True
     timeout = 10  # seconds the answer's send may block (reads have DeadlineReader's deadlines)
     # Buffer the answer so headers and body leave in one send (handle_one_request flushes).
     wbufsize = 64 * 1024
     _body_read = False
+
+    def version_string(self) -> str:
+        """The Server header: http.server's adds the Python version after a space."""
+        return self.server_version
 
     # -- the connection and the request head -------------------------------
 

@@ -8,6 +8,7 @@ Engine is involved; deploying is covered end to end in test_e2e_deploy.
 import http.client
 import http.server
 import io
+import logging
 import types
 from typing import Optional
 import unittest
@@ -18,6 +19,7 @@ from tests import unit_support
 from tests.unit_support import ServerTestCase
 
 TOKEN = "k" * 40
+ADMIN = "a" * 40
 CALLBACK = "https://registry.hub.docker.com/u/a/b/hook/1/"
 
 
@@ -117,6 +119,50 @@ class HandlerTest(ServerTestCase):
         self.assertTrue(self.logs.lines())
         for line in self.logs.lines():
             self.assertNotIn(TOKEN, line)
+
+
+class AdminPagesTest(ServerTestCase):
+    """/healthz, and the checks /jobs makes of its query."""
+
+    def request(self, method, path, body=None, headers=None):
+        return self.post(path, body, headers, method=method)
+
+    def setUp(self):
+        super().setUp()
+        self.start_server(tokens=[TOKEN], admin_tokens=(ADMIN,))
+
+    def get(self, path):
+        return self.request("GET", path, headers={"Authorization": "Bearer " + ADMIN})
+
+    def test_healthy_is_status_ok_alone(self):
+        self.service.health = lambda: (True, "ok")
+        status, doc, _ = self.get("/healthz")
+        self.assertEqual((status, doc), (200, {"status": "ok"}))
+
+    def test_unhealthy_says_why(self):
+        status, doc, _ = self.get("/healthz")  # the test config's Engine does not exist
+        self.assertEqual((status, doc), (503, {"status": "unhealthy",
+                                               "reason": "docker engine unreachable"}))
+
+    def test_a_state_that_does_not_exist_is_400_naming_the_states(self):
+        status, doc, _ = self.get("/jobs?state=bogus")
+        self.assertEqual(status, 400)
+        for state in autodeploy.STATES:
+            self.assertIn(state, doc["error"])
+
+    def test_known_states_and_no_state_list_jobs(self):
+        self.request("POST", "/deploy/" + TOKEN, hub_body())
+        for query, count in (("", 1), ("?state=queued", 1), ("?state=failed", 0)):
+            with self.subTest(query=query):
+                status, doc, _ = self.get("/jobs" + query)
+                self.assertEqual((status, len(doc["jobs"])), (200, count))
+
+    def test_a_limit_that_is_no_number_is_400(self):
+        self.assertEqual(self.get("/jobs?limit=ten")[0], 400)
+
+    def test_the_server_header_is_the_version_with_no_trailing_space(self):
+        _, _, response = self.get("/healthz")
+        self.assertEqual(response.getheader("Server"), "autodeploy/" + autodeploy.__version__)
 
 
 class _StdlibHandler(http.server.BaseHTTPRequestHandler):
