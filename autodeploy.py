@@ -5209,6 +5209,16 @@ def token_scope(config: Config, given: str) -> Optional[FrozenSet[str]]:
     return frozenset(apps) if apps else None
 
 
+def token_hint(given: str) -> str:
+    """A token from a URL, for a log line: its length, and its first 4
+    characters when it has 12 or more (a third at most); never all of it, as
+    it may be a real token with a typo."""
+    if not given:
+        return "none given"
+    shown = ", starting %s" % printable(given[:4]) if len(given) >= 12 else ""
+    return "%d characters%s" % (len(given), shown)
+
+
 def token_matches(given: str, tokens: Sequence[str]) -> bool:
     """True when `given` is one of `tokens`; every one is compared, each in constant time."""
     given_bytes = given.encode("utf-8", "replace")
@@ -5918,6 +5928,7 @@ class WebhookHandler(http.server.BaseHTTPRequestHandler):
         sender, token = deploy_path(self.path)
         scope = token_scope(service.config, token)
         if scope is None:
+            self._log_unknown_token(sender, token)
             return self.answer(404, {"error": "not found"})
         try:
             check_sender_name(sender)  # before the body is read
@@ -5936,6 +5947,18 @@ class WebhookHandler(http.server.BaseHTTPRequestHandler):
             retry = {"Retry-After": "30"} if exc.status == 503 else None
             return self.answer(exc.status, {"error": exc.message}, retry)
         self.answer(status, answer)
+
+    def _log_unknown_token(self, sender: Optional[str], token: str) -> None:
+        """A mistyped webhook URL shows in the log (at most a line a second):
+        who sent it, and a hint of the token, never the token itself."""
+        config = self.server.service.config
+        source = client_address(self.client_address[0], self.headers, config.trusted_proxies)
+        named = sender if sender in SENDERS else detect_sender({}, self.headers)
+        agent = self.headers.get("User-Agent")
+        who = "sender %s" % named if named else \
+            "User-Agent %s" % printable(agent[:80]) if agent else "sender unknown"
+        self.server._log_limited("unknown-token", "%s deploy refused (404): unknown token (%s; %s)"
+                                 % (printable(source), token_hint(token), who))
 
     def healthz(self) -> None:
         self.answer(*self.server.admin.healthz())

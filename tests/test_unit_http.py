@@ -121,6 +121,64 @@ class HandlerTest(ServerTestCase):
             self.assertNotIn(TOKEN, line)
 
 
+class UnknownTokenLogTest(ServerTestCase):
+    """A wrong token is a 404, and one line at INFO or above: a mistyped
+    webhook URL shows in the log, without the token."""
+
+    def request(self, method, path, body=None, headers=None):
+        return self.post(path, body, headers, method=method)
+
+    def setUp(self):
+        super().setUp()
+        self.start_server(tokens=[TOKEN])
+        self.clock = unit_support.FakeClock()
+        self.server._log_limiter = autodeploy.LogLimiter(clock=self.clock)
+
+    def refused_lines(self):
+        return [record.getMessage() for record in self.logs.records
+                if record.levelno >= logging.INFO and "unknown token" in record.getMessage()]
+
+    def test_a_wrong_token_is_logged_with_the_client_and_sender_but_not_the_token(self):
+        typo = TOKEN[:-1] + "x"
+        status, _, _ = self.request("POST", "/deploy/dockerhub/" + typo, hub_body())
+        self.assertEqual(status, 404)
+        [line] = self.refused_lines()
+        self.assertIn("127.0.0.1", line)
+        self.assertIn("sender dockerhub", line)
+        self.assertIn("40 characters, starting kkkk", line)
+        self.assertNotIn(typo, line)
+        self.assertNotIn(TOKEN[:5], line)
+
+    def test_the_sender_is_told_from_its_headers_else_the_user_agent_is_named(self):
+        self.request("POST", "/deploy/" + "x" * 40, hub_body(), {"X-GitHub-Event": "package"})
+        self.clock.advance(1)
+        self.request("POST", "/deploy/" + "x" * 40, hub_body(), {"User-Agent": "Hookshot/1"})
+        first, second = self.refused_lines()
+        self.assertIn("sender github", first)
+        self.assertIn("User-Agent Hookshot", second)
+
+    def test_a_short_token_shows_its_length_only(self):
+        self.request("POST", "/deploy/secret", hub_body())
+        [line] = self.refused_lines()
+        self.assertIn("6 characters;", line)
+        self.assertNotIn("secr", line)
+
+    def test_refusals_are_rate_limited_with_a_count_of_those_left_out(self):
+        for _ in range(5):
+            self.request("POST", "/deploy/" + "x" * 40, hub_body())
+        self.clock.advance(1.5)
+        self.request("POST", "/deploy/" + "x" * 40, hub_body())
+        lines = self.refused_lines()
+        self.assertEqual(len(lines), 2, lines)
+        self.assertIn("(4 more like it not logged)", lines[1])
+
+    def test_other_unknown_paths_stay_at_debug(self):
+        self.request("GET", "/wp-login.php")
+        self.request("POST", "/admin", b"{}")
+        self.assertFalse([record for record in self.logs.records if record.levelno >= logging.INFO],
+                         self.logs.lines())
+
+
 class AdminPagesTest(ServerTestCase):
     """/healthz, and the checks /jobs makes of its query."""
 
