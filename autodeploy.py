@@ -527,6 +527,15 @@ def parse_duration(text: str) -> Optional[float]:
     return float(hours * 3600 + minutes * 60 + seconds)
 
 
+def format_seconds(seconds: float) -> str:
+    """A duration for a log line or a description: 3.39299 -> '3.4 s',
+    0.26 -> '0.3 s', 0.013 -> '0.01 s', 12.7 -> '13 s', 120 -> '120 s' (tenths under 10 s,
+    hundredths under 0.1 s, whole seconds from 10 s; no trailing .0)."""
+    if seconds >= 10:
+        return "%d s" % round(seconds)
+    return "%g s" % round(seconds, 1 if seconds >= 0.1 else 2)
+
+
 def format_duration(seconds: float) -> str:
     """90 -> '1m30s', 3600 -> '1h': as `poll` is written."""
     whole = int(seconds)
@@ -2682,8 +2691,8 @@ class SwarmServiceTarget:
         else:
             raise DeployFailed("service %s changed under every one of %d updates; not updated"
                                % (app.service, SWARM_UPDATE_TRIES))
-        jlog.info("service %s: image set to %s; Swarm rolls it out (up to %ss)",
-                  app.service, image, app.swarm_timeout)
+        jlog.info("service %s: image set to %s; Swarm rolls it out (up to %s)",
+                  app.service, image, format_seconds(app.swarm_timeout))
         return self.follow(job, service["ID"], _dig(service, "UpdateStatus", "StartedAt"), jlog)
 
     def credentials(self, app: AppConfig) -> dockerapi.RegistryAuth:
@@ -2732,8 +2741,8 @@ class SwarmServiceTarget:
                 return UP_TO_DATE, "service %s already runs %s (%s), %s" % (
                     app.service, job.reference, _short(job.digest), counted)
             if waited >= app.swarm_timeout:
-                raise DeployFailed("service %s: Swarm's roll-out did not end within %ss (%s, %s); "
-                                   "Swarm goes on with it" % (app.service, app.swarm_timeout,
+                raise DeployFailed("service %s: Swarm's roll-out did not end within %s (%s, %s); "
+                                   "Swarm goes on with it" % (app.service, format_seconds(app.swarm_timeout),
                                                               state or "not started", counted))
             self.deadline.check()
             self.sleep(self.interval)
@@ -2868,13 +2877,13 @@ class HealthGate:
                 self.fail_on_death(event)
             raise
         if has_healthcheck(state):
-            jlog.info("waiting for the HEALTHCHECK (up to %ss)", app.health_timeout)
+            jlog.info("waiting for the HEALTHCHECK (up to %s)", format_seconds(app.health_timeout))
             return self.wait_for_healthcheck(container_id, started, deadline)
         if app.health_url or app.health_tcp:
             target = app.health_url or "tcp://" + app.health_tcp
-            jlog.info("probing %s (up to %ss)", target, app.health_timeout)
+            jlog.info("probing %s (up to %s)", target, format_seconds(app.health_timeout))
             return self.wait_for_probe(container_id, app, deadline)
-        jlog.info("checking it stays up for %ss", app.settle)
+        jlog.info("checking it stays up for %s", format_seconds(app.settle))
         return self.wait_settled(container_id, started, min(deadline, self.clock() + app.settle))
 
     def alive_state(self, container_id: str) -> Dict[str, Any]:
@@ -2910,8 +2919,8 @@ class HealthGate:
             if self.probe(target, min(2.0, max(0.1, deadline - self.clock()))):
                 return "%s answered" % target
             if self.clock() >= deadline:
-                raise DeployFailed("%s did not answer within %ss (state %s)"
-                                   % (target, app.health_timeout, state.get("Status")))
+                raise DeployFailed("%s did not answer within %s (state %s)"
+                                   % (target, format_seconds(app.health_timeout), state.get("Status")))
             self.sleep(0.2)
 
     def probe_target(self, container_id: str, app: AppConfig) -> str:
@@ -2927,7 +2936,7 @@ class HealthGate:
         for event in self.container_events(container_id, started, until):
             self.fail_on_death(event)
         self.alive_state(container_id)
-        return "still running after %gs" % max(0.0, until - started)
+        return "still running after %s" % format_seconds(max(0.0, until - started))
 
     def container_events(self, container_id: str, since: float, until: float) -> Iterator[Dict[str, Any]]:
         """The container's events from `since` (replayed) until `until` (live),
@@ -3445,7 +3454,7 @@ class JobRunner:
             try:
                 self.engine.ping()
                 if next_note:
-                    jlog.info("the Docker Engine answers again (after %.0fs)", self.clock() - began)
+                    jlog.info("the Docker Engine answers again (after %s)", format_seconds(self.clock() - began))
                 return
             except DockerError as exc:
                 waited = self.clock() - began
@@ -3843,8 +3852,8 @@ class CallbackSender:
         """After an attempt: queue the next one, or forget the delivery."""
         if outcome == "retry" and delivery.attempt <= len(self.retry_delays):
             delay = self.retry_delays[delivery.attempt - 1]
-            log.info("job=%s %s to %s: attempt %d failed, next in %gs",
-                     delivery.who, delivery.what, _mask_url(delivery.url), delivery.attempt, delay)
+            log.info("job=%s %s to %s: attempt %d failed, next in %s", delivery.who,
+                     delivery.what, _mask_url(delivery.url), delivery.attempt, format_seconds(delay))
             delivery.attempt += 1
             delivery.due = self.clock() + delay
             self._write_rows([delivery])
@@ -5185,8 +5194,8 @@ class Poller:
         reason = _reason_of(exc)
         self.service.metrics.count_poll(app.repository, self.wall_clock(), ok=False)
         if reason != state.last_error or retry_after is not None:
-            log.warning("repo=%s poll failed (%d in a row): %s; next in %gs", app.repository,
-                        state.failures, printable(reason), delay)
+            log.warning("repo=%s poll failed (%d in a row): %s; next in %s", app.repository,
+                        state.failures, printable(reason), format_seconds(delay))
         state.last_error = reason
         return "failed: %s" % reason
 
@@ -5453,8 +5462,9 @@ class WebhookServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
             return
         slot, displaced, why = self._take_slot(request, peer, config)
         if displaced is not None:
-            self._log_limited("displaced", "%s connection closed to make room (it was %s for %.1fs)"
-                              % (displaced.source, displaced.phase, time.monotonic() - displaced.accepted))
+            self._log_limited("displaced", "%s connection closed to make room (it was %s for %s)"
+                              % (displaced.source, displaced.phase,
+                                 format_seconds(time.monotonic() - displaced.accepted)))
             try:
                 displaced.sock.shutdown(socket.SHUT_RDWR)  # its thread sees the end and goes
             except OSError:
@@ -5579,9 +5589,9 @@ class DeadlineReader(io.RawIOBase):
         deadlines = [d for d in (self.head_deadline, self.request_deadline) if d is not None]
         timeout = min(deadlines) - now if deadlines else self.keepalive_timeout
         if timeout <= 0:
-            raise socket.timeout("the %s took longer than %ss" % (
-                ("headers", self.header_timeout) if min(deadlines) == self.head_deadline
-                else ("request", self.request_timeout)))
+            what, limit = ("headers", self.header_timeout) if min(deadlines) == self.head_deadline \
+                else ("request", self.request_timeout)
+            raise socket.timeout("the %s took longer than %s" % (what, format_seconds(limit)))
         self.sock.settimeout(timeout)
         count = self.sock.recv_into(buffer)
         if count and not self.started:
