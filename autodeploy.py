@@ -1798,19 +1798,43 @@ class JobLog(logging.LoggerAdapter):
 class StopDeadline:
     """The moment past which running deploys stop (SIGTERM's stop_deadline).
     Everything that waits inside a deploy calls check(), so a shutdown
-    interrupts it at a point where what it changed can be put back."""
+    interrupts it at a point where what it changed can be put back; a wait
+    that has changed nothing (for an Engine that is away) ends as soon as
+    the stop begins. Pauses on the job path go through pause(), which a
+    stop's start wakes and which never sleeps past the deadline."""
 
     def __init__(self, clock: Callable[[], float] = time.time):
         self.clock = clock
         self.at: Optional[float] = None
+        self.stopping = threading.Event()
 
     def start(self, seconds: float) -> None:
         self.at = self.clock() + seconds
+        self.stopping.set()  # after `at`: a pause it wakes sees the deadline
 
-    def check(self) -> None:
-        """Raise CutOff once the deadline has passed."""
-        if self.at is not None and self.clock() >= self.at:
+    def check(self, idle: bool = False) -> None:
+        """Raise CutOff once the deadline has passed; for a wait that has
+        changed nothing yet (`idle`), once the stop has begun."""
+        if self.at is None:
+            return
+        if idle:
+            raise CutOff("the service is stopping, and the job had changed nothing yet")
+        if self.clock() >= self.at:
             raise CutOff("the service is stopping and its stop_deadline passed")
+
+    def pause(self, seconds: float, sleep: Optional[Callable[[float], None]] = None) -> None:
+        """Wait `seconds`, but never past the deadline; until a stop begins,
+        a stop's start ends the wait at once. `sleep`: an injected one
+        (tests), called with the seconds to wait instead."""
+        at = self.at
+        if at is not None:
+            seconds = max(0.0, min(seconds, at - self.clock()))
+        if sleep is not None:
+            sleep(seconds)
+        elif at is None:
+            self.stopping.wait(seconds)
+        else:
+            time.sleep(seconds)
 
 
 def cut_off(exc: BaseException) -> bool:
@@ -3219,16 +3243,17 @@ class JobRunner:
 
     def __init__(self, target: ContainerTarget, deadline: StopDeadline,
                  engine_wait: float = ENGINE_WAIT, clock: Callable[[], float] = time.time,
-                 sleep: Callable[[float], None] = time.sleep,
+                 sleep: Optional[Callable[[float], None]] = None,
                  discovery: Optional[Discovery] = None,
                  swarm: Optional["SwarmServiceTarget"] = None):
         self.target = target
         self.swarm = swarm or SwarmServiceTarget(target.engine, deadline, target.docker_config,
                                                  record_step=target.record_step, clock=clock,
-                                                 sleep=sleep)
+                                                 sleep=sleep or deadline.pause)
         self.discovery = discovery  # None: each app deploys its section's container only
         self.engine = target.engine  # the Engine every target of this host talks to
         self.deadline, self.engine_wait = deadline, engine_wait
+        # sleep: None (a service) pauses on the deadline, which a stop wakes; tests inject one.
         self.clock, self.sleep = clock, sleep
         self.unconverged: Set[str] = set()
 
@@ -3417,10 +3442,10 @@ class JobRunner:
                     if exc.status is None and not self.engine_answers():
                         delay = 1.0  # gone again: wait_for_engine notices its return
                     job.description = "not converged yet: %s" % exc
-                    jlog.warning("swap not converged yet (%s); trying again in %gs", exc, delay)
+                    jlog.warning("swap not converged yet (%s); trying again in %s", exc, format_seconds(delay))
                     target.record_step(job)
                 self.deadline.check()
-                self.sleep(delay)
+                self.deadline.pause(delay, self.sleep)  # not past the deadline: then check() ends it
                 delay = min(delay * 2, ENGINE_RETRY_MAX)
         finally:
             self.unconverged.discard(job.id)
@@ -3463,10 +3488,12 @@ class JobRunner:
                 if waited >= next_note:  # a line after 0, 1, 2, 4, 8... seconds, not every second
                     jlog.warning("the Docker Engine does not answer (%s); %s", exc,
                                  "waiting for it to put the swap in order" if forever
-                                 else "waiting up to %gs" % self.engine_wait)
+                                 else "waiting up to %s" % format_seconds(self.engine_wait))
                     next_note = max(1.0, waited * 2)
-            self.deadline.check()
-            self.sleep(1.0)
+            # Waiting to begin changes nothing: a shutdown ends it at once (the
+            # job stays queued); a swap to put in order waits for the deadline.
+            self.deadline.check(idle=not forever)
+            self.deadline.pause(1.0, self.sleep)
 
     def engine_answers(self) -> bool:
         try:
@@ -6089,12 +6116,13 @@ def make_engine(config: Config) -> DockerClient:
 def build_service(config: Config, engine: DockerClient,
                   urlopen: Optional[Callable[..., Any]] = None,
                   clock: Callable[[], float] = time.time,
-                  sleep: Callable[[float], None] = time.sleep,
+                  sleep: Optional[Callable[[float], None]] = None,
                   crash_at: Optional[str] = None) -> Service:
     """Wire the service for `config`: journal, health gate, target, runner,
-    callbacks. `crash_at`: see ContainerTarget (a seam for crash tests)."""
+    callbacks. `crash_at`: see ContainerTarget (a seam for crash tests);
+    `sleep`: None waits on the stop deadline, so a shutdown wakes the runner."""
     deadline = StopDeadline(clock)
-    gate = HealthGate(engine, clock, sleep, check_cut_off=deadline.check)
+    gate = HealthGate(engine, clock, sleep or time.sleep, check_cut_off=deadline.check)
     journal: Union[Journal, MemoryJournal] = MemoryJournal()
     if config.journal:
         journal = Journal(config.state_file("journal.sqlite3"), config.keep_jobs,
@@ -6225,6 +6253,9 @@ def serve(config: Config, stop_event: Optional[threading.Event] = None,
              port, len(config.apps), config.workers)
     sd_notify("READY=1\nSTATUS=listening on port %d" % port, environ)
     control = start_control_server(config, service)  # after the first answer can be given
+    # On a thread: an Engine behind an unanswering TCP address takes its timeout to fail.
+    threading.Thread(target=check_engine_at_start, args=(service.runner.engine, config),
+                     name="autodeploy-engine-check", daemon=True).start()
     interval = watchdog_interval(environ)
     # Wake at least once a second: a SIGHUP's reload waits no longer than that.
     while not stop_event.wait(min(interval or 1.0, 1.0)):
@@ -6246,6 +6277,22 @@ def serve(config: Config, stop_event: Optional[threading.Event] = None,
         lock.release()
     log.info("stopped")
     return 0
+
+
+def check_engine_at_start(engine: DockerClient, config: Config) -> bool:
+    """Ask the Engine once as the service starts: a wrong docker_host shows
+    in the log at once, not at the first deploy. A WARNING, not a refusal:
+    the Engine may come up later, and webhooks are journaled meanwhile."""
+    try:
+        if engine.ping():
+            return True
+        problem = "its /_ping did not answer OK"
+    except DockerError as exc:
+        problem = str(exc)
+    log.warning("the Docker Engine at %s does not answer (%s); webhooks are still accepted and "
+                "journaled, and each job waits up to %s (engine_wait) for the Engine",
+                getattr(engine, "host", config.docker_host), problem, format_seconds(config.engine_wait))
+    return False
 
 
 def take_instance_lock(config: Config, stop_event: threading.Event,
