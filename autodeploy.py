@@ -2394,8 +2394,7 @@ class ContainerTarget:
         try:
             if was_running:
                 self.step(job, "stop-old", new_container=new_id)
-                self.engine.stop_container(old_id, app.stop_timeout)
-                jlog.info("stopped old container %s", _short(old_id))
+                self.stop_old(old_id, app, jlog)
             self.step(job, "start-new", new_container=new_id)
             started = self.clock()
             self.engine.start_container(new_id)
@@ -2452,12 +2451,42 @@ class ContainerTarget:
             for network in networks_of(self.engine.inspect_container(old_id)):
                 if network != "bridge":  # the default bridge has no DNS to leave
                     self.engine.disconnect_network(network, old_id)
-            self.engine.stop_container(old_id, app.stop_timeout)
-            jlog.info("stopped old container %s", _short(old_id))
+            self.stop_old(old_id, app, jlog)
         except DockerError as exc:
             if exc.status is None:
                 raise
             jlog.warning("could not stop old container %s cleanly: %s", _short(old_id), exc)
+
+    def stop_old(self, old_id: str, app: AppConfig, jlog: logging.LoggerAdapter,
+                 prefix: str = "") -> None:
+        """Stop the old container, and say whether it had to be killed."""
+        began = self.clock()
+        self.engine.stop_container(old_id, app.stop_timeout)
+        limit = self.killed_after(old_id, app, self.clock() - began)
+        if limit is None:
+            jlog.info("%sstopped old container %s", prefix, _short(old_id))
+        else:
+            jlog.warning("%sold container %s did not stop within %s and was killed", prefix,
+                         _short(old_id), format_seconds(limit))
+
+    def killed_after(self, old_id: str, app: AppConfig, took: float) -> Optional[float]:
+        """The stop timeout a stopped container ran out of, when its stop
+        took that long and it ended by SIGKILL (exit code 137, on Docker and
+        Podman alike); else None. A quick stop costs no inspect."""
+        timeout = app.stop_timeout
+        if timeout is not None and timeout < 0:
+            return None  # it was waited for as long as it took
+        if took < (timeout if timeout is not None else 1.0):
+            return None
+        try:
+            info = self.engine.inspect_container(old_id)
+        except DockerError:
+            return None  # stopped all the same: the swap goes on
+        if (info.get("State") or {}).get("ExitCode") != 137:
+            return None
+        if timeout is None:  # the container's own (Podman reports 0 for its default), else 10 s
+            timeout = (info.get("Config") or {}).get("StopTimeout") or 10
+        return float(timeout) if took >= timeout else None
 
     def remove_old(self, job: Job, old_id: str, jlog: logging.LoggerAdapter) -> None:
         """The new container passed: the old one goes (for good, even if
@@ -2553,8 +2582,7 @@ class ContainerTarget:
             if not is_running(new):
                 if is_running(old) and choose_order(app, old) == "stop-first":
                     self.step(job, "stop-old")
-                    self.engine.stop_container(old_id, app.stop_timeout)
-                    jlog.info("resuming: stopped old container %s", _short(old_id))
+                    self.stop_old(old_id, app, jlog, "resuming: ")
                 self.step(job, "start-new", new_container=new_id)
                 jlog.info("resuming: starting new container %s", _short(new_id))
                 self.engine.start_container(new_id)
