@@ -832,6 +832,15 @@ def parse_duration(text: str) -> Optional[float]:
     return float(hours * 3600 + minutes * 60 + seconds)
 
 
+def format_seconds(seconds: float) -> str:
+    """A duration for a log line or a description: 3.39299 -> '3.4 s',
+    0.26 -> '0.3 s', 0.013 -> '0.01 s', 12.7 -> '13 s', 120 -> '120 s' (tenths under 10 s,
+    hundredths under 0.1 s, whole seconds from 10 s; no trailing .0)."""
+    if seconds >= 10:
+        return "%d s" % round(seconds)
+    return "%g s" % round(seconds, 1 if seconds >= 0.1 else 2)
+
+
 def format_duration(seconds: float) -> str:
     """90 -> '1m30s', 3600 -> '1h': as `poll` is written."""
     whole = int(seconds)
@@ -2135,19 +2144,43 @@ class JobLog(logging.LoggerAdapter):
 class StopDeadline:
     """The moment past which running deploys stop (SIGTERM's stop_deadline).
     Everything that waits inside a deploy calls check(), so a shutdown
-    interrupts it at a point where what it changed can be put back."""
+    interrupts it at a point where what it changed can be put back; a wait
+    that has changed nothing (for an Engine that is away) ends as soon as
+    the stop begins. Pauses on the job path go through pause(), which a
+    stop's start wakes and which never sleeps past the deadline."""
 
     def __init__(self, clock: Callable[[], float] = time.time):
         self.clock = clock
         self.at: Optional[float] = None
+        self.stopping = threading.Event()
 
     def start(self, seconds: float) -> None:
         self.at = self.clock() + seconds
+        self.stopping.set()  # after `at`: a pause it wakes sees the deadline
 
-    def check(self) -> None:
-        """Raise CutOff once the deadline has passed."""
-        if self.at is not None and self.clock() >= self.at:
+    def check(self, idle: bool = False) -> None:
+        """Raise CutOff once the deadline has passed; for a wait that has
+        changed nothing yet (`idle`), once the stop has begun."""
+        if self.at is None:
+            return
+        if idle:
+            raise CutOff("the service is stopping, and the job had changed nothing yet")
+        if self.clock() >= self.at:
             raise CutOff("the service is stopping and its stop_deadline passed")
+
+    def pause(self, seconds: float, sleep: Optional[Callable[[float], None]] = None) -> None:
+        """Wait `seconds`, but never past the deadline; until a stop begins,
+        a stop's start ends the wait at once. `sleep`: an injected one
+        (tests), called with the seconds to wait instead."""
+        at = self.at
+        if at is not None:
+            seconds = max(0.0, min(seconds, at - self.clock()))
+        if sleep is not None:
+            sleep(seconds)
+        elif at is None:
+            self.stopping.wait(seconds)
+        else:
+            time.sleep(seconds)
 
 
 def cut_off(exc: BaseException) -> bool:
@@ -2712,8 +2745,7 @@ class ContainerTarget:
         try:
             if was_running:
                 self.step(job, "stop-old", new_container=new_id)
-                self.engine.stop_container(old_id, app.stop_timeout)
-                jlog.info("stopped old container %s", _short(old_id))
+                self.stop_old(old_id, app, jlog)
             self.step(job, "start-new", new_container=new_id)
             started = self.clock()
             self.engine.start_container(new_id)
@@ -2770,12 +2802,42 @@ class ContainerTarget:
             for network in networks_of(self.engine.inspect_container(old_id)):
                 if network != "bridge":  # the default bridge has no DNS to leave
                     self.engine.disconnect_network(network, old_id)
-            self.engine.stop_container(old_id, app.stop_timeout)
-            jlog.info("stopped old container %s", _short(old_id))
+            self.stop_old(old_id, app, jlog)
         except DockerError as exc:
             if exc.status is None:
                 raise
             jlog.warning("could not stop old container %s cleanly: %s", _short(old_id), exc)
+
+    def stop_old(self, old_id: str, app: AppConfig, jlog: logging.LoggerAdapter,
+                 prefix: str = "") -> None:
+        """Stop the old container, and say whether it had to be killed."""
+        began = self.clock()
+        self.engine.stop_container(old_id, app.stop_timeout)
+        limit = self.killed_after(old_id, app, self.clock() - began)
+        if limit is None:
+            jlog.info("%sstopped old container %s", prefix, _short(old_id))
+        else:
+            jlog.warning("%sold container %s did not stop within %s and was killed", prefix,
+                         _short(old_id), format_seconds(limit))
+
+    def killed_after(self, old_id: str, app: AppConfig, took: float) -> Optional[float]:
+        """The stop timeout a stopped container ran out of, when its stop
+        took that long and it ended by SIGKILL (exit code 137, on Docker and
+        Podman alike); else None. A quick stop costs no inspect."""
+        timeout = app.stop_timeout
+        if timeout is not None and timeout < 0:
+            return None  # it was waited for as long as it took
+        if took < (timeout if timeout is not None else 1.0):
+            return None
+        try:
+            info = self.engine.inspect_container(old_id)
+        except DockerError:
+            return None  # stopped all the same: the swap goes on
+        if (info.get("State") or {}).get("ExitCode") != 137:
+            return None
+        if timeout is None:  # the container's own (Podman reports 0 for its default), else 10 s
+            timeout = (info.get("Config") or {}).get("StopTimeout") or 10
+        return float(timeout) if took >= timeout else None
 
     def remove_old(self, job: Job, old_id: str, jlog: logging.LoggerAdapter) -> None:
         """The new container passed: the old one goes (for good, even if
@@ -2907,8 +2969,7 @@ class ContainerTarget:
             if not is_running(new):
                 if is_running(old) and choose_order(app, old) == "stop-first":
                     self.step(job, "stop-old")
-                    self.engine.stop_container(old_id, app.stop_timeout)
-                    jlog.info("resuming: stopped old container %s", _short(old_id))
+                    self.stop_old(old_id, app, jlog, "resuming: ")
                 self.step(job, "start-new", new_container=new_id)
                 jlog.info("resuming: starting new container %s", _short(new_id))
                 self.engine.start_container(new_id)
@@ -3069,8 +3130,8 @@ class SwarmServiceTarget:
         else:
             raise DeployFailed("service %s changed under every one of %d updates; not updated"
                                % (app.service, SWARM_UPDATE_TRIES))
-        jlog.info("service %s: image set to %s; Swarm rolls it out (up to %ss)",
-                  app.service, image, app.swarm_timeout)
+        jlog.info("service %s: image set to %s; Swarm rolls it out (up to %s)",
+                  app.service, image, format_seconds(app.swarm_timeout))
         return self.follow(job, service["ID"], _dig(service, "UpdateStatus", "StartedAt"), jlog)
 
     def credentials(self, app: AppConfig) -> dockerapi.RegistryAuth:
@@ -3119,8 +3180,8 @@ class SwarmServiceTarget:
                 return UP_TO_DATE, "service %s already runs %s (%s), %s" % (
                     app.service, job.reference, _short(job.digest), counted)
             if waited >= app.swarm_timeout:
-                raise DeployFailed("service %s: Swarm's roll-out did not end within %ss (%s, %s); "
-                                   "Swarm goes on with it" % (app.service, app.swarm_timeout,
+                raise DeployFailed("service %s: Swarm's roll-out did not end within %s (%s, %s); "
+                                   "Swarm goes on with it" % (app.service, format_seconds(app.swarm_timeout),
                                                               state or "not started", counted))
             self.deadline.check()
             self.sleep(self.interval)
@@ -3255,13 +3316,13 @@ class HealthGate:
                 self.fail_on_death(event)
             raise
         if has_healthcheck(state):
-            jlog.info("waiting for the HEALTHCHECK (up to %ss)", app.health_timeout)
+            jlog.info("waiting for the HEALTHCHECK (up to %s)", format_seconds(app.health_timeout))
             return self.wait_for_healthcheck(container_id, started, deadline)
         if app.health_url or app.health_tcp:
             target = app.health_url or "tcp://" + app.health_tcp
-            jlog.info("probing %s (up to %ss)", target, app.health_timeout)
+            jlog.info("probing %s (up to %s)", target, format_seconds(app.health_timeout))
             return self.wait_for_probe(container_id, app, deadline)
-        jlog.info("checking it stays up for %ss", app.settle)
+        jlog.info("checking it stays up for %s", format_seconds(app.settle))
         return self.wait_settled(container_id, started, min(deadline, self.clock() + app.settle))
 
     def alive_state(self, container_id: str) -> Dict[str, Any]:
@@ -3297,8 +3358,8 @@ class HealthGate:
             if self.probe(target, min(2.0, max(0.1, deadline - self.clock()))):
                 return "%s answered" % target
             if self.clock() >= deadline:
-                raise DeployFailed("%s did not answer within %ss (state %s)"
-                                   % (target, app.health_timeout, state.get("Status")))
+                raise DeployFailed("%s did not answer within %s (state %s)"
+                                   % (target, format_seconds(app.health_timeout), state.get("Status")))
             self.sleep(0.2)
 
     def probe_target(self, container_id: str, app: AppConfig) -> str:
@@ -3314,7 +3375,7 @@ class HealthGate:
         for event in self.container_events(container_id, started, until):
             self.fail_on_death(event)
         self.alive_state(container_id)
-        return "still running after %gs" % max(0.0, until - started)
+        return "still running after %s" % format_seconds(max(0.0, until - started))
 
     def container_events(self, container_id: str, since: float, until: float) -> Iterator[Dict[str, Any]]:
         """The container's events from `since` (replayed) until `until` (live),
@@ -3597,16 +3658,17 @@ class JobRunner:
 
     def __init__(self, target: ContainerTarget, deadline: StopDeadline,
                  engine_wait: float = ENGINE_WAIT, clock: Callable[[], float] = time.time,
-                 sleep: Callable[[float], None] = time.sleep,
+                 sleep: Optional[Callable[[float], None]] = None,
                  discovery: Optional[Discovery] = None,
                  swarm: Optional["SwarmServiceTarget"] = None):
         self.target = target
         self.swarm = swarm or SwarmServiceTarget(target.engine, deadline, target.docker_config,
                                                  record_step=target.record_step, clock=clock,
-                                                 sleep=sleep)
+                                                 sleep=sleep or deadline.pause)
         self.discovery = discovery  # None: each app deploys its section's container only
         self.engine = target.engine  # the Engine every target of this host talks to
         self.deadline, self.engine_wait = deadline, engine_wait
+        # sleep: None (a service) pauses on the deadline, which a stop wakes; tests inject one.
         self.clock, self.sleep = clock, sleep
         self.unconverged: Set[str] = set()
 
@@ -3796,10 +3858,10 @@ class JobRunner:
                     if exc.status is None and not self.engine_answers():
                         delay = 1.0  # gone again: wait_for_engine notices its return
                     job.description = "not converged yet: %s" % exc
-                    jlog.warning("swap not converged yet (%s); trying again in %gs", exc, delay)
+                    jlog.warning("swap not converged yet (%s); trying again in %s", exc, format_seconds(delay))
                     target.record_step(job)
                 self.deadline.check()
-                self.sleep(delay)
+                self.deadline.pause(delay, self.sleep)  # not past the deadline: then check() ends it
                 delay = min(delay * 2, ENGINE_RETRY_MAX)
         finally:
             self.unconverged.discard(job.id)
@@ -3833,7 +3895,7 @@ class JobRunner:
             try:
                 self.engine.ping()
                 if next_note:
-                    jlog.info("the Docker Engine answers again (after %.0fs)", self.clock() - began)
+                    jlog.info("the Docker Engine answers again (after %s)", format_seconds(self.clock() - began))
                 return
             except DockerError as exc:
                 waited = self.clock() - began
@@ -3842,10 +3904,12 @@ class JobRunner:
                 if waited >= next_note:  # a line after 0, 1, 2, 4, 8... seconds, not every second
                     jlog.warning("the Docker Engine does not answer (%s); %s", exc,
                                  "waiting for it to put the swap in order" if forever
-                                 else "waiting up to %gs" % self.engine_wait)
+                                 else "waiting up to %s" % format_seconds(self.engine_wait))
                     next_note = max(1.0, waited * 2)
-            self.deadline.check()
-            self.sleep(1.0)
+            # Waiting to begin changes nothing: a shutdown ends it at once (the
+            # job stays queued); a swap to put in order waits for the deadline.
+            self.deadline.check(idle=not forever)
+            self.deadline.pause(1.0, self.sleep)
 
     def engine_answers(self) -> bool:
         try:
@@ -4231,8 +4295,8 @@ class CallbackSender:
         """After an attempt: queue the next one, or forget the delivery."""
         if outcome == "retry" and delivery.attempt <= len(self.retry_delays):
             delay = self.retry_delays[delivery.attempt - 1]
-            log.info("job=%s %s to %s: attempt %d failed, next in %gs",
-                     delivery.who, delivery.what, _mask_url(delivery.url), delivery.attempt, delay)
+            log.info("job=%s %s to %s: attempt %d failed, next in %s", delivery.who,
+                     delivery.what, _mask_url(delivery.url), delivery.attempt, format_seconds(delay))
             delivery.attempt += 1
             delivery.due = self.clock() + delay
             self._write_rows([delivery])
@@ -5573,8 +5637,8 @@ class Poller:
         reason = _reason_of(exc)
         self.service.metrics.count_poll(app.repository, self.wall_clock(), ok=False)
         if reason != state.last_error or retry_after is not None:
-            log.warning("repo=%s poll failed (%d in a row): %s; next in %gs", app.repository,
-                        state.failures, printable(reason), delay)
+            log.warning("repo=%s poll failed (%d in a row): %s; next in %s", app.repository,
+                        state.failures, printable(reason), format_seconds(delay))
         state.last_error = reason
         return "failed: %s" % reason
 
@@ -5595,6 +5659,16 @@ def token_scope(config: Config, given: str) -> Optional[FrozenSet[str]]:
     if globally or (config.insecure_no_token and not config.has_tokens()):
         return ANY_APP
     return frozenset(apps) if apps else None
+
+
+def token_hint(given: str) -> str:
+    """A token from a URL, for a log line: its length, and its first 4
+    characters when it has 12 or more (a third at most); never all of it, as
+    it may be a real token with a typo."""
+    if not given:
+        return "none given"
+    shown = ", starting %s" % printable(given[:4]) if len(given) >= 12 else ""
+    return "%d characters%s" % (len(given), shown)
 
 
 def token_matches(given: str, tokens: Sequence[str]) -> bool:
@@ -5831,8 +5905,9 @@ class WebhookServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
             return
         slot, displaced, why = self._take_slot(request, peer, config)
         if displaced is not None:
-            self._log_limited("displaced", "%s connection closed to make room (it was %s for %.1fs)"
-                              % (displaced.source, displaced.phase, time.monotonic() - displaced.accepted))
+            self._log_limited("displaced", "%s connection closed to make room (it was %s for %s)"
+                              % (displaced.source, displaced.phase,
+                                 format_seconds(time.monotonic() - displaced.accepted)))
             try:
                 displaced.sock.shutdown(socket.SHUT_RDWR)  # its thread sees the end and goes
             except OSError:
@@ -5957,9 +6032,9 @@ class DeadlineReader(io.RawIOBase):
         deadlines = [d for d in (self.head_deadline, self.request_deadline) if d is not None]
         timeout = min(deadlines) - now if deadlines else self.keepalive_timeout
         if timeout <= 0:
-            raise socket.timeout("the %s took longer than %ss" % (
-                ("headers", self.header_timeout) if min(deadlines) == self.head_deadline
-                else ("request", self.request_timeout)))
+            what, limit = ("headers", self.header_timeout) if min(deadlines) == self.head_deadline \
+                else ("request", self.request_timeout)
+            raise socket.timeout("the %s took longer than %s" % (what, format_seconds(limit)))
         self.sock.settimeout(timeout)
         count = self.sock.recv_into(buffer)
         if count and not self.started:
@@ -6094,7 +6169,8 @@ class AdminPages:
 
     def healthz(self) -> Answer:
         healthy, reason = self.service.health()
-        doc = {"status": "ok" if healthy else "unhealthy", "reason": reason}
+        # The reason only when there is one: healthy is {"status": "ok"}.
+        doc: Dict[str, Any] = {"status": "ok"} if healthy else {"status": "unhealthy", "reason": reason}
         poller = self.service.poller
         if poller is not None and poller.apps():
             # A registry that is down delays deploys; it does not make the service unhealthy.
@@ -6110,6 +6186,9 @@ class AdminPages:
             limit = max(1, min(1000, int(first.get("limit", "100"))))
         except ValueError:
             return 400, {"error": "limit must be a number"}, None
+        state = first.get("state")
+        if state and state not in STATES:  # else a typo answers an empty list, as if no job had it
+            return 400, {"error": "state must be one of %s" % ", ".join(STATES)}, None
         return 200, {"jobs": self.service.job_list(first.get("app"), first.get("state"), limit)}, None
 
     def job(self, job_id: str) -> Answer:
@@ -6154,12 +6233,15 @@ class WebhookHandler(http.server.BaseHTTPRequestHandler):
     # Not "HTTP/0.9": a request line the parser cannot read gets a status line with its 400.
     default_request_version = "HTTP/1.0"
     server_version = "autodeploy/" + __version__
-    sys_version = ""
     disable_nagle_algorithm = True
     timeout = 10  # seconds the answer's send may block (reads have DeadlineReader's deadlines)
     # Buffer the answer so headers and body leave in one send (handle_one_request flushes).
     wbufsize = 64 * 1024
     _body_read = False
+
+    def version_string(self) -> str:
+        """The Server header: http.server's adds the Python version after a space."""
+        return self.server_version
 
     # -- the connection and the request head -------------------------------
 
@@ -6299,6 +6381,7 @@ class WebhookHandler(http.server.BaseHTTPRequestHandler):
         sender, token = deploy_path(self.path)
         scope = token_scope(service.config, token)
         if scope is None:
+            self._log_unknown_token(sender, token)
             return self.answer(404, {"error": "not found"})
         try:
             check_sender_name(sender)  # before the body is read
@@ -6317,6 +6400,18 @@ class WebhookHandler(http.server.BaseHTTPRequestHandler):
             retry = {"Retry-After": "30"} if exc.status == 503 else None
             return self.answer(exc.status, {"error": exc.message}, retry)
         self.answer(status, answer)
+
+    def _log_unknown_token(self, sender: Optional[str], token: str) -> None:
+        """A mistyped webhook URL shows in the log (at most a line a second):
+        who sent it, and a hint of the token, never the token itself."""
+        config = self.server.service.config
+        source = client_address(self.client_address[0], self.headers, config.trusted_proxies)
+        named = sender if sender in SENDERS else detect_sender({}, self.headers)
+        agent = self.headers.get("User-Agent")
+        who = "sender %s" % named if named else \
+            "User-Agent %s" % printable(agent[:80]) if agent else "sender unknown"
+        self.server._log_limited("unknown-token", "%s deploy refused (404): unknown token (%s; %s)"
+                                 % (printable(source), token_hint(token), who))
 
     def healthz(self) -> None:
         self.answer(*self.server.admin.healthz())
@@ -6437,12 +6532,13 @@ def make_engine(config: Config) -> DockerClient:
 def build_service(config: Config, engine: DockerClient,
                   urlopen: Optional[Callable[..., Any]] = None,
                   clock: Callable[[], float] = time.time,
-                  sleep: Callable[[float], None] = time.sleep,
+                  sleep: Optional[Callable[[float], None]] = None,
                   crash_at: Optional[str] = None) -> Service:
     """Wire the service for `config`: journal, health gate, target, runner,
-    callbacks. `crash_at`: see ContainerTarget (a seam for crash tests)."""
+    callbacks. `crash_at`: see ContainerTarget (a seam for crash tests);
+    `sleep`: None waits on the stop deadline, so a shutdown wakes the runner."""
     deadline = StopDeadline(clock)
-    gate = HealthGate(engine, clock, sleep, check_cut_off=deadline.check)
+    gate = HealthGate(engine, clock, sleep or time.sleep, check_cut_off=deadline.check)
     journal: Union[Journal, MemoryJournal] = MemoryJournal()
     if config.journal:
         journal = Journal(config.state_file("journal.sqlite3"), config.keep_jobs,
@@ -6573,6 +6669,9 @@ def serve(config: Config, stop_event: Optional[threading.Event] = None,
              port, len(config.apps), config.workers)
     sd_notify("READY=1\nSTATUS=listening on port %d" % port, environ)
     control = start_control_server(config, service)  # after the first answer can be given
+    # On a thread: an Engine behind an unanswering TCP address takes its timeout to fail.
+    threading.Thread(target=check_engine_at_start, args=(service.runner.engine, config),
+                     name="autodeploy-engine-check", daemon=True).start()
     interval = watchdog_interval(environ)
     # Wake at least once a second: a SIGHUP's reload waits no longer than that.
     while not stop_event.wait(min(interval or 1.0, 1.0)):
@@ -6594,6 +6693,22 @@ def serve(config: Config, stop_event: Optional[threading.Event] = None,
         lock.release()
     log.info("stopped")
     return 0
+
+
+def check_engine_at_start(engine: DockerClient, config: Config) -> bool:
+    """Ask the Engine once as the service starts: a wrong docker_host shows
+    in the log at once, not at the first deploy. A WARNING, not a refusal:
+    the Engine may come up later, and webhooks are journaled meanwhile."""
+    try:
+        if engine.ping():
+            return True
+        problem = "its /_ping did not answer OK"
+    except DockerError as exc:
+        problem = str(exc)
+    log.warning("the Docker Engine at %s does not answer (%s); webhooks are still accepted and "
+                "journaled, and each job waits up to %s (engine_wait) for the Engine",
+                getattr(engine, "host", config.docker_host), problem, format_seconds(config.engine_wait))
+    return False
 
 
 def take_instance_lock(config: Config, stop_event: threading.Event,

@@ -286,7 +286,7 @@ def _ask_helper(helper: str, registry: str, server: str, run: Runner,
     try:
         done = run([program, "get"], server.encode("utf-8"), timeout)
     except subprocess.TimeoutExpired:
-        raise CredentialsError("%s did not answer within %gs" % (said, timeout)) from None
+        raise CredentialsError("%s did not answer within %g s" % (said, timeout)) from None
     except OSError as exc:
         reason = "not found on PATH" if isinstance(exc, FileNotFoundError) else (
             exc.strerror or str(exc))
@@ -716,7 +716,7 @@ class RegistryClient:
         if answer.status in (429, 503):
             retry_after = parse_retry_after(answer.headers.get("Retry-After"), self.clock())
             raise RegistryError("%s asks to wait%s (%s)%s" % (
-                registry, " %gs" % retry_after if retry_after is not None else "",
+                registry, " %g s" % round(retry_after, 1) if retry_after is not None else "",
                 "too many requests" if answer.status == 429 else "unavailable",
                 _quota(answer.headers)), answer.status, method, path, retry_after)
         if 300 <= answer.status < 400:

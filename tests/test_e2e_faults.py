@@ -190,5 +190,24 @@ class StoppedContainerTest(FaultTestCase):
         self.assertEqual(containers_named(name), [name])
 
 
+class StubbornOldContainerTest(FaultTestCase):
+    """An old container that ignores SIGTERM (busybox httpd as PID 1, the
+    test images' default command) is killed after its stop timeout."""
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.ids.update(support.make_versions(cls.images, cls.ref, ("stubborn",)))
+
+    def test_the_job_log_says_the_old_container_was_killed_after_stop_timeout(self):
+        app = "stubborn"
+        name, self.port = support.run_version(self, app, self.ref, "stubborn")
+        service = self.start_service(app, name)
+        job = self.assert_converged(service, app, name, self.push(service, app, "v2"), "succeeded", "v2")
+        killed = [line for line in job["log"] if "did not stop within 2 s and was killed" in line]
+        self.assertEqual(len(killed), 1, job["log"])
+        self.assertIn("WARNING", killed[0])
+
+
 if __name__ == "__main__":
     unittest.main()

@@ -146,7 +146,7 @@ labels = autodeploy.test={run}
         # v2 listens on another port than the one its health URL names.
         self.push("probe", "v2", cmd=app_cmd(port=9999))
         outcome = self.deploy("probe", "probe-v2")
-        self.assertRolledBack("probe", v1, outcome, ":8080/ did not answer within 3s")
+        self.assertRolledBack("probe", v1, outcome, ":8080/ did not answer within 3 s")
         v3 = self.push("probe", "v3")
         outcome = self.deploy("probe", "probe-v3")
         self.assertEqual(outcome["state"], "success", outcome)

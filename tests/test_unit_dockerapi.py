@@ -528,7 +528,7 @@ class RegistryCredentialsTest(unittest.TestCase):
 
     def test_a_helper_that_times_out_is_named_with_the_limit(self):
         run = FakeHelpers(**{"docker-credential-slow": subprocess.TimeoutExpired("x", 10)})
-        self.assertFails({"credsStore": "slow"}, run, "docker-credential-slow", "within 10s")
+        self.assertFails({"credsStore": "slow"}, run, "docker-credential-slow", "within 10 s")
 
     def test_a_failing_helper_is_named_with_its_own_words(self):
         run = FakeHelpers(**{"docker-credential-reg": (3, "gpg: decryption failed\nmore\n")})
@@ -566,7 +566,7 @@ class RegistryCredentialsTest(unittest.TestCase):
         self.assertEqual(found.auth, {"username": "u", "password": "127.0.0.1:5000",
                                       "serveraddress": "127.0.0.1:5000"})
         self.assertLess(time.monotonic() - started, 5)
-        self.assertIn("did not answer within 0.1s", str(caught.exception))
+        self.assertIn("did not answer within 0.1 s", str(caught.exception))
 
 
 if __name__ == "__main__":

@@ -30,9 +30,20 @@ class HealthGateTest(unittest.TestCase):
         cid = self.container()
         started = self.clock()
         how = self.gate.wait_healthy(cid, app_config(settle=3), started, JLOG)
-        self.assertEqual(how, "still running after 3s")
+        self.assertEqual(how, "still running after 3 s")
         self.assertEqual(self.clock() - started, 3)
         self.assertEqual(self.clock.slept, [])  # the events stream was the wait
+
+    def test_the_time_it_stayed_up_is_said_rounded(self):
+        cid = self.container()
+        started = self.clock() - 0.39299  # the gate began a moment after the start
+        how = self.gate.wait_healthy(cid, app_config(settle=3), started, JLOG)
+        self.assertEqual(how, "still running after 3.4 s")
+
+    def test_durations_in_lines_are_rounded_with_a_space_before_the_unit(self):
+        self.assertEqual([autodeploy.format_seconds(s) for s in
+                          (3.39299, 3.0, 0.26, 0.013, 0, 9.96, 12.7, 120, 3600)],
+                         ["3.4 s", "3 s", "0.3 s", "0.01 s", "0 s", "10 s", "13 s", "120 s", "3600 s"])
 
     def test_a_death_during_the_settle_time_fails_with_its_exit_code(self):
         cid = self.container()
@@ -75,7 +86,7 @@ class HealthGateTest(unittest.TestCase):
         cid = self.container()
         self.engine.containers[cid]["State"]["Health"] = {"FailingStreak": 0, "Log": None, "Status": ""}
         how = self.gate.wait_healthy(cid, app_config(settle=3), self.clock(), JLOG)
-        self.assertEqual(how, "still running after 3s")
+        self.assertEqual(how, "still running after 3 s")
 
     def test_podman_health_status_event_passes(self):
         cid = self.container(health="starting")
@@ -103,7 +114,7 @@ class HealthGateTest(unittest.TestCase):
     def test_probe_that_never_answers_fails_at_the_health_timeout(self):
         cid = self.container()
         start = self.clock()
-        with self.assertRaisesRegex(DeployFailed, r"tcp://127.0.0.1:9 did not answer within 2s"):
+        with self.assertRaisesRegex(DeployFailed, r"tcp://127.0.0.1:9 did not answer within 2 s"):
             self.gate.wait_healthy(cid, app_config(health_tcp="127.0.0.1:9", health_timeout=2),
                                    start, JLOG)
         self.assertGreaterEqual(self.clock() - start, 2)

@@ -8,6 +8,7 @@ Engine is involved; deploying is covered end to end in test_e2e_deploy.
 import http.client
 import http.server
 import io
+import logging
 import types
 from typing import Optional
 import unittest
@@ -18,6 +19,7 @@ from tests import unit_support
 from tests.unit_support import ServerTestCase
 
 TOKEN = "k" * 40
+ADMIN = "a" * 40
 CALLBACK = "https://registry.hub.docker.com/u/a/b/hook/1/"
 
 
@@ -117,6 +119,108 @@ class HandlerTest(ServerTestCase):
         self.assertTrue(self.logs.lines())
         for line in self.logs.lines():
             self.assertNotIn(TOKEN, line)
+
+
+class UnknownTokenLogTest(ServerTestCase):
+    """A wrong token is a 404, and one line at INFO or above: a mistyped
+    webhook URL shows in the log, without the token."""
+
+    def request(self, method, path, body=None, headers=None):
+        return self.post(path, body, headers, method=method)
+
+    def setUp(self):
+        super().setUp()
+        self.start_server(tokens=[TOKEN])
+        self.clock = unit_support.FakeClock()
+        self.server._log_limiter = autodeploy.LogLimiter(clock=self.clock)
+
+    def refused_lines(self):
+        return [record.getMessage() for record in self.logs.records
+                if record.levelno >= logging.INFO and "unknown token" in record.getMessage()]
+
+    def test_a_wrong_token_is_logged_with_the_client_and_sender_but_not_the_token(self):
+        typo = TOKEN[:-1] + "x"
+        status, _, _ = self.request("POST", "/deploy/dockerhub/" + typo, hub_body())
+        self.assertEqual(status, 404)
+        [line] = self.refused_lines()
+        self.assertIn("127.0.0.1", line)
+        self.assertIn("sender dockerhub", line)
+        self.assertIn("40 characters, starting kkkk", line)
+        self.assertNotIn(typo, line)
+        self.assertNotIn(TOKEN[:5], line)
+
+    def test_the_sender_is_told_from_its_headers_else_the_user_agent_is_named(self):
+        self.request("POST", "/deploy/" + "x" * 40, hub_body(), {"X-GitHub-Event": "package"})
+        self.clock.advance(1)
+        self.request("POST", "/deploy/" + "x" * 40, hub_body(), {"User-Agent": "Hookshot/1"})
+        first, second = self.refused_lines()
+        self.assertIn("sender github", first)
+        self.assertIn("User-Agent Hookshot", second)
+
+    def test_a_short_token_shows_its_length_only(self):
+        self.request("POST", "/deploy/secret", hub_body())
+        [line] = self.refused_lines()
+        self.assertIn("6 characters;", line)
+        self.assertNotIn("secr", line)
+
+    def test_refusals_are_rate_limited_with_a_count_of_those_left_out(self):
+        for _ in range(5):
+            self.request("POST", "/deploy/" + "x" * 40, hub_body())
+        self.clock.advance(1.5)
+        self.request("POST", "/deploy/" + "x" * 40, hub_body())
+        lines = self.refused_lines()
+        self.assertEqual(len(lines), 2, lines)
+        self.assertIn("(4 more like it not logged)", lines[1])
+
+    def test_other_unknown_paths_stay_at_debug(self):
+        self.request("GET", "/wp-login.php")
+        self.request("POST", "/admin", b"{}")
+        self.assertFalse([record for record in self.logs.records if record.levelno >= logging.INFO],
+                         self.logs.lines())
+
+
+class AdminPagesTest(ServerTestCase):
+    """/healthz, and the checks /jobs makes of its query."""
+
+    def request(self, method, path, body=None, headers=None):
+        return self.post(path, body, headers, method=method)
+
+    def setUp(self):
+        super().setUp()
+        self.start_server(tokens=[TOKEN], admin_tokens=(ADMIN,))
+
+    def get(self, path):
+        return self.request("GET", path, headers={"Authorization": "Bearer " + ADMIN})
+
+    def test_healthy_is_status_ok_alone(self):
+        self.service.health = lambda: (True, "ok")
+        status, doc, _ = self.get("/healthz")
+        self.assertEqual((status, doc), (200, {"status": "ok"}))
+
+    def test_unhealthy_says_why(self):
+        status, doc, _ = self.get("/healthz")  # the test config's Engine does not exist
+        self.assertEqual((status, doc), (503, {"status": "unhealthy",
+                                               "reason": "docker engine unreachable"}))
+
+    def test_a_state_that_does_not_exist_is_400_naming_the_states(self):
+        status, doc, _ = self.get("/jobs?state=bogus")
+        self.assertEqual(status, 400)
+        for state in autodeploy.STATES:
+            self.assertIn(state, doc["error"])
+
+    def test_known_states_and_no_state_list_jobs(self):
+        self.request("POST", "/deploy/" + TOKEN, hub_body())
+        for query, count in (("", 1), ("?state=queued", 1), ("?state=failed", 0)):
+            with self.subTest(query=query):
+                status, doc, _ = self.get("/jobs" + query)
+                self.assertEqual((status, len(doc["jobs"])), (200, count))
+
+    def test_a_limit_that_is_no_number_is_400(self):
+        self.assertEqual(self.get("/jobs?limit=ten")[0], 400)
+
+    def test_the_server_header_is_the_version_with_no_trailing_space(self):
+        _, _, response = self.get("/healthz")
+        self.assertEqual(response.getheader("Server"), "autodeploy/" + autodeploy.__version__)
 
 
 class _StdlibHandler(http.server.BaseHTTPRequestHandler):

@@ -181,6 +181,41 @@ class JobRunnerTest(RecoveryTestCase):
         self.assertIn("cut off by a shutdown", self.job.description)
         self.assertEqual(self.runner.unconverged, set())
 
+    def sigterm_at(self, after: float, stop_deadline: float = 30) -> dict:
+        """The runner's sleep, on the fake clock, with a shutdown beginning
+        once `after` seconds have passed (between two pauses: a real pause
+        is woken by it, see StopDeadline.pause). Returns when it began."""
+        began, stop = self.clock(), {}
+
+        def sleep(seconds):
+            self.clock.sleep(seconds)
+            if not stop and self.clock() - began >= after:
+                stop["at"] = self.clock()
+                self.deadline.start(stop_deadline)
+        self.runner.sleep = sleep
+        return stop
+
+    def test_a_shutdown_ends_a_wait_for_an_absent_engine_at_once_and_the_job_stays_queued(self):
+        self.engine.down = True  # a wrong docker_host, or dockerd not up yet
+        stop = self.sigterm_at(3)
+        self.runner.run(self.job)
+        self.assertEqual(self.job.state, "queued", self.job.description)
+        self.assertIn("changed nothing", self.job.description)
+        self.assertLessEqual(self.clock() - stop["at"], 1.0)  # not stop_deadline's 30 s
+        self.assertEqual(self.engine.names(), [])
+
+    def test_a_retry_pause_while_converging_ends_at_the_stop_deadline(self):
+        self.engine.add_container("web", "sha256:v1")
+
+        def refuse(job, swap, jlog):
+            raise autodeploy.DockerError("conflict (fake)", 409)
+        self.target.converge = refuse
+        stop = self.sigterm_at(15, stop_deadline=3)  # after pauses of 1, 2, 4 and 8 s; the next is 15
+        with self.assertRaises(autodeploy.CutOff):
+            self.runner.converge(self.target, self.job, {"id": "j1"}, self.jlog)
+        self.assertEqual(self.clock() - stop["at"], 3)  # at the deadline, not after the 15 s pause
+        self.assertIsNotNone(self.job.swap)  # the next start converges it
+
     def test_an_engine_lost_before_the_new_container_started_starts_it_once_back(self):
         old_id = self.engine.add_container("web", "sha256:v1")
 

@@ -7,11 +7,58 @@ import io
 import os
 import tempfile
 import threading
+import time
 import unittest
 
 import autodeploy
 from autodeploy import CallbackSender, JobQueue, MemoryJournal, Push, Service
-from tests.unit_support import FakeClock, Rig, app_config, new_job, temp_folder, web_config, write_file
+from tests.unit_support import (NO_ENGINE, FakeClock, Rig, app_config, capture_logs, make_config,
+                                new_job, quiet_logs, run_serve, temp_folder, wait_until, web_config,
+                                write_file)
+
+
+class ShutdownTest(unittest.TestCase):
+    """SIGTERM with an Engine that does not answer: the real threads and
+    pauses (no fake clock), bounded."""
+
+    def setUp(self):
+        quiet_logs(self)
+        self.config = make_config(engine_wait=60, workers=1)
+        self.service = autodeploy.build_service(self.config, autodeploy.DockerClient(NO_ENGINE))
+
+    def test_stop_ends_a_job_waiting_for_the_engine_within_a_second_and_keeps_it_queued(self):
+        self.service.start()
+        job = self.service.submit(Push("myname/myrepo", "latest", sender="cli"))
+        wait_until(lambda: job.state == "running", 5)
+        began = time.monotonic()
+        self.service.stop()  # stop_deadline: 30 s
+        self.assertLess(time.monotonic() - began, 1.5)
+        self.assertEqual(self.service.journal.get(job.id)["state"], "queued")
+
+    def test_a_pause_wakes_when_the_stop_begins_and_never_outlasts_the_deadline(self):
+        deadline = autodeploy.StopDeadline(time.monotonic)
+        pausing = threading.Thread(target=deadline.pause, args=(30,), daemon=True)
+        pausing.start()
+        time.sleep(0.02)
+        deadline.start(0.05)
+        pausing.join(2)
+        self.assertFalse(pausing.is_alive())
+        began = time.monotonic()
+        deadline.pause(30)  # the stop has begun: until the deadline, no longer
+        self.assertLess(time.monotonic() - began, 1.0)
+
+    def test_serve_warns_at_start_when_the_engine_does_not_answer(self):
+        logs = capture_logs(self.addCleanup)
+        self.assertFalse(autodeploy.check_engine_at_start(autodeploy.DockerClient(NO_ENGINE), self.config))
+        [line] = logs.matching("does not answer")
+        self.assertIn(NO_ENGINE, line)
+        self.assertIn("no such socket", line)
+        self.assertIn("waits up to 60 s (engine_wait)", line)
+
+    def test_serve_logs_that_warning_as_it_starts(self):
+        logs = capture_logs(self.addCleanup)
+        run_serve(self, self.config._replace(listen_port=0), {})
+        self.assertTrue(logs.wait_for("does not answer", timeout=5), logs.lines())
 
 
 class ServiceTest(unittest.TestCase):

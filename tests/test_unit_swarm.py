@@ -160,7 +160,7 @@ class DeployTest(unittest.TestCase):
         rig.engine.rollout = [("updating", "update in progress")] * 100
         with self.assertRaises(autodeploy.DeployFailed) as caught:
             rig.target.deploy(rig.job, rig.jlog)
-        self.assertIn("did not end within 30s", str(caught.exception))
+        self.assertIn("did not end within 30 s", str(caught.exception))
         self.assertLess(sum(rig.clock.slept), 32)
 
     def test_an_update_swarm_never_rolls_out_is_up_to_date_once_tasks_run_the_digest(self):

@@ -37,6 +37,51 @@ class ContainerTargetTest(unittest.TestCase):
                                     "was_running", "new_container", "step", "failure"})
         self.assertIsNone(self.job.swap)
 
+    def stop_takes(self, seconds, exit_code):
+        """The old container's stop takes `seconds` and ends with `exit_code`."""
+        def on_call(method):
+            if method == "stop_container":
+                self.clock.advance(seconds)
+                self.engine.containers[self.old_id]["State"]["ExitCode"] = exit_code
+        self.engine.on_call = on_call
+
+    def old_container_lines(self):
+        return [line for line in self.job.lines if "old container" in line]
+
+    def test_an_old_container_killed_after_its_stop_timeout_is_said_so_in_the_job_log(self):
+        for order in ("stop-first", "start-first"):
+            with self.subTest(order=order):
+                self.setUp()
+                self.job = new_job(app_config(order=order, stop_timeout=5))
+                self.jlog = autodeploy.JobLog(logging.getLogger("autodeploy.test"), self.job)
+                self.stop_takes(5.2, 137)
+                self.assertEqual(self.deploy()[0], "succeeded")
+                [line] = [line for line in self.old_container_lines() if "stop" in line]
+                self.assertIn("WARNING old container %s did not stop within 5 s and was killed"
+                              % self.old_id[:12], line)
+
+    def test_the_engine_default_timeout_is_named_when_the_app_sets_none(self):
+        self.stop_takes(10.1, 137)
+        self.deploy()
+        self.assertTrue([line for line in self.old_container_lines()
+                         if "did not stop within 10 s and was killed" in line], self.job.lines)
+
+    def test_an_old_container_that_stops_in_time_is_just_stopped_with_no_inspect(self):
+        self.stop_takes(0.3, 137)  # its stop signal is SIGKILL, say: killed, but not late
+        self.deploy()
+        self.assertTrue([line for line in self.old_container_lines() if "stopped old container" in line])
+        self.assertFalse([line for line in self.job.lines if "was killed" in line])
+        after_stop = [call[0] for call in self.engine.calls][
+            [call[0] for call in self.engine.calls].index("stop_container") + 1]
+        self.assertNotEqual(after_stop, "inspect_container")
+
+    def test_a_slow_stop_that_exits_by_itself_is_not_called_a_kill(self):
+        self.job = new_job(app_config(order="stop-first", stop_timeout=5))
+        self.jlog = autodeploy.JobLog(logging.getLogger("autodeploy.test"), self.job)
+        self.stop_takes(5, 0)
+        self.deploy()
+        self.assertFalse([line for line in self.job.lines if "was killed" in line])
+
     def test_each_step_is_recorded_before_it_is_taken(self):
         self.deploy()
         steps = [fields["step"] for fields in self.steps if "step" in fields]
