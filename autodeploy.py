@@ -404,8 +404,8 @@ MAIN_SETTINGS = (
             'which outcomes are notified: any of `success`, `failure`, `rollback`'),
     Setting(('engine_wait',), '`120`',
             'seconds a job that has changed nothing yet waits (asking every second) for a Docker '
-            'Engine that is down or restarting, before it fails; a swap under way waits as long '
-            'as it takes'),
+            'Engine that is down or restarting, before it fails (a shutdown ends the wait at '
+            'once, the job staying queued); a swap under way waits as long as it takes'),
     Setting(('admin_token', 'admin_token_file'), '—',
             'token(s) for `GET /jobs` and `/metrics`, sent as `Authorization: Bearer <token>`; '
             'separate from deploy tokens, same rules; `admin_token_file` (relative to the config '
@@ -423,7 +423,8 @@ MAIN_SETTINGS = (
             'jobs that may wait at once (at most one per app, since a newer push replaces a '
             'waiting one); beyond it webhooks get `503` with `Retry-After`'),
     Setting(('docker_host',), '`$DOCKER_HOST`, else `unix:///var/run/docker.sock`',
-            'the Engine: `unix:///path` or plain `tcp://host:port`',
+            'the Engine: `unix:///path` or plain `tcp://host:port`. `serve` warns at start when '
+            'it does not answer (and keeps accepting webhooks: their jobs wait `engine_wait`)',
             examples=('unix:///var/run/docker.sock',)),
     Setting(('docker_config',), '`$DOCKER_CONFIG/config.json`, else `~/.docker/config.json`',
             'the Docker config file that registry credentials come from: `credHelpers`, '
@@ -463,7 +464,8 @@ APP_SETTINGS = (
             'on with it)'),
     Setting(('stop_timeout',), "the container's own (`--stop-timeout`, else 10 s)",
             'seconds the old container gets to stop before it is killed (its own `--stop-signal` '
-            'is used)',
+            'is used); a kill is logged as "old container … did not stop within N s and was '
+            'killed"',
             examples=('10',)),
     Setting(('order',), '`auto`',
             '`stop-first`, `start-first`, or `auto`: start-first when the container publishes no '
