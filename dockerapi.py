@@ -16,11 +16,13 @@ and 409) with a message a person can act on.
 import base64
 import datetime
 import email.utils
+import grp
 import hashlib
 import http.client
 import ipaddress
 import json
 import os
+import pwd
 import re
 import socket
 import subprocess
@@ -845,14 +847,12 @@ def _socket_permission(path: str) -> str:
     except OSError:
         return "permission denied (on the socket or a folder above it)"
     try:
-        import grp
         group = grp.getgrgid(st.st_gid).gr_name
-    except (ImportError, KeyError):
+    except KeyError:
         group = str(st.st_gid)
     try:
-        import pwd
         owner = pwd.getpwuid(st.st_uid).pw_name
-    except (ImportError, KeyError):
+    except KeyError:
         owner = str(st.st_uid)
     where = "the socket is %s:%s, mode %04o" % (owner, group, st.st_mode & 0o7777)
     if st.st_gid != os.getegid() and st.st_gid not in os.getgroups():
