@@ -6938,6 +6938,10 @@ class Installer:
         self.make_config_folder(gid)
         self.make_config(gid)
         token = self.make_token()
+        interpreter = self.path("usr/bin/python3")  # the unit's ExecStart=
+        if self.systemd and not os.access(interpreter, os.X_OK):
+            self.say("warning: no %s, which the unit runs: apt-get install python3-minimal"
+                     % interpreter)
         if self.systemd and start:
             self.systemctl("daemon-reload")
             if upgrade and changed:

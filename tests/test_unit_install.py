@@ -7,6 +7,7 @@ import os
 import shutil
 import stat
 import subprocess
+import sys
 import tempfile
 import unittest
 import zipfile
@@ -131,6 +132,15 @@ class InstallTest(unittest.TestCase):
         self.installer().install()
         self.assertEqual(self.systemctl.calls, [["daemon-reload"],
                                                 ["enable", "--now", "autodeploy.service"]])
+
+    def test_a_host_without_the_units_python_is_warned_about(self):
+        self.installer().install()
+        self.assertIn("warning: no %s/usr/bin/python3, which the unit runs" % self.root,
+                      self.out.getvalue())
+        os.makedirs(self.path("usr/bin"))
+        os.symlink(sys.executable, self.path("usr/bin/python3"))
+        self.installer().install()
+        self.assertNotIn("warning: no", self.out.getvalue())
 
     def test_no_start_runs_no_systemctl_and_says_how_to_start(self):
         self.installer().install(start=False)
