@@ -51,6 +51,7 @@ import time
 import unittest
 import urllib.parse
 
+import autodeploy
 from tests import support
 from tests.support import TOKEN, CallbackReceiver, ServiceProcess, app_cmd, hub_payload
 
@@ -297,6 +298,9 @@ def _route(method, path, headers, body_stream):
                 try:
                     int(limit)
                 except ValueError:
+                    return Expectation({400})
+                state = urllib.parse.parse_qs(query).get("state", [""])[0]
+                if state and state not in autodeploy.STATES:  # a typo is named, not an empty list
                     return Expectation({400})
                 return Expectation({200})
             return Expectation({404})  # fuzz never guesses a 12-hex job id
