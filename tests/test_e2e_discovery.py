@@ -92,9 +92,10 @@ class DiscoveryE2ETest(unittest.TestCase):
                 stdout=log, stderr=subprocess.STDOUT)
         self.addCleanup(lambda: (process.terminate(), process.wait(30)))
         deadline = time.monotonic() + 20
-        url = None
-        while url is None or "listening on" not in open(log_path).read():
-            text = open(log_path).read()
+        url, text = None, ""
+        while url is None or "listening on" not in text:
+            with open(log_path) as fh:
+                text = fh.read()
             found = re.search(r"http://127\.0\.0\.1:%d/deploy/\S+" % port, text)
             url = found.group(0) if found else None
             self.assertIsNone(process.poll(), text)
