@@ -24,7 +24,6 @@ import argparse
 import collections
 import configparser
 import copy
-import difflib
 import fcntl
 import fnmatch
 import grp
@@ -47,7 +46,6 @@ import socket
 import socketserver
 import subprocess
 import sys
-import tempfile
 import textwrap
 import threading
 import time
@@ -930,6 +928,7 @@ def _reject_unknown_keys(section: configparser.SectionProxy, known: Set[str], wh
     for key in section:
         if key not in known:
             line = _line_of(path, section.name, key) if path else None
+            import difflib  # here: only a wrong config needs it (~0.2 MiB a service need not hold)
             close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
             raise ConfigError("%s%s: unknown setting %r (%s)" % (
                 where, " line %d" % line if line else "", key,
@@ -6852,8 +6851,9 @@ def build_zipapp(output: str) -> str:
     compiling: ~40 ms and ~4 MiB less; another Python falls back to the
     sources), the unit and README, `#!/usr/bin/env python3`, executable."""
     # Imported here: only build and install need them, and they would add
-    # ~0.6 MiB (pathlib, importlib.util...) to every running service.
+    # ~0.9 MiB (pathlib, importlib.util, random...) to every running service.
     import py_compile
+    import tempfile
     import zipapp
     with tempfile.TemporaryDirectory(prefix="autodeploy-build-") as folder:
         for name in PACKAGED:
