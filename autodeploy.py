@@ -7448,7 +7448,7 @@ def read_config(given: Optional[str], environ: Mapping[str, str]) -> Config:
     """--config, else $AUTODEPLOY_CONFIG, else the default file; when none
     is named and the default file does not exist, the defaults (label
     discovery only)."""
-    path = given or environ.get("AUTODEPLOY_CONFIG")
+    path = given or environ.get("AUTODEPLOY_CONFIG") or None  # set but empty: not given
     if path is None and not os.path.exists(DEFAULT_CONFIG):
         return default_config(environ)
     return load_config(path or DEFAULT_CONFIG, environ)
