@@ -142,6 +142,14 @@ class NewcomerErrorsTest(unittest.TestCase):
         self.assertIn("cannot read the systemd credential 'token'", message)
         self.assertIn("Is a directory", message)
 
+    def test_an_empty_autodeploy_config_variable_counts_as_unset(self):
+        missing = os.path.join(os.path.dirname(write_config(self, "")), "none.conf")
+        default = autodeploy.DEFAULT_CONFIG
+        autodeploy.DEFAULT_CONFIG = missing  # no default file: serve on the defaults
+        self.addCleanup(setattr, autodeploy, "DEFAULT_CONFIG", default)
+        config = autodeploy.read_config(None, {"AUTODEPLOY_CONFIG": ""})
+        self.assertTrue(autodeploy.is_default_config(config))
+
     def test_no_credential_given_is_no_token_not_an_error(self):
         path = write_config(self, "[autodeploy]\n")
         config = load_config(path, {"CREDENTIALS_DIRECTORY": os.path.dirname(path)})
