@@ -3,6 +3,7 @@ copied alone into an empty folder: --version, `check` against the real
 Engine, rebuilding itself, `config example`, and `install --root` /
 `uninstall --root` leaving a layout that `check` accepts."""
 
+import http.client
 import os
 import shutil
 import subprocess
@@ -23,6 +24,15 @@ def readme_build_command() -> str:
             if line.startswith("python3 autodeploy.py build"):
                 return line.split("#")[0].strip()
     raise AssertionError("README.md has no `python3 autodeploy.py build` line")
+
+
+def post(port: int, path: str, body: bytes) -> int:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        connection.request("POST", path, body, {"Content-Type": "application/json"})
+        return connection.getresponse().status
+    finally:
+        connection.close()
 
 
 class ZipappTest(unittest.TestCase):
@@ -104,6 +114,37 @@ class ZipappTest(unittest.TestCase):
         self.assertTrue(os.path.exists(config))
         with open(os.path.join(root, "etc/autodeploy/token")) as fh:
             self.assertEqual(fh.read().strip(), token)
+
+    def test_the_installed_service_takes_the_printed_url_with_its_token_as_a_credential(self):
+        # As the unit runs it: the installed program and config, the token
+        # handed in as the systemd credential 'token', a state directory.
+        root = os.path.join(self.empty, "root")
+        self.assertEqual(self.pyz("install", "--root", root).returncode, 0)
+        with open(os.path.join(root, "etc/autodeploy/token")) as fh:
+            token = fh.read().strip()
+        credentials = os.path.join(self.empty, "credentials")
+        os.mkdir(credentials, 0o700)
+        shutil.copy(os.path.join(root, "etc/autodeploy/token"), credentials)
+        port = support.free_port()
+        env = {"PATH": os.environ.get("PATH", ""), "DOCKER_HOST": self.env["DOCKER_HOST"],
+               "CREDENTIALS_DIRECTORY": credentials,
+               "STATE_DIRECTORY": os.path.join(self.empty, "state")}
+        log_path = os.path.join(self.empty, "serve.log")
+        with open(log_path, "wb") as log:
+            process = subprocess.Popen(
+                [sys.executable, "-I", "-S", "-u", os.path.join(root, "usr/local/bin/autodeploy.pyz"),
+                 "--config", os.path.join(root, "etc/autodeploy/autodeploy.conf"), "serve",
+                 "--listen", "127.0.0.1:%d" % port], env=env, stdout=log, stderr=subprocess.STDOUT)
+        self.addCleanup(lambda: (process.terminate(), process.wait(30)))
+        support.wait_healthz(port)
+        body = b'{"image": "autodeploy-test/nothing-runs-this", "tag": "latest"}'
+        # Accepted as a deploy token: what follows is the app's answer, not 404.
+        self.assertEqual(post(port, "/deploy/" + token, body), 422)
+        self.assertEqual(post(port, "/deploy/" + "x" * 40, body), 404)
+        with open(log_path) as fh:
+            log = fh.read()  # the line is written before the 404 is sent
+        self.assertIn("unknown token (40 characters, starting xxxx", log)
+        self.assertNotIn(token, log)
 
     @unittest.skipIf(os.geteuid() != 0, "needs a non-root user to be refused")
     def test_install_on_this_host_as_another_user_is_refused_with_a_reason(self):
