@@ -1893,9 +1893,7 @@ def run_faults(args: argparse.Namespace, state: Dict[str, Any]) -> Dict[str, Any
     registry = state["registry"] = support.Registry().start()
     image = "%s/bench/web" % registry.host
     for version in ("v1", "v2"):
-        ref = "%s:%s" % (image, version)
-        state["images"].append(ref)
-        state["images"].append(support.make_image(ref, version, cmd=APP_CMD, port=APP_PORT_IN_CONTAINER))
+        push_bench_image(state, "%s:%s" % (image, version), version)
     rig = FaultRig(folder, env, image, run, state)
     for name, scenario in (POLLING if args.polling else FAULTS):
         log("fault: %s" % name)
@@ -1907,6 +1905,15 @@ def run_faults(args: argparse.Namespace, state: Dict[str, Any]) -> Dict[str, Any
         outcome["fault"] = name
         results["faults"].append(outcome)
     return results
+
+
+def push_bench_image(state: Dict[str, Any], ref: str, version: str, **image: Any) -> None:
+    """Build and push the bench's app image `ref` (APP_CMD on APP_PORT_IN_CONTAINER);
+    it and its id are noted in state["images"], for the clean-up at the end."""
+    from tests import support
+    state["images"].append(ref)
+    state["images"].append(support.make_image(ref, version, cmd=APP_CMD, port=APP_PORT_IN_CONTAINER,
+                                              **image))
 
 
 def faults_report(results: Dict[str, Any]) -> str:
@@ -1952,15 +1959,10 @@ def bench(args: argparse.Namespace, state: Dict[str, Any]) -> Dict[str, Any]:
     registry = state["registry"] = support.Registry().start()
     image = "%s/bench/web" % registry.host
     for version in ("v1", "v2"):
-        ref = "%s:%s" % (image, version)
-        state["images"].append(ref)
-        state["images"].append(support.make_image(ref, version, cmd=APP_CMD, port=APP_PORT_IN_CONTAINER,
-                                                  labels={support.TEST_LABEL: run}))
+        push_bench_image(state, "%s:%s" % (image, version), version, labels={support.TEST_LABEL: run})
         if args.downtime_runs:
-            ref = "%s/bench/healthy:%s" % (registry.host, version)
-            state["images"].append(ref)
-            state["images"].append(support.make_image(ref, version, cmd=APP_CMD, port=APP_PORT_IN_CONTAINER,
-                                                      labels={support.TEST_LABEL: run}, healthcheck=HEALTHCHECK))
+            push_bench_image(state, "%s/bench/healthy:%s" % (registry.host, version), version,
+                             labels={support.TEST_LABEL: run}, healthcheck=HEALTHCHECK)
     log("images pushed to %s" % registry.host)
 
     receiver = state["receiver"] = CallbackReceiver()

@@ -301,14 +301,21 @@ def minor_app(**settings) -> autodeploy.AppConfig:
     return app_config(tag_policy="minor", cooldown=0, **settings)._replace(tags=())
 
 
-class SubmitUnderAPolicyTest(BoundedTestCase):
-    """Service.submit with a semver policy, the container running v1.2.3 in the fake Engine."""
+class RunningV123TestCase(BoundedTestCase):
+    """The fake Engine's container `web` runs reg.example/team/web:v1.2.3."""
 
     def setUp(self):
         self.rig = Rig(self)  # before the log capture, which keeps the lines off stderr
         super().setUp()
         container = self.rig.engine.add_container("web", "sha256:v1")
         self.rig.engine.containers[container]["Config"]["Image"] = "reg.example/team/web:v1.2.3"
+
+
+class SubmitUnderAPolicyTest(RunningV123TestCase):
+    """Service.submit with a semver policy, the container running v1.2.3 in the fake Engine."""
+
+    def setUp(self):
+        super().setUp()
         self.journal = MemoryJournal()
         self.service = Service(web_config(apps={"team/web": minor_app()}), self.rig.runner,
                                CallbackSender([]), self.journal, clock=self.rig.clock, hostname="host")
@@ -391,14 +398,11 @@ class AcceptUnderAPolicyTest(ServerTestCase):
             self.assertEqual(doc["ignored"], ["team/api: v2.0.0 is outside the minor policy from v1.2.0"])
 
 
-class DeployCommandUnderAPolicyTest(BoundedTestCase):
+class DeployCommandUnderAPolicyTest(RunningV123TestCase):
     """The `deploy` command: a push the policy refuses prints why and exits 0."""
 
     def setUp(self):
-        self.rig = Rig(self)  # before the log capture, which keeps the lines off stderr
         super().setUp()
-        container = self.rig.engine.add_container("web", "sha256:v1")
-        self.rig.engine.containers[container]["Config"]["Image"] = "reg.example/team/web:v1.2.3"
         self.config = web_config(apps={"team/web": minor_app()}, state_dir=temp_folder(self))
         self.service = Service(self.config, self.rig.runner, CallbackSender([]), MemoryJournal(),
                                clock=self.rig.clock, hostname="host")
